@@ -1,0 +1,144 @@
+"""
+Batched sampling with a KV cache.
+
+`Engine(model).generate(prompts, num_samples=G, ...)` prefills every prompt once (left-padded into one batch),
+copies each prompt's cache G times, then decodes all rows together. It returns the sampled ids with their
+log-probabilities under the unmodified model (temperature 1, no filtering: what RL's importance ratios need),
+a mask of real tokens and each row's finish reason. Rows are prompt-major: row i * G + j is sample j of prompt i.
+
+Filters apply in this order, each on the renormalised output of the previous one:
+temperature -> top-k -> min-p (drop tokens below min_p * the top probability) -> top-p (keep the smallest set of
+most probable tokens whose mass reaches top_p). A temperature of 0 means argmax.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import autocast_ctx
+from nanochat.gpt import KVCache
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor     # (B, T) long: sampled ids, 0 after a row finished
+    logprobs: torch.Tensor   # (B, T) float: log p(token | context) under the unmodified model, 0 where masked
+    mask: torch.Tensor       # (B, T) bool: real tokens, up to and including the stop token
+    finish_reasons: list     # per row: "stop" (emitted a stop token) or "length" (hit max_new_tokens)
+    num_samples: int
+
+    def completions(self):
+        """The real tokens of each row, as lists (stop token included when there was one)."""
+        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generator=None):
+    """
+    Sample one token per row from logits (B, V). `temperature` is a float or a (B,) tensor. Returns
+    (tokens (B,), logprobs (B,)) where logprobs come from the raw logits.
+    """
+    logits = logits.float()
+    B, V = logits.shape
+    if not torch.is_tensor(temperature):
+        temperature = torch.full((B,), float(temperature), device=logits.device)
+    temperature = temperature.to(logits.device, torch.float32).reshape(-1)
+    if temperature.numel() != B:
+        raise ValueError(f"temperature tensor has {temperature.numel()} entries for {B} rows")
+    greedy = temperature <= 0
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = F.softmax(scaled, dim=-1)
+    if min_p is not None and min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always survives
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs
+
+
+class Engine:
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _decode_steps(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, min_p, seed,
+                      stop_tokens):
+        """Yields (tokens, logprobs, active) per step; `active` marks rows that had not finished before it."""
+        model, device = self.model, self.device
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (render it with a <|bos|> first)")
+        vocab_size = model.config.vocab_size
+        if any(t < 0 or t >= vocab_size for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+        max_len = max(len(p) for p in prompts)
+        if max_len + max_new_tokens > model.rotary_len:
+            raise ValueError(f"prompt ({max_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"rotary length {model.rotary_len}")
+        idx = torch.zeros(len(prompts), max_len, dtype=torch.long, device=device)
+        valid = torch.zeros(len(prompts), max_len, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            idx[i, max_len - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, max_len - len(p):] = True
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        cache = KVCache(model.config, len(prompts), max_len + max_new_tokens, device, dtype)
+        with autocast_ctx(device):
+            logits = model.logits_from_hidden(model.hidden_states(idx, cache, valid)[:, -1])
+        cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        if torch.is_tensor(temperature):
+            temperature = temperature.to(device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        active = torch.ones(logits.size(0), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            tokens, logprobs = sample_next(logits, temperature, top_k, top_p, min_p, generator)
+            yield tokens, logprobs, active
+            active = active & ~torch.isin(tokens, stop)
+            if not active.any() or step == max_new_tokens - 1:
+                return
+            with autocast_ctx(device):
+                logits = model(tokens[:, None], kv_cache=cache)[:, -1]
+
+    def generate(self, prompts, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
+                 min_p=None, seed=None, stop_tokens=()):
+        """Sample `num_samples` completions for each prompt (a list of token id lists). Returns a Generation."""
+        steps = list(self._decode_steps(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, min_p,
+                                        seed, stop_tokens))
+        rows = len(prompts) * num_samples
+        if not steps:
+            empty = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
+            return Generation(empty, empty.float(), empty.bool(), ["length"] * rows, num_samples)
+        mask = torch.stack([a for _, _, a in steps], dim=1)
+        tokens = torch.stack([t for t, _, _ in steps], dim=1) * mask
+        logprobs = torch.stack([lp for _, lp, _ in steps], dim=1) * mask
+        stopped = torch.isin(tokens, torch.tensor(sorted(set(stop_tokens)), dtype=torch.long,
+                                                  device=self.device)) & mask
+        reasons = ["stop" if s else "length" for s in stopped.any(dim=1).tolist()]
+        return Generation(tokens, logprobs, mask, reasons, num_samples)
+
+    def stream(self, prompt, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None,
+               stop_tokens=()):
+        """Yield the token ids of one completion as they are sampled; a stop token ends it and is not yielded."""
+        stop = set(stop_tokens)
+        for tokens, _, _ in self._decode_steps([prompt], 1, max_new_tokens, temperature, top_k, top_p, min_p,
+                                               seed, stop_tokens):
+            token = tokens[0].item()
+            if token in stop:
+                return
+            yield token

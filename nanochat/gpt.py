@@ -1,0 +1,297 @@
+"""
+The GPT: a modern small transformer in one file.
+
+- rotary position embeddings, no learned positions
+- QK-norm, parameter-free RMSNorm everywhere (no learnable gains), no biases
+- ReLU^2 MLP, untied token embedding and LM head, optional GQA (n_kv_head < n_head)
+- logit soft-capping, zero-initialised output projections (each block starts as the identity)
+- one `depth` dial: width = 64 * depth, heads of 64 dims (see `config_from_depth`)
+
+Hidden states for other methods (reward model, density embeddings, AutoDeco heads): `model.hidden_states(idx)`
+returns the final normed hidden states (B, T, n_embd), the exact tensor the LM head reads. `forward` is
+`lm_head(hidden_states(idx))`, so there is one copy of the model code.
+
+Incremental decoding: pass a `KVCache`. Prompts of different lengths are left-padded; `valid` marks their real
+tokens. Padding slots are masked out as keys and each row's rotary positions count only its real tokens, so a
+left-padded row computes the same function as the same prompt alone.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 512
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 256
+    softcap: float = 15.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def config_from_depth(depth, vocab_size, sequence_len, head_dim=64, n_embd=None, n_head=None, n_kv_head=None,
+                      verbose=True):
+    """The depth dial: width 64*depth, heads of `head_dim`. Explicit overrides are for tiny test models."""
+    n_embd = n_embd or 64 * depth
+    n_head = n_head or max(1, n_embd // head_dim)
+    n_kv_head = n_kv_head or n_head
+    if n_embd % n_head != 0 or n_head % n_kv_head != 0:
+        raise ValueError(f"n_embd={n_embd} must divide by n_head={n_head}, and n_head by n_kv_head={n_kv_head}")
+    if (n_embd // n_head) % 2 != 0:
+        raise ValueError(f"head dim {n_embd // n_head} must be even for rotary embeddings")
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                       n_kv_head=n_kv_head, n_embd=n_embd)
+    if verbose:
+        from nanochat.common import print0
+        print0(f"model: depth={depth} -> n_layer={depth} n_embd={n_embd} n_head={n_head} n_kv_head={n_kv_head} "
+               f"head_dim={n_embd // n_head} vocab_size={vocab_size} sequence_len={sequence_len}")
+    return config
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, T, H, D); cos/sin: (B or 1, T, 1, D/2). Rotates pairs (x_i, x_{i+D/2}).
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class KVCache:
+    """
+    Keys and values of every layer for a batch of rows, plus which slots hold real tokens (left padding).
+    `pos` is the number of filled slots, shared by all rows.
+    """
+
+    def __init__(self, config, batch_size, max_len, device, dtype=torch.float32):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self):
+        return self.valid.size(0)
+
+    def update(self, layer, k, v):
+        """Store this step's keys/values (B, H, T, D) and return all keys/values so far."""
+        t0, t1 = self.pos, self.pos + k.size(2)
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+    def repeat_rows(self, n):
+        """Each row becomes n consecutive rows: prefill a prompt once, then sample n completions from it."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache, attn_mask):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache, attn_mask):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary tables cover 4x the training context so generation can run past it without re-allocating
+        head_dim = config.n_embd // config.n_head
+        self.rotary_len = 4 * config.sequence_len
+        cos, sin = self._rotary_tables(self.rotary_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @staticmethod
+    def _rotary_tables(length, head_dim, base=10000.0):
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        return angles.cos(), angles.sin()
+
+    @torch.no_grad()
+    def init_weights(self):
+        torch.nn.init.normal_(self.wte.weight, std=1.0)  # normed right after lookup, so the scale is free
+        torch.nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                torch.nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+            # zero output projections: every residual branch starts switched off
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def _positions_and_mask(self, idx, kv_cache, valid):
+        """Rotary positions (B or 1, T) and an attention mask (None means plain causal)."""
+        B, T = idx.shape
+        if kv_cache is None:
+            return torch.arange(T, device=idx.device)[None], None
+        t0 = kv_cache.pos
+        if t0 + T > kv_cache.max_len:
+            raise ValueError(f"KV cache overflow: {t0 + T} tokens > cache length {kv_cache.max_len}")
+        kv_cache.valid[:, t0:t0 + T] = True if valid is None else valid
+        keys_valid = kv_cache.valid[:, :t0 + T]
+        positions = (keys_valid.long().cumsum(1)[:, t0:] - 1).clamp(min=0)
+        q_slot = torch.arange(t0, t0 + T, device=idx.device)[:, None]
+        k_slot = torch.arange(t0 + T, device=idx.device)[None, :]
+        # a padding query may see only itself, so its softmax row is never empty (its output is never used)
+        mask = (k_slot <= q_slot)[None] & (keys_valid[:, None, :] | (k_slot == q_slot)[None])
+        return positions, mask[:, None]
+
+    def hidden_states(self, idx, kv_cache=None, valid=None):
+        """Final normed hidden states (B, T, n_embd): what the LM head, reward head and density pooling read."""
+        positions, attn_mask = self._positions_and_mask(idx, kv_cache, valid)
+        if positions.max() >= self.rotary_len:
+            raise ValueError(f"sequence of {positions.max().item() + 1} tokens exceeds rotary length "
+                             f"{self.rotary_len}")
+        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        x = norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.pos += idx.size(1)
+        return norm(x)
+
+    def logits_from_hidden(self, h):
+        logits = self.lm_head(h).float()
+        cap = self.config.softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, valid=None):
+        """Logits (B, T, V) when `targets` is None, else the cross-entropy (ignore index -1)."""
+        logits = self.logits_from_hidden(self.hidden_states(idx, kv_cache, valid))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    # -------------------------------------------------------------------------
+    # accounting
+
+    def num_params(self, exclude_embeddings=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores over the context."""
+        c = self.config
+        matmul_params = self.num_params() - self.wte.weight.numel()  # the embedding is a lookup, not a matmul
+        attention = 12 * c.n_layer * c.n_embd * c.sequence_len
+        return 6 * matmul_params + attention
+
+    # -------------------------------------------------------------------------
+    # optimizers
+
+    def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
+                         matrix_optimizer="muon", adam_betas=(0.8, 0.95)):
+        """
+        AdamW for the embedding and the head; Muon (default) or AdamW for the transformer's matrices.
+        Returns a list of optimizers; each param group remembers its `initial_lr` for LR schedules.
+        Muon won on loss per wall-second at CPU scale (see README, "Optimizer choice").
+        AdamW learning rates are scaled by 1/sqrt(width/768), so the defaults carry across depths.
+        """
+        matrix_params = [p for p in self.blocks.parameters()]
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            {"params": [self.wte.weight], "lr": embedding_lr * scale},
+            {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
+        ]
+        if matrix_optimizer == "muon":
+            from nanochat.muon import Muon
+            optimizers = [torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay),
+                          Muon(matrix_params, lr=matrix_lr, momentum=0.95)]
+        elif matrix_optimizer == "adamw":
+            adam_groups.append({"params": matrix_params, "lr": matrix_lr * 0.1})
+            optimizers = [torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)]
+        else:
+            raise ValueError(f"matrix_optimizer must be 'muon' or 'adamw', got {matrix_optimizer!r}")
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
+
+
+def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_frac=0.0):
+    """Linear warmup, constant, then linear warmdown over the last `warmdown_ratio` of training."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    warmdown_steps = int(round(warmdown_ratio * num_steps))
+    if warmdown_steps > 0 and step >= num_steps - warmdown_steps:
+        progress = (num_steps - step) / warmdown_steps
+        return progress + (1 - progress) * final_frac
+    return 1.0
+
+
+def set_lr(optimizers, multiplier):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def model_size_summary(model):
+    n = model.num_params()
+    return f"{n / 1e6:.2f}M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f}M non-embedding), " \
+           f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token"
+

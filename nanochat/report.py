@@ -1,0 +1,80 @@
+"""
+Stage reports: each stage writes a markdown section (metrics, timings, flags, environment) to
+`outs/<stage>/report.md` and puts the same section into `outs/report.md`, the run's whole story. A rerun of a
+stage replaces its section in `outs/report.md` in place instead of adding a second copy.
+"""
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+from nanochat.common import atomic_write, get_world_size, is_master
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device=None):
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device) if device is not None else "unknown",
+        "world_size": get_world_size(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows):
+    if not rows:
+        return "(none)\n"
+    lines = ["| key | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_section(stage, metrics, timings, flags, device=None, notes=None):
+    command = "python -m " + (sys.argv[0] if not sys.argv[0].endswith(".py") else
+                              os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, "."))
+    parts = [f"## {stage}\n", f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
+    if notes:
+        parts.append(notes.strip() + "\n")
+    parts += ["### Metrics\n", _table(metrics), "### Timings\n", _table(timings),
+              "### Flags\n", _table(flags), "### Environment\n", _table(environment(device))]
+    return "\n".join(parts)
+
+
+def write_report(stage, metrics, timings=None, flags=None, device=None, notes=None, out_root="outs"):
+    """Write `outs/<stage>/report.md` and replace or append the stage's section in `outs/report.md`."""
+    if not is_master():
+        return None
+    section = render_section(stage, metrics, timings or {}, flags or {}, device, notes)
+    atomic_write(os.path.join(out_root, stage, "report.md"), section)
+    begin, end = f"<!-- stage:{stage} -->", f"<!-- /stage:{stage} -->"
+    block = f"{begin}\n{section}{end}\n"
+    whole_path = os.path.join(out_root, "report.md")
+    whole = open(whole_path, encoding="utf-8").read() if os.path.exists(whole_path) else "# nanochat-kat report\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n", re.S)
+    whole = pattern.sub(lambda _: block, whole, count=1) if pattern.search(whole) else whole + block + "\n"
+    atomic_write(whole_path, whole)
+    return section

@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from nanochat.engine import Engine, sample_next
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [20, 21, 22, 23, 24]]
+
+
+def full_forward_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]
+
+
+def greedy_by_full_forward(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(full_forward_logits(model, ids)[-1].argmax().item())
+    return ids[len(prompt):]
+
+
+def test_greedy_kv_cache_equals_full_forward_for_ragged_batch(tiny_model):
+    gen = Engine(tiny_model).generate(PROMPTS, max_new_tokens=12, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        assert gen.tokens[i].tolist() == greedy_by_full_forward(tiny_model, prompt, 12)
+    assert gen.mask.all() and gen.finish_reasons == ["length"] * 4
+
+
+def test_logprobs_equal_full_forward_logprobs(tiny_model):
+    gen = Engine(tiny_model).generate(PROMPTS, num_samples=3, max_new_tokens=10, temperature=1.7, top_k=20,
+                                      seed=1)
+    assert gen.tokens.shape == (12, 10)
+    for row in range(12):
+        prompt = PROMPTS[row // 3]
+        completion = gen.tokens[row].tolist()
+        logp = full_forward_logits(tiny_model, prompt + completion).log_softmax(-1)
+        # the logprob of completion[t] is read at the position just before it, at temperature 1, unfiltered
+        expected = logp[len(prompt) - 1:-1].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        assert torch.allclose(gen.logprobs[row], expected, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    engine = Engine(tiny_model)
+    a = engine.generate(PROMPTS, num_samples=4, max_new_tokens=15, temperature=1.0, seed=7)
+    b = engine.generate(PROMPTS, num_samples=4, max_new_tokens=15, temperature=1.0, seed=7)
+    c = engine.generate(PROMPTS, num_samples=4, max_new_tokens=15, temperature=1.0, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    # samples of one prompt are not copies of each other
+    assert len({tuple(r) for r in a.tokens[:4].tolist()}) > 1
+
+
+def allowed_tokens(logits, temperature, top_k=None, top_p=None, min_p=None):
+    """The set a filter may emit, computed step by step in plain Python from the definitions."""
+    probs = (logits / temperature).softmax(-1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    keep = set(order[:top_k]) if top_k else set(order)
+    if min_p:
+        top = max(probs[i] for i in keep)
+        keep = {i for i in keep if probs[i] >= min_p * top}
+    if top_p:
+        total = sum(probs[i] for i in keep)
+        chosen, mass = set(), 0.0
+        for i in order:
+            if i in keep:
+                chosen.add(i)
+                mass += probs[i] / total
+                if mass >= top_p:
+                    break
+        keep = chosen
+    return keep
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2),
+                                     dict(top_k=10, top_p=0.8, min_p=0.05)])
+def test_filters_never_emit_disallowed_tokens(tiny_model, filters):
+    temperature = 1.3
+    gen = Engine(tiny_model).generate(PROMPTS, num_samples=8, max_new_tokens=8, temperature=temperature, seed=3,
+                                      **filters)
+    emitted_outside_top1 = 0
+    for row in range(gen.tokens.size(0)):
+        prompt = PROMPTS[row // 8]
+        completion = gen.tokens[row].tolist()
+        logits = full_forward_logits(tiny_model, prompt + completion)[len(prompt) - 1:-1]
+        for t, token in enumerate(completion):
+            allowed = allowed_tokens(logits[t], temperature, **filters)
+            assert token in allowed, (row, t, token, sorted(allowed))
+            emitted_outside_top1 += token != logits[t].argmax().item()
+    assert emitted_outside_top1 > 0  # the filters still sample, they are not argmax in disguise
+
+
+def test_sample_next_filters_on_fixed_logits():
+    logits = torch.tensor([[4.0, 3.0, 2.9, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    for filters in (dict(top_k=2), dict(top_p=0.9), dict(min_p=0.3)):
+        tokens, _ = sample_next(logits, 1.0, generator=gen, **filters)
+        assert set(tokens.tolist()) == allowed_tokens(logits[0], 1.0, **filters)
+
+
+def test_temperature_zero_is_argmax_and_per_row_temperature_applies_per_row():
+    logits = torch.randn(3, 50).repeat(200, 1)  # 600 rows: three distinct distributions, 200 copies each
+    temperature = torch.tensor([0.0, 1e-4, 50.0]).repeat(200)
+    tokens, logprobs = sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
+    tokens = tokens.view(200, 3)
+    argmax = logits[:3].argmax(-1)
+    assert (tokens[:, 0] == argmax[0]).all() and (tokens[:, 1] == argmax[1]).all()
+    assert len(set(tokens[:, 2].tolist())) > 20  # a hot row spreads over the vocabulary
+    # log-probs are always under the raw logits
+    raw = logits.log_softmax(-1).gather(-1, tokens.view(-1, 1)).squeeze(-1)
+    assert torch.allclose(logprobs, raw)
+    with pytest.raises(ValueError):
+        sample_next(logits, torch.ones(5))
+
+
+def test_stop_tokens_end_rows_and_set_mask_and_reasons(tiny_model):
+    gen = Engine(tiny_model).generate(PROMPTS, num_samples=4, max_new_tokens=30, temperature=1.0, seed=0,
+                                      stop_tokens=[7, 8, 9, 10, 11])
+    stops = {7, 8, 9, 10, 11}
+    for row in range(16):
+        real = gen.tokens[row][gen.mask[row]].tolist()
+        hits = [i for i, t in enumerate(real) if t in stops]
+        if gen.finish_reasons[row] == "stop":
+            assert hits == [len(real) - 1]  # the stop token is the last real token, and the only one
+        else:
+            assert not hits and len(real) == 30
+        assert gen.mask[row].tolist() == [True] * len(real) + [False] * (30 - len(real))
+        assert (gen.tokens[row][~gen.mask[row]] == 0).all() and (gen.logprobs[row][~gen.mask[row]] == 0).all()
+    assert "stop" in gen.finish_reasons
+
+
+def test_stream_matches_generate(tiny_model):
+    engine = Engine(tiny_model)
+    streamed = list(engine.stream(PROMPTS[1], max_new_tokens=20, temperature=0.0, stop_tokens=[3]))
+    gen = engine.generate([PROMPTS[1]], max_new_tokens=20, temperature=0.0, stop_tokens=[3])
+    expected = [t for t in gen.completions()[0] if t != 3]
+    assert streamed == expected
+
+
+def test_bad_prompts_are_rejected(tiny_model):
+    engine = Engine(tiny_model)
+    with pytest.raises(ValueError):
+        engine.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError):
+        engine.generate([[1000]], max_new_tokens=2)

@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from nanochat.gpt import GPT, config_from_depth, lr_multiplier
+from nanochat.muon import orthogonalize
+
+
+def test_depth_dial_derives_width_and_heads():
+    c = config_from_depth(4, 4096, 512, verbose=False)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head) == (4, 256, 4, 4)
+    c = config_from_depth(20, 65536, 2048, verbose=False)
+    assert (c.n_embd, c.n_head) == (1280, 20)
+    with pytest.raises(ValueError):
+        config_from_depth(2, 100, 32, n_embd=64, n_head=3)
+
+
+def test_loss_matches_hand_computed_cross_entropy(tiny_model):
+    idx = torch.randint(0, 97, (2, 9))
+    targets = torch.randint(0, 97, (2, 9))
+    targets[0, :4] = -1  # ignored positions
+    logits = tiny_model(idx)
+    # independent reference: -log softmax at the target, averaged over non-ignored positions
+    logp = logits.log_softmax(-1)
+    per_token = torch.zeros(2, 9)
+    for b in range(2):
+        for t in range(9):
+            if targets[b, t] >= 0:
+                per_token[b, t] = -logp[b, t, targets[b, t]]
+    n = (targets >= 0).sum()
+    assert torch.allclose(tiny_model(idx, targets), per_token.sum() / n, atol=1e-5)
+    assert torch.allclose(tiny_model(idx, targets, loss_reduction="sum"), per_token.sum(), atol=1e-4)
+    assert torch.allclose(tiny_model(idx, targets, loss_reduction="none"), per_token, atol=1e-5)
+
+
+def test_untrained_loss_is_log_vocab():
+    model = make_tiny_model(randomize=False)  # real init: tiny head, zero projections -> near-uniform logits
+    idx = torch.randint(0, 97, (2, 16))
+    assert abs(model(idx, idx).item() - math.log(97)) < 0.05
+
+
+def test_causality_future_tokens_do_not_change_past_logits(tiny_model):
+    idx = torch.randint(0, 97, (1, 12))
+    other = idx.clone()
+    other[0, 8:] = (other[0, 8:] + 1) % 97
+    assert torch.allclose(tiny_model(idx)[0, :8], tiny_model(other)[0, :8], atol=1e-5)
+
+
+def test_hidden_states_are_what_the_head_reads(tiny_model):
+    idx = torch.randint(0, 97, (2, 10))
+    h = tiny_model.hidden_states(idx)
+    assert h.shape == (2, 10, 64)
+    # final RMSNorm without gain: every hidden vector has unit RMS
+    assert torch.allclose(h.pow(2).mean(-1), torch.ones(2, 10), atol=1e-4)
+    cap = tiny_model.config.softcap
+    expected = cap * torch.tanh(F.linear(h, tiny_model.lm_head.weight) / cap)
+    assert torch.allclose(tiny_model(idx), expected, atol=1e-5)
+
+
+def test_softcap_bounds_logits(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(100)
+    logits = tiny_model(torch.randint(0, 97, (1, 5)))
+    assert logits.abs().max() <= tiny_model.config.softcap + 1e-4
+
+
+def test_param_count_and_flops():
+    c = config_from_depth(4, 4096, 512, verbose=False)
+    model = GPT(c)
+    per_layer = 4 * 256 * 256 + 2 * 256 * 1024
+    expected = 4 * per_layer + 2 * 4096 * 256
+    assert model.num_params() == expected
+    assert model.flops_per_token() == 6 * (expected - 4096 * 256) + 12 * 4 * 256 * 512
+
+
+def test_gqa_model_runs_and_has_smaller_kv():
+    model = make_tiny_model(n_kv_head=1)
+    assert model.blocks[0].attn.c_k.weight.shape == (16, 64)
+    assert model(torch.randint(0, 97, (2, 7))).shape == (2, 7, 97)
+
+
+def test_orthogonalize_gives_near_orthogonal_rows():
+    g = torch.randn(32, 64)
+    o = orthogonalize(g, steps=10)
+    s = torch.linalg.svdvals(o)
+    # the quintic iteration trades exactness for speed: singular values land in roughly [0.7, 1.2]
+    assert s.min() > 0.5 and s.max() < 1.3
+    assert orthogonalize(torch.randn(64, 32)).shape == (64, 32)
+
+
+@pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])
+def test_optimizers_reduce_loss(matrix_optimizer):
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(2, 97, 32, n_embd=64, n_head=4, verbose=False))
+    opts = model.setup_optimizers(matrix_optimizer=matrix_optimizer)
+    idx = torch.randint(0, 97, (4, 16))
+    first = model(idx[:, :-1], idx[:, 1:]).item()
+    for _ in range(20):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+    assert model(idx[:, :-1], idx[:, 1:]).item() < first - 1.0
+
+
+def test_lr_schedule_shape():
+    assert lr_multiplier(0, 100, 10, 0.2) == pytest.approx(0.1)
+    assert lr_multiplier(50, 100, 10, 0.2) == 1.0
+    assert lr_multiplier(90, 100, 10, 0.2) == pytest.approx(0.5)
+    assert lr_multiplier(99, 100, 0, 0.2, final_frac=0.0) == pytest.approx(0.05)
