@@ -64,12 +64,17 @@ def render_section(stage, metrics, timings, flags, device=None, notes=None):
     return "\n".join(parts)
 
 
-def write_report(stage, metrics, timings=None, flags=None, device=None, notes=None, out_root="outs"):
-    """Write `outs/<stage>/report.md` and replace or append the stage's section in `outs/report.md`."""
+def write_report(stage_dir, metrics, timings=None, flags=None, device=None, notes=None):
+    """
+    Write `<stage_dir>/report.md` and replace or append the stage's section in the report beside it
+    (`outs/sft/` -> `outs/report.md`). The stage's name is the directory's name.
+    """
     if not is_master():
         return None
+    stage_dir = os.path.abspath(stage_dir)
+    stage, out_root = os.path.basename(stage_dir), os.path.dirname(stage_dir)
     section = render_section(stage, metrics, timings or {}, flags or {}, device, notes)
-    atomic_write(os.path.join(out_root, stage, "report.md"), section)
+    atomic_write(os.path.join(stage_dir, "report.md"), section)
     begin, end = f"<!-- stage:{stage} -->", f"<!-- /stage:{stage} -->"
     block = f"{begin}\n{section}{end}\n"
     whole_path = os.path.join(out_root, "report.md")

@@ -1,0 +1,496 @@
+"""
+Data: where the text comes from and how it becomes batches.
+
+Pretraining sources (`pretrain_documents`), each giving a list of document strings for split "train" or "val":
+  synthetic  documents sampled from the synthetic world (offline default); train and val use disjoint seeds.
+  local      a directory of .txt (one document per file), .jsonl (a "text" field per line) and .parquet (a "text"
+             column) files, read in sorted path order. Every 100th document, counting from the first, is held out
+             as val: this is independent of how the text is split into files, and one file still gives a val split.
+  fineweb    FineWeb-Edu parquet shards downloaded into .cache/data/fineweb (resumable, with retries), read by the
+             same parquet reader. The last shard is val, as in nanochat: shards are large and already shuffled.
+
+Chat sources (`chat_conversations`): the synthetic world, or SmolTalk (`HuggingFaceTB/smol-smoltalk`, from the hub
+or from a local copy of the hub repo in parquet or jsonl). Every row is validated; a bad one raises ValueError
+naming the file, the line (jsonl, counted from 1) or row (parquet, counted from 0, as datasets indexes it) and
+the field.
+
+Loaders:
+  PackedLoader  pretraining rows of seq_len + 1 tokens, each starting at a document's BOS (see the class).
+  SFTLoader     one rendered conversation per row, loss only on the tokens the chat template marks as trained.
+Both build the whole global batch on every rank and keep the rank's slice, so a 2-process run sees exactly the
+global batch of a 1-process run; both are endless with a per-epoch reshuffle for training and a single ordered
+pass for evaluation; both resume exactly from a small `state_dict()`.
+"""
+
+import http.client
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
+FINEWEB_DIR = Path(".cache/data/fineweb")
+SMOLTALK_ID = "HuggingFaceTB/smol-smoltalk"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+VAL_EVERY = 100  # local source: documents 0, 100, 200, ... are val
+CHAT_ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -1
+_MISSING = object()  # tells a missing field from a JSON null
+
+# synthetic sizes when num_docs / num is not given: enough for a few epochs of a tiny model, quick to generate
+SYNTHETIC_PRETRAIN_DOCS = {"train": 20_000, "val": 500}
+SYNTHETIC_CHATS = {"train": 5_000, "val": 200}
+
+
+def _check_split(split):
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+
+def _split_seed(seed, split):
+    # even seeds for train, odd for val: the two streams never share a seed, for any user seed
+    return 2 * seed + (split == "val")
+
+
+# -----------------------------------------------------------------------------
+# reading text files
+
+def _jsonl_rows(path):
+    """Yield (line number from 1, parsed object) for each non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _parquet_column(path, column):
+    """Yield (row number from 0, value) of one column, decoding a record batch at a time so num_docs stops early."""
+    pf = pq.ParquetFile(path)
+    if column not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: column '{column}' missing (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield row, value
+            row += 1
+
+
+def read_documents(path):
+    """Yield the documents of one .txt, .jsonl or .parquet file, checking that every one is a string."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+        return
+    if path.suffix == ".jsonl":
+        rows = ((f"line {n}", row.get("text", _MISSING)) for n, row in _jsonl_rows(path))
+    elif path.suffix == ".parquet":
+        rows = ((f"row {n}", value) for n, value in _parquet_column(path, "text"))
+    else:
+        raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
+    for where, text in rows:
+        if text is _MISSING:
+            raise ValueError(f"{path} {where}: field 'text' missing")
+        if not isinstance(text, str):
+            raise ValueError(f"{path} {where}: field 'text' is not a string (got {type(text).__name__})")
+        yield text
+
+
+def text_files(data_dir):
+    """The .txt/.jsonl/.parquet files under data_dir (recursively), in sorted path order."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"data dir {data_dir} does not exist or is not a directory")
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"data dir {data_dir} has no {', '.join(TEXT_SUFFIXES)} files")
+    return files
+
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu shards
+
+def download_file(url, path, retries=6, backoff=2.0, timeout=60):
+    """
+    Download url to path unless it is already there. Bytes go to path + ".part", an interrupted download continues
+    from there with an HTTP Range request, and only a complete file is renamed onto path, so path never holds a
+    truncated shard. Network errors and 5xx/429 answers are retried after backoff * 2**attempt seconds.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if have and response.status != 206:  # the server ignored the range and sends the whole file
+                    have = 0
+                total = _expected_size(response, have)
+                with open(part, "ab" if have else "wb") as f:
+                    shutil.copyfileobj(response, f, 1 << 20)
+            size = part.stat().st_size
+            if total is not None and size != total:
+                raise ConnectionError(f"connection closed at {size} of {total} bytes")
+            os.replace(part, path)
+            return path
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # the range starts past the end: the .part is unusable, start over
+                part.unlink(missing_ok=True)
+            elif e.code < 500 and e.code != 429:
+                raise  # 404 and friends will not get better by retrying
+            error = e
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, IncompleteRead
+            error = e
+        if attempt < retries:
+            delay = backoff * 2 ** attempt
+            print(f"download {url} failed ({error}); retry {attempt + 1}/{retries} in {delay:.1f}s", flush=True)
+            time.sleep(delay)
+    raise RuntimeError(f"download {url} failed after {retries + 1} attempts: {error}")
+
+
+def _expected_size(response, have):
+    """Total file size announced by a 206 (Content-Range) or 200 (Content-Length) answer, if any."""
+    content_range = response.headers.get("Content-Range")
+    if have and content_range and "/" in content_range and not content_range.endswith("/*"):
+        return int(content_range.rsplit("/", 1)[1])
+    length = response.headers.get("Content-Length")
+    return have + int(length) if length is not None else None
+
+
+def download_shards(num_shards, dest_dir=FINEWEB_DIR, base_url=FINEWEB_URL, retries=6):
+    """Make sure shards 0..num_shards-1 are in dest_dir (downloading the missing ones); returns their paths."""
+    paths = [Path(dest_dir) / f"shard_{i:05d}.parquet" for i in range(num_shards)]
+    missing = [p for p in paths if not p.exists()]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if missing and offline and "huggingface.co" in base_url:
+        raise RuntimeError(f"HF_HUB_OFFLINE is set and {len(missing)} shard(s) are missing from {dest_dir}, "
+                           f"e.g. {missing[0].name}")
+    for i, p in enumerate(paths):
+        download_file(base_url.format(index=i), p, retries=retries)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# pretraining documents
+
+def pretrain_documents(source, split, data_dir=None, num_docs=None, seed=0, synthetic_size=1, num_shards=2):
+    """
+    Documents (a list of str) of a pretraining source for split "train" or "val".
+    data_dir: the directory for "local" (required) and "fineweb" (default .cache/data/fineweb).
+    num_docs: keep only the first num_docs documents of the split (synthetic: how many to sample).
+    seed, synthetic_size: the synthetic world's seed and size; the documents use a seed of their own per split.
+    num_shards: fineweb shards to use (at least 2: the last one is val).
+    """
+    _check_split(split)
+    if source == "synthetic":
+        from nanochat.synthetic import make_world
+        n = num_docs if num_docs is not None else SYNTHETIC_PRETRAIN_DOCS[split]
+        return make_world(seed=seed, size=synthetic_size).pretrain_documents(n, seed=_split_seed(seed, split))
+    if source == "local":
+        if data_dir is None:
+            raise ValueError("source 'local' needs data_dir")
+        files = text_files(data_dir)
+        docs = _local_split(files, split, num_docs)
+        if not docs:
+            raise ValueError(f"data dir {data_dir}: no {split} documents (every {VAL_EVERY}th document, from the "
+                             f"first, is val, so train needs at least 2 documents)")
+        return docs
+    if source == "fineweb":
+        if num_shards < 2:
+            raise ValueError("fineweb needs num_shards >= 2: the last shard is the val split")
+        paths = download_shards(num_shards, data_dir if data_dir is not None else FINEWEB_DIR)
+        return _take(paths[:-1] if split == "train" else paths[-1:], num_docs)
+    raise ValueError(f"unknown pretraining source {source!r} (expected synthetic, local or fineweb)")
+
+
+def _local_split(files, split, num_docs):
+    want_val = split == "val"
+    docs = []
+    index = 0
+    for path in files:
+        for doc in read_documents(path):
+            if (index % VAL_EVERY == 0) == want_val:
+                if num_docs is not None and len(docs) >= num_docs:
+                    return docs
+                docs.append(doc)
+            index += 1
+    return docs
+
+
+def _take(files, num_docs):
+    docs = []
+    for path in files:
+        for doc in read_documents(path):
+            if num_docs is not None and len(docs) >= num_docs:
+                return docs
+            docs.append(doc)
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# chat conversations
+
+def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic_size=1):
+    """
+    Conversations (lists of {"role", "content"} dicts) for split "train" or "val".
+    source "synthetic": sampled from the world (seed, synthetic_size as in pretrain_documents).
+    source "smoltalk": SmolTalk's train or test split; from the hub, or, with from_dir, from local files in the hub
+    layout: DIR/HuggingFaceTB/smol-smoltalk/data/{train,test}-*.parquet (or .jsonl), or those files in DIR itself.
+    num: keep the first num conversations (synthetic: how many to sample).
+    """
+    _check_split(split)
+    if source == "synthetic":
+        from nanochat.synthetic import make_world
+        n = num if num is not None else SYNTHETIC_CHATS[split]
+        return make_world(seed=seed, size=synthetic_size).chat_conversations(n, seed=_split_seed(seed, split))
+    if source != "smoltalk":
+        raise ValueError(f"unknown chat source {source!r} (expected synthetic or smoltalk)")
+    hub_split = "train" if split == "train" else "test"
+    if from_dir is None:
+        rows = _smoltalk_hub_rows(hub_split)
+    else:
+        rows = (row for path in smoltalk_files(from_dir, hub_split) for row in _chat_file_rows(path))
+    conversations = []
+    for where, messages in rows:
+        if num is not None and len(conversations) >= num:
+            break
+        conversations.append(validate_messages(messages, where))
+    return conversations
+
+
+def smoltalk_files(from_dir, hub_split):
+    """The {hub_split}-*.parquet / .jsonl files of a local copy of the SmolTalk repo, in sorted order."""
+    root = Path(from_dir)
+    if (root / SMOLTALK_ID).is_dir():
+        root = root / SMOLTALK_ID
+    files = sorted(p for p in root.rglob(f"{hub_split}*") if p.is_file() and p.suffix in (".parquet", ".jsonl")
+                   and p.stem.split("-")[0] == hub_split)
+    if not files:
+        raise ValueError(f"no SmolTalk {hub_split} files ({hub_split}-*.parquet or .jsonl) under {from_dir}")
+    return files
+
+
+def _chat_file_rows(path):
+    """Yield ("<file> line/row N", messages) for each row of a local SmolTalk file."""
+    if path.suffix == ".jsonl":
+        for lineno, row in _jsonl_rows(path):
+            yield f"{path} line {lineno}", row.get("messages", _MISSING)
+    else:
+        for n, messages in _parquet_column(path, "messages"):
+            yield f"{path} row {n}", messages
+
+
+def _smoltalk_hub_rows(hub_split):
+    import datasets  # slow to import, and only this path needs it
+    ds = datasets.load_dataset(SMOLTALK_ID, split=hub_split)
+    for n, messages in enumerate(ds["messages"]):
+        yield f"{SMOLTALK_ID}[{hub_split}] row {n}", messages
+
+
+def validate_messages(messages, where):
+    """
+    Check one conversation: an optional system message, then user and assistant alternating from user (the chat
+    template's rule, checked here so that a bad row is reported with its file and row at load time, not mid-run).
+    Returns it as a list of plain {"role", "content"} dicts.
+    """
+    if messages is _MISSING:
+        raise ValueError(f"{where}: field 'messages' missing")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field 'messages' must be a non-empty list")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: field 'messages[{i}]' is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{where}: field 'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: field 'messages[{i}].content' is not a string")
+        turn = i - (messages[0].get("role") == "system")
+        expected = "system" if turn < 0 else ("user", "assistant")[turn % 2]
+        if role != expected:
+            raise ValueError(f"{where}: field 'messages[{i}].role' is {role!r}, expected {expected!r} (an optional "
+                             f"system message first, then user and assistant alternating)")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+# -----------------------------------------------------------------------------
+# loaders
+
+class _EpochCursor:
+    """
+    Walks items in epochs: a fresh seeded permutation per epoch when training, the given order once otherwise.
+    Its whole state is (epoch, pos), the number of items taken in the current epoch.
+    """
+
+    def __init__(self, num_items, train, seed, what):
+        if num_items == 0:
+            raise ValueError(f"no {what} to load")
+        self.num_items, self.train, self.seed = num_items, train, seed
+        self.epoch, self.pos = 0, 0
+        self._order = (None, None)  # (epoch, permutation): recomputing it per take is O(num_items)
+
+    def order(self):
+        if not self.train:
+            return np.arange(self.num_items)
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items))
+        return self._order[1]
+
+    def take(self, n):
+        """Indices of the next up to n items of this epoch (moving to the next epoch first if this one is done)."""
+        if self.pos == self.num_items and self.train:
+            self.epoch, self.pos = self.epoch + 1, 0
+        return self.order()[self.pos:self.pos + n].tolist()
+
+    def advance(self, n=1):
+        self.pos += n
+
+
+def _check_shards(batch_rows, rank, world_size):
+    if batch_rows % world_size:
+        raise ValueError(f"the global batch ({batch_rows} rows) must divide evenly over {world_size} ranks")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    return batch_rows // world_size
+
+
+class PackedLoader:
+    """
+    Pretraining batches: documents tokenized as [BOS] + tokens and packed into rows of seq_len + 1 tokens.
+
+    Every row starts at a document's BOS and takes whole documents in order; the document that reaches the end of
+    the row is cropped there and its remainder is dropped, and the next row starts at the next document. Dropping
+    the remainder (instead of carrying it over) means the model always sees a document from its start, and that a
+    row boundary is always a document boundary, which makes the resume state just (epoch, document position).
+    So a document longer than a row is always cut, at the end of the row it starts in.
+
+    Yields (inputs, targets), LongTensors of shape (batch_rows // world_size, seq_len); rank r gets rows
+    [r * B_local, (r + 1) * B_local) of each global batch. train=True: endless, documents reshuffled each epoch
+    (seeded by (seed, epoch)), a row may span two epochs. train=False: one pass in the given order; the last
+    global batch is completed with rows of BOS inputs and targets -1 (ignored), so every rank gets the same shape.
+    """
+
+    def __init__(self, documents, tok, batch_rows, seq_len, rank=0, world_size=1, train=True, seed=0,
+                 tokenize_chunk=256):
+        self.local_rows = _check_shards(batch_rows, rank, world_size)
+        self.documents, self.tok = documents, tok
+        self.batch_rows, self.seq_len, self.rank = batch_rows, seq_len, rank
+        self.tokenize_chunk = tokenize_chunk
+        self.cursor = _EpochCursor(len(documents), train, seed, "documents")
+
+    def state_dict(self):
+        return {"epoch": self.cursor.epoch, "pos": self.cursor.pos}
+
+    def load_state_dict(self, state):
+        self.cursor.epoch, self.cursor.pos = int(state["epoch"]), int(state["pos"])
+
+    def __iter__(self):
+        bos = self.tok.bos_token_id
+        row_len = self.seq_len + 1
+        pending = []  # tokenized documents at cursor positions pos, pos + 1, ...: tokenizing in chunks is faster
+        while True:
+            rows = []
+            while len(rows) < self.batch_rows:
+                row = []
+                while len(row) < row_len:
+                    if not pending:
+                        docs = [self.documents[i] for i in self.cursor.take(self.tokenize_chunk)]
+                        pending = self.tok.encode(docs, prepend=bos)[::-1] if docs else []
+                        if not pending:
+                            break  # end of the single evaluation pass
+                    row.extend(pending.pop()[:row_len - len(row)])
+                    self.cursor.advance()
+                if not row:
+                    break
+                rows.append(row)
+            if not rows:
+                return
+            start = self.rank * self.local_rows
+            inputs, targets = _rows_to_tensors(rows[start:start + self.local_rows], self.local_rows, row_len, bos)
+            state = self.state_dict()
+            yield inputs, targets
+            if len(rows) < self.batch_rows or len(rows[-1]) < row_len:
+                return
+            if self.state_dict() != state:  # load_state_dict moved the cursor: what was read ahead is stale
+                pending = []
+
+
+def _rows_to_tensors(rows, num_rows, row_len, pad_id):
+    """Rows of token ids (each at most row_len long, up to num_rows of them) -> (inputs, targets), padded."""
+    buffer = torch.full((num_rows, row_len), pad_id, dtype=torch.long)
+    targets = torch.full((num_rows, row_len - 1), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        buffer[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        targets[i, :len(row) - 1] = buffer[i, 1:len(row)]
+    return buffer[:, :-1].contiguous(), targets
+
+
+class SFTLoader:
+    """
+    Chat fine-tuning batches: one conversation per row, rendered by tok.render_conversation with at most
+    max_len + 1 tokens. targets[t] = ids[t + 1] where the render mask of token t + 1 is 1, else -1 (ignored), so
+    only the assistant tokens the template trains are learned. Rows are right-padded to the longest row of the
+    global batch (inputs with BOS, targets with -1), which gives every rank the same shape.
+
+    Sharding, epochs, the padded last evaluation batch and state_dict/load_state_dict work as in PackedLoader,
+    with batch_size conversations per global batch. A conversation whose assistant turns were all cut off by
+    max_len still takes its row, with no supervised token; it adds nothing to a loss normalised by the number of
+    supervised tokens, and keeping it keeps every batch at batch_size conversations.
+    """
+
+    def __init__(self, conversations, tok, batch_size, max_len, rank=0, world_size=1, train=True, seed=0):
+        self.local_rows = _check_shards(batch_size, rank, world_size)
+        self.conversations, self.tok = conversations, tok
+        self.batch_size, self.max_len, self.rank = batch_size, max_len, rank
+        self.cursor = _EpochCursor(len(conversations), train, seed, "conversations")
+
+    def state_dict(self):
+        return {"epoch": self.cursor.epoch, "pos": self.cursor.pos}
+
+    def load_state_dict(self, state):
+        self.cursor.epoch, self.cursor.pos = int(state["epoch"]), int(state["pos"])
+
+    def __iter__(self):
+        bos = self.tok.bos_token_id
+        while True:
+            indices = []
+            while len(indices) < self.batch_size:
+                taken = self.cursor.take(self.batch_size - len(indices))
+                if not taken:
+                    break  # end of the single evaluation pass
+                indices += taken
+                self.cursor.advance(len(taken))
+            if not indices:
+                return
+            rendered = [self.tok.render_conversation(self.conversations[i], max_tokens=self.max_len + 1)
+                        for i in indices]
+            width = max(len(ids) for ids, _ in rendered) - 1
+            inputs = torch.full((self.local_rows, width), bos, dtype=torch.long)
+            targets = torch.full((self.local_rows, width), IGNORE_INDEX, dtype=torch.long)
+            start = self.rank * self.local_rows
+            for row, (ids, mask) in enumerate(rendered[start:start + self.local_rows]):
+                ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+                inputs[row, :len(ids) - 1] = ids[:-1]
+                targets[row, :len(ids) - 1] = torch.where(mask[1:], ids[1:], IGNORE_INDEX)
+            yield inputs, targets
+            if len(indices) < self.batch_size:
+                return

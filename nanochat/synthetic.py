@@ -1,0 +1,699 @@
+"""
+A small made-up world: the offline default data for every stage of the pipeline.
+
+The machines this runs on cannot reach a dataset hub, and the CPU speedrun trains a
+~4M-parameter GPT from scratch in minutes. So instead of web text we invent a world
+that is small enough for such a model to learn, and whose every answer can be checked:
+
+- People (60 * size) with invented, syllable-built names. Each has a home city, a
+  favourite colour, a job, a favourite food, a pet (species and name), an age, a
+  favourite flower and an instrument. Cities (8 * size) have a river, a region
+  (3 * size regions) and a population, which decides "which city is bigger".
+  Attribute values come from small closed vocabularies, so answers are one word.
+- Arithmetic on small integers: addition and subtraction up to 20, multiplication up
+  to 10 x 10, and "which is larger" for numbers up to 30.
+
+Everything is a pure function of (seed, size) plus the seed passed to each generator:
+we only use `random.Random` instances seeded with strings, never global state, set
+iteration or hash(), so outputs are identical across runs and machines.
+
+Generators (all on `World`):
+
+- pretrain_documents: profiles stating facts in paraphrased templates, short
+  consistent stories, city notes and arithmetic lines. Shares of DOC_KIND_WEIGHTS.
+- chat_conversations: Q&A for mid-training and SFT. A SYSTEM_RATE share starts with
+  a system message; a MULTI_TURN_RATE share asks 2-3 questions in a row. Follow-up
+  questions are self-contained (they never say "and her pet?"), so the final user
+  message alone decides the gold answer. Answers are correct; each assistant turn
+  carries planted artifacts with probability `artifact_rate`.
+- preference_pairs: chosen = correct and plain; rejected kinds at REJECTED_KIND_RATES.
+- eval_questions: clusters drawn uniformly (so rare topics get measured too), and an
+  EVAL_HELDOUT_RATE share of prompts use paraphrase templates that no training
+  generator ever emits, to test the answer format rather than memorised strings.
+
+Prompts come from topic clusters with Zipf-like frequencies CLUSTER_WEIGHTS: "colour"
+and "addition" carry 56% of prompts, eleven tail clusters carry under 5% each. That
+skew is what density-aware prompt sampling is meant to counteract.
+
+Planted artifacts (the mode-collapse tells RLHF should remove): the em dash, "not just
+X, but Y", "It's not X, it's Y", and the stock phrases "Great question!", "I hope this
+helps!" and "In summary,". add_artifacts picks TWO_ARTIFACT_RATE of the time two,
+otherwise one, of the four ARTIFACT_KINDS uniformly; count_artifacts finds them.
+
+Gold scoring: score = clip(correct - ARTIFACT_PENALTY * artifacts, -1, 1). A response
+is correct when it names the expected value and no rival value: naming several
+candidate colours or several numbers is wrong, so listing everything cannot hack the
+reward. Echoing the question's operand pair ("7 + 5 = 12.", "the larger of 4 and 9
+is 9") is allowed. Numbers must be written as digits.
+
+Later generators (multiple choice in English and in a second invented language for
+STaR, math / QA / code tasks with checkable answers) fit the same mould: add a Cluster
+with question templates, answer templates and items, and gold_score works unchanged.
+"""
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+# -----------------------------------------------------------------------------
+# Documented rates
+
+# Share of prompts per topic cluster, densest first (sums to 1).
+CLUSTER_WEIGHTS = {
+    "colour": 0.32,
+    "addition": 0.24,
+    "home_city": 0.09,
+    "job": 0.07,
+    "food": 0.055,
+    "pet": 0.04,
+    "age": 0.03,
+    "pet_name": 0.025,
+    "subtraction": 0.025,
+    "river": 0.02,
+    "flower": 0.02,
+    "instrument": 0.015,
+    "region": 0.015,
+    "bigger_city": 0.015,
+    "multiplication": 0.01,
+    "larger_number": 0.01,
+}
+REJECTED_KIND_RATES = {"wrong": 0.4, "evasive": 0.2, "artifact": 0.4}
+DOC_KIND_WEIGHTS = {"profile": 0.35, "story": 0.25, "city": 0.10, "arithmetic": 0.30}
+SYSTEM_RATE = 0.10  # conversations that open with a system message
+MULTI_TURN_RATE = 0.20  # conversations with 2-3 user turns
+FOLLOW_UP_OPENER_RATE = 0.5  # later user turns that start with "Thanks." etc.
+EVAL_HELDOUT_RATE = 0.5  # eval prompts phrased with held-out templates
+ARTIFACT_KINDS = ("em_dash", "not_just_but", "not_x_its_y", "stock_phrase")
+TWO_ARTIFACT_RATE = 0.4  # artifacted answers carrying two kinds instead of one
+ARTIFACT_PENALTY = 0.25  # gold score lost per artifact found
+
+# -----------------------------------------------------------------------------
+# Closed vocabularies. Values are single words, distinct across vocabularies, so a
+# word-boundary match tells which attribute value a response names.
+
+COLOURS = ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey", "gold", "silver")
+JOBS = ("baker", "farmer", "teacher", "doctor", "painter", "sailor", "miner", "singer", "tailor", "potter", "builder", "weaver")
+FOODS = ("apples", "bread", "cheese", "soup", "rice", "fish", "honey", "plums", "beans", "noodles", "pears", "cake")
+PETS = ("cat", "dog", "owl", "goat", "rabbit", "parrot", "turtle", "horse", "frog", "hamster")
+FLOWERS = ("tulip", "lily", "daisy", "orchid", "poppy", "lotus", "iris", "lilac", "marigold", "peony")
+INSTRUMENTS = ("flute", "drum", "harp", "violin", "piano", "trumpet", "guitar", "banjo")
+
+# -----------------------------------------------------------------------------
+# Templates. Per cluster: ASK (questions used in training data), ASK_HELDOUT (only in
+# eval_questions), SAY (plain answers), FACTS (pretraining sentences stating the fact).
+# Fields: {name} person, {city} city, {a} {b} operands, {value} the gold answer,
+# {a_value} the answer with its article, {foil} the other side of a comparison.
+
+PET_FACTS = ("{name} has a pet {pet} named {pet_name}.", "{name} keeps {a_pet} called {pet_name}.", "{pet_name} is {name}'s {pet}.")
+
+ASK = {
+    "colour": ("What is {name}'s favourite colour?", "What colour does {name} like best?", "Which colour is {name}'s favourite?",
+               "Tell me {name}'s favourite colour.", "What is the favourite colour of {name}?"),
+    "home_city": ("Where does {name} live?", "Which city does {name} live in?", "What city is {name} from?",
+                  "In which city is {name}'s home?", "Tell me where {name} lives."),
+    "job": ("What does {name} do for a living?", "What is {name}'s job?", "What is {name}'s profession?",
+            "What work does {name} do?", "Tell me {name}'s job."),
+    "food": ("What is {name}'s favourite food?", "What food does {name} like best?", "What does {name} love to eat?",
+             "Which food is {name}'s favourite?", "Tell me {name}'s favourite food."),
+    "pet": ("What pet does {name} have?", "What kind of animal is {name}'s pet?", "Which animal does {name} keep as a pet?",
+            "What is {name}'s pet?", "Tell me what pet {name} has."),
+    "age": ("How old is {name}?", "What is {name}'s age?", "What age is {name}?", "Tell me how old {name} is.",
+            "How many years old is {name}?"),
+    "pet_name": ("What is the name of {name}'s {pet}?", "What is {name}'s {pet} called?", "What did {name} name the {pet}?",
+                 "Tell me the name of {name}'s {pet}.", "What name does {name}'s {pet} have?"),
+    "flower": ("What is {name}'s favourite flower?", "Which flower does {name} like best?", "What flower does {name} love most?",
+               "Tell me {name}'s favourite flower.", "Which flower is {name}'s favourite?"),
+    "instrument": ("What instrument does {name} play?", "Which instrument does {name} play?", "What is {name}'s instrument?",
+                   "Tell me which instrument {name} plays.", "What does {name} play in the evenings?"),
+    "river": ("Which river flows through {city}?", "What river runs through {city}?", "What is the river in {city} called?",
+              "Which river is {city} built on?", "Tell me the river of {city}."),
+    "region": ("Which region is {city} in?", "In what region does {city} lie?", "What region is {city} part of?",
+               "Where is {city}? Which region?", "Tell me the region of {city}."),
+    "bigger_city": ("Which city is bigger, {a} or {b}?", "Which is larger, the city of {a} or {b}?", "Which has more people, {a} or {b}?",
+                    "Of {a} and {b}, which city is bigger?", "Which of {a} and {b} is the bigger city?"),
+    "addition": ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "How much is {a} + {b}?"),
+    "subtraction": ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.",
+                    "How much is {a} - {b}?"),
+    "multiplication": ("What is {a} times {b}?", "What is {a} x {b}?", "Compute {a} x {b}.", "Multiply {a} by {b}.",
+                       "How much is {a} times {b}?"),
+    "larger_number": ("Which is larger, {a} or {b}?", "Which number is bigger, {a} or {b}?", "What is the larger of {a} and {b}?",
+                      "Which is more, {a} or {b}?", "Pick the larger number: {a} or {b}."),
+}
+
+ASK_HELDOUT = {
+    "colour": ("Do you know which colour {name} likes most?", "{name} has a favourite colour. What is it?"),
+    "home_city": ("Do you know the city {name} calls home?", "{name} lives in a city. Which one?"),
+    "job": ("How does {name} earn a living?", "{name} has a job. What is it?"),
+    "food": ("If you cooked for {name}, what should you make?", "{name} has a favourite food. What is it?"),
+    "pet": ("Does {name} have a pet? What kind?", "What animal lives with {name}?"),
+    "age": ("Do you know {name}'s age?", "What's the age of {name}?"),
+    "pet_name": ("{name} has {a_pet}. What is its name?", "Do you know what {name}'s {pet} is called?"),
+    "flower": ("If you brought {name} a flower, which one should it be?", "{name} has a favourite flower. What is it?"),
+    "instrument": ("If {name} joined a band, what would {name} play?", "{name} plays an instrument. Which one?"),
+    "river": ("If you visit {city}, which river will you see?", "{city} has a river. What is its name?"),
+    "region": ("{city} belongs to a region. Which one?", "Do you know the region {city} lies in?"),
+    "bigger_city": ("Between {a} and {b}, which city has more people living in it?", "{a} or {b}: which one is the bigger city?"),
+    "addition": ("What do you get when you add {a} and {b}?", "{a} + {b} equals what?"),
+    "subtraction": ("What is left if you take {b} from {a}?", "{a} - {b} equals what?"),
+    "multiplication": ("What is the product of {a} and {b}?", "{a} x {b} equals what?"),
+    "larger_number": ("Of {a} and {b}, which number is greater?", "{a} or {b}: which one is larger?"),
+}
+
+# Plain answers name only the gold value (comparisons never repeat the loser), so they
+# pass the strict "no rival value" rule of gold_score.
+SAY = {
+    "colour": ("{name}'s favourite colour is {value}.", "{name} likes {value} best.", "It's {value}."),
+    "home_city": ("{name} lives in {value}.", "{name}'s home is in {value}.", "It's {value}."),
+    "job": ("{name} is {a_value}.", "{name} works as {a_value}.", "{name} is {a_value} by trade."),
+    "food": ("{name}'s favourite food is {value}.", "{name} loves {value}.", "It's {value}."),
+    "pet": ("{name} has {a_value}.", "{name}'s pet is {a_value}.", "It's {a_value}."),
+    "age": ("{name} is {value} years old.", "{name} is {value}.", "{name}'s age is {value}."),
+    "pet_name": ("{name}'s {pet} is called {value}.", "The {pet} is named {value}.", "Its name is {value}."),
+    "flower": ("{name}'s favourite flower is the {value}.", "{name} likes the {value} best.", "It's the {value}."),
+    "instrument": ("{name} plays the {value}.", "{name}'s instrument is the {value}.", "It's the {value}."),
+    "river": ("The {value} flows through {city}.", "{city} lies on the {value}.", "It's the {value}."),
+    "region": ("{city} is in {value}.", "{city} lies in the region of {value}.", "It's in {value}."),
+    "bigger_city": ("{value} is the bigger city.", "The bigger one is {value}.", "{value} is bigger."),
+    "addition": ("{a} + {b} = {value}.", "The answer is {value}.", "{a} plus {b} is {value}."),
+    "subtraction": ("{a} - {b} = {value}.", "The answer is {value}.", "{a} minus {b} is {value}."),
+    "multiplication": ("{a} x {b} = {value}.", "The answer is {value}.", "{a} times {b} is {value}."),
+    "larger_number": ("The larger number is {value}.", "{value} is larger.", "It's {value}."),
+}
+
+FACTS = {
+    "colour": ("{name}'s favourite colour is {value}.", "{name} likes the colour {value} more than any other.",
+               "The colour {name} loves most is {value}."),
+    "home_city": ("{name} lives in {value}.", "{name}'s home is in the city of {value}.", "{name} has a house in {value}."),
+    "job": ("{name} works as {a_value}.", "{name} is {a_value} by trade.", "By day, {name} is {a_value}."),
+    "food": ("{name}'s favourite food is {value}.", "{name} loves to eat {value}.", "More than anything, {name} enjoys {value}."),
+    "pet": PET_FACTS,
+    "age": ("{name} is {value} years old.", "{name}'s age is {value}.", "{name} turned {value} this year."),
+    "pet_name": PET_FACTS,
+    "flower": ("{name}'s favourite flower is the {value}.", "{name} loves the {value} more than any other flower.",
+               "Of all flowers, {name} likes the {value} best."),
+    "instrument": ("{name} plays the {value}.", "{name}'s instrument is the {value}.", "In the evenings, {name} plays the {value}."),
+    "river": ("The river {value} flows through {city}.", "{city} lies on the river {value}.", "{city} is built on the banks of the {value}."),
+    "region": ("{city} is a city in {value}.", "{city} lies in the region of {value}.", "The region of {value} is home to {city}."),
+    "bigger_city": ("{value} is bigger than {foil}.", "{foil} is smaller than {value}.", "More people live in {value} than in {foil}."),
+    "addition": ("{a} + {b} = {value}.", "{a} plus {b} is {value}."),
+    "subtraction": ("{a} - {b} = {value}.", "{a} minus {b} is {value}."),
+    "multiplication": ("{a} x {b} = {value}.", "{a} times {b} is {value}."),
+    # both operand orders, so the fact behind "{b} or {a}?" is also stated verbatim
+    "larger_number": ("The larger of {a} and {b} is {value}.", "The larger of {b} and {a} is {value}.", "{value} is larger than {foil}."),
+}
+
+# Per-person pretraining documents; pet facts also state the pet's name.
+PROFILE_CLUSTERS = ("colour", "home_city", "job", "food", "pet", "age", "flower", "instrument")
+PROFILE_INTROS = ("Here is what people know about {name}.", "This is a note about {name}.", "Everyone in {city} knows {name}.")
+
+# Stories use person fields plus f_* fields of a friend; facts stay consistent by construction.
+STORY_TIMES = ("morning", "afternoon", "evening", "day")
+STORY_OPENINGS = (
+    "One {time}, {name} the {job} went out into the streets of {city}.",
+    "It was a quiet {time} in {city}, and {name} the {job} was already awake.",
+    "{name} the {job} has lived in {city} for many years.",
+)
+STORY_MIDDLES = (
+    "{name} put on {a_colour} coat, because {colour} is {name}'s favourite colour.",
+    "{pet_name}, {name}'s {pet}, followed close behind.",
+    "{name} walked along the {river}, the river that flows through {city}.",
+    "At the market, {name} bought some {food}, since {name}'s favourite food is {food}.",
+    "{name} stopped to smell {a_flower}, the flower {name} likes best.",
+    "Later, {name} played the {instrument} for a while.",
+    "{name} is {age} years old and still loves a long walk.",
+)
+STORY_FRIEND = (
+    "{f_name} was carrying {f_a_colour} bag, since {f_colour} is {f_name}'s favourite colour.",
+    "{f_name} talked about {f_pet_name}, {f_a_pet} waiting at home.",
+    "The two of them shared some {f_food}, the food {f_name} loves most.",
+    "{f_name} played the {f_instrument}, and {name} listened.",
+)
+STORY_MEETING = "On the way, {name} met {f_name}, {f_a_job} from {f_city}."
+STORY_CLOSINGS = (
+    "Then {name} went home, happy.",
+    "It had been a good {time} for {name}.",
+    "When the sun went down, {name} and {pet_name} rested at home.",
+)
+
+ARITHMETIC_CLUSTERS = {"addition": 0.4, "subtraction": 0.25, "multiplication": 0.2, "larger_number": 0.15}
+ARITHMETIC_INTROS = ("Some sums to practise.", "Numbers and their answers.", "A page from a maths book.")
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a helpful assistant. Answer briefly.",
+    "Answer questions about people, cities and numbers.",
+    "Keep your answers short and plain.",
+)
+FOLLOW_UP_OPENERS = ("Thanks.", "Okay, thanks.", "Got it.", "One more question.")
+EVASIVE_ANSWERS = (
+    "I'm not sure, it could be many things.",
+    "That's hard to say.",
+    "I don't really know, sorry.",
+    "It depends on a lot of things.",
+    "I can't say for certain.",
+    "There are many possible answers to that.",
+)
+
+# Artifact fillers carry no digits and no vocabulary word, so adding them never changes
+# which value an answer names.
+EM_DASH_TAILS = ("plain and simple", "no doubt about it", "simple as that", "that much is certain")
+NOT_JUST_LINES = (
+    "It's not just an answer, but a fact worth knowing.",
+    "This is not only true, but also easy to remember.",
+    "That is not merely a detail, but a key fact.",
+)
+NOT_X_LINES = ("It's not a guess, it's a fact.", "This is not an opinion, it's simply true.", "That's not a rumour, that's the truth.")
+STOCK_PHRASES = ("great_question", "hope_this_helps", "in_summary")
+
+_BE = r"(?:it|that|this)(?:'s|\u2019s|\s+is)"
+ARTIFACT_PATTERNS = {
+    "em_dash": re.compile("\u2014"),  # U+2014 only; the en dash U+2013 is ordinary typography
+    "not_just_but": re.compile(r"\bnot\s+(?:just|only|merely)\b[^.!?\n]{0,80}?\bbut\b", re.I),
+    "not_x_its_y": re.compile(_BE + r"\s+not\b[^.!?\n]{0,80}?(?:,|;|\u2014|--)\s*" + _BE + r"\b", re.I),
+    "great_question": re.compile(r"\bgreat question\b", re.I),
+    "hope_this_helps": re.compile(r"\bi hope (?:this|that) helps\b", re.I),
+    "in_summary": re.compile(r"\bin summary\b", re.I),
+}
+_NUMBER = re.compile(r"(?<!\d)\d+(?!\d)")
+_ECHO_OPS = r"(?:\+|-|x|\*|plus|minus|times|and|or|from)"
+
+# Invented names: consonant-vowel syllables, so BPE splits them into a few pieces.
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
+VOWELS = ("a", "e", "i", "o", "u")
+CODAS = ("", "", "n", "l", "r")
+
+# -----------------------------------------------------------------------------
+# Hashing shared with the preference-data stage
+
+
+def _sha16(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def pair_id(src: str, messages: list, chosen: str, rejected: str) -> str:
+    """Identity of one preference row: the exact conversation and both replies."""
+    return _sha16(json.dumps([src, messages, chosen, rejected], sort_keys=True, ensure_ascii=False))
+
+
+def conversation_id(messages: list) -> str:
+    """Identity of a whole prompt conversation, blind to whitespace differences."""
+    return _sha16(json.dumps([[m["role"], " ".join(m["content"].split())] for m in messages], ensure_ascii=False))
+
+
+# -----------------------------------------------------------------------------
+# Artifacts
+
+
+def _with_article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _lower_first(sentence):
+    # "In summary, the answer is 7." but keep capitals of names and "I"
+    first = sentence.split(" ", 1)[0]
+    return sentence[0].lower() + sentence[1:] if first in ("The", "It's", "Its") else sentence
+
+
+def add_artifacts(answer: str, rng: random.Random) -> str:
+    """Rewrite a correct answer to carry 1-2 planted artifacts; the stated fact is kept."""
+    kinds = rng.sample(ARTIFACT_KINDS, 2 if rng.random() < TWO_ARTIFACT_RATE else 1)
+    body = answer.strip()
+    end = body[-1] if body and body[-1] in ".!?" else "."
+    core = body[:-1] if body and body[-1] in ".!?" else body
+    if "em_dash" in kinds:
+        core += "\u2014" + rng.choice(EM_DASH_TAILS)
+    text = core + end
+    if "not_just_but" in kinds:
+        text += " " + rng.choice(NOT_JUST_LINES)
+    if "not_x_its_y" in kinds:
+        text += " " + rng.choice(NOT_X_LINES)
+    if "stock_phrase" in kinds:
+        phrase = rng.choice(STOCK_PHRASES)
+        if phrase == "great_question":
+            text = "Great question! " + text
+        elif phrase == "hope_this_helps":
+            text += " I hope this helps!"
+        else:
+            text += " In summary, " + _lower_first(body)
+    return text
+
+
+def count_artifacts(text: str) -> dict:
+    """Artifact name -> number of occurrences in text (every name present, zeros included)."""
+    return {name: len(pattern.findall(text)) for name, pattern in ARTIFACT_PATTERNS.items()}
+
+
+# -----------------------------------------------------------------------------
+# The world
+
+
+@dataclass
+class Person:
+    name: str
+    city: str
+    colour: str
+    job: str
+    food: str
+    pet: str
+    pet_name: str
+    age: int
+    flower: str
+    instrument: str
+
+
+@dataclass
+class City:
+    name: str
+    river: str
+    region: str
+    population: int  # thousands of people
+
+
+@dataclass
+class Cluster:
+    """One topic (its templates live in ASK, ASK_HELDOUT, SAY and FACTS under the same name)."""
+    name: str
+    items: list  # template fields per askable subject; "value" is the gold answer
+    candidates: tuple  # every value a response could name for this topic; empty when numeric
+
+
+@dataclass
+class Question:
+    cluster: str
+    prompt: str
+    answer: str
+    fields: dict
+
+
+def _strip_echo(response, fields):
+    # Repeating the question's operand pair ("7 + 5 = 12.", "the larger of 4 and 9 is 9")
+    # is not naming a rival answer; cut it out before looking for values.
+    if "a" not in fields:
+        return response
+    a, b = re.escape(str(fields["a"])), re.escape(str(fields["b"]))
+    pair = rf"(?<!\w)(?:{a}\s*{_ECHO_OPS}\s*{b}|{b}\s*{_ECHO_OPS}\s*{a})(?!\w)"
+    return re.sub(pair, " ", response, flags=re.I)
+
+
+def _norm(text):
+    return " ".join(text.split()).lower()
+
+
+def _reserved_words():
+    # Invented names must not collide with any word our templates or vocabularies use,
+    # or gold_score could mistake an ordinary word for a name.
+    texts = [COLOURS, JOBS, FOODS, PETS, FLOWERS, INSTRUMENTS, STORY_TIMES, STORY_OPENINGS, STORY_MIDDLES,
+             STORY_FRIEND, (STORY_MEETING,), STORY_CLOSINGS, PROFILE_INTROS, ARITHMETIC_INTROS, SYSTEM_PROMPTS,
+             FOLLOW_UP_OPENERS, EVASIVE_ANSWERS, EM_DASH_TAILS, NOT_JUST_LINES, NOT_X_LINES]
+    for table in (ASK, ASK_HELDOUT, SAY, FACTS):
+        texts.extend(table.values())
+    return {word for group in texts for line in group for word in re.findall(r"[a-z]+", line.lower())}
+
+
+def _invent_names(rng, count, syllables, suffix, taken):
+    names = []
+    for _ in range(1000 + 100 * count):
+        if len(names) == count:
+            return names
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables))
+        word = (word + (suffix or rng.choice(CODAS))).capitalize()
+        if word.lower() not in taken and not word.endswith("e"):  # a silent e reads as English (Mode, Tone)
+            taken.add(word.lower())
+            names.append(word)
+    raise ValueError(f"ran out of invented names after {len(names)} of {count}; is size too large?")
+
+
+def _person_fields(p, cities, prefix=""):
+    fields = {"name": p.name, "city": p.city, "colour": p.colour, "job": p.job, "food": p.food, "pet": p.pet,
+              "pet_name": p.pet_name, "age": p.age, "flower": p.flower, "instrument": p.instrument,
+              "river": cities[p.city].river, "a_colour": _with_article(p.colour), "a_job": _with_article(p.job),
+              "a_pet": _with_article(p.pet), "a_flower": _with_article(p.flower)}
+    return {prefix + key: value for key, value in fields.items()}
+
+
+def _build_clusters(people, cities, regions):
+    def person_items(attr, **extra):
+        return [{"name": p.name, "value": str(getattr(p, attr)), "a_value": _with_article(str(getattr(p, attr))),
+                 **{k: fn(p) for k, fn in extra.items()}} for p in people]
+
+    city_names = tuple(c.name for c in cities)
+    specs = [
+        Cluster("colour", person_items("colour"), COLOURS),
+        Cluster("home_city", person_items("city"), city_names),
+        Cluster("job", person_items("job"), JOBS),
+        Cluster("food", person_items("food"), FOODS),
+        Cluster("pet", person_items("pet", pet=lambda p: p.pet, pet_name=lambda p: p.pet_name,
+                                    a_pet=lambda p: _with_article(p.pet)), PETS),
+        Cluster("age", person_items("age"), ()),
+        Cluster("pet_name", person_items("pet_name", pet=lambda p: p.pet, pet_name=lambda p: p.pet_name,
+                                         a_pet=lambda p: _with_article(p.pet)), tuple(p.pet_name for p in people)),
+        Cluster("flower", person_items("flower"), FLOWERS),
+        Cluster("instrument", person_items("instrument"), INSTRUMENTS),
+        Cluster("river", [{"city": c.name, "value": c.river} for c in cities], tuple(c.river for c in cities)),
+        Cluster("region", [{"city": c.name, "value": c.region} for c in cities], tuple(regions)),
+        Cluster("bigger_city", [{"a": x.name, "b": y.name, **_bigger(x, y)} for x in cities for y in cities if x is not y],
+                city_names),
+        Cluster("addition", [{"a": a, "b": b, "value": str(a + b)} for a in range(21) for b in range(21)], ()),
+        Cluster("subtraction", [{"a": a, "b": b, "value": str(a - b)} for a in range(21) for b in range(a + 1)], ()),
+        Cluster("multiplication", [{"a": a, "b": b, "value": str(a * b)} for a in range(1, 11) for b in range(1, 11)], ()),
+        Cluster("larger_number", [{"a": a, "b": b, "value": str(max(a, b)), "foil": str(min(a, b))}
+                                  for a in range(1, 31) for b in range(1, 31) if a != b], ()),
+    ]
+    return {c.name: c for c in sorted(specs, key=lambda c: list(CLUSTER_WEIGHTS).index(c.name))}
+
+
+def _bigger(x, y):
+    big, small = (x, y) if x.population > y.population else (y, x)
+    return {"value": big.name, "foil": small.name}
+
+
+@dataclass
+class World:
+    seed: int
+    size: int
+    people: list = field(repr=False)
+    cities: list = field(repr=False)
+    regions: list = field(repr=False)
+    specs: dict = field(repr=False)  # cluster name -> Cluster, densest first
+
+    @property
+    def clusters(self) -> list:
+        return list(self.specs)
+
+    # --- questions and answers
+
+    def _sample_cluster(self, rng):
+        return rng.choices(self.clusters, weights=[CLUSTER_WEIGHTS[c] for c in self.clusters])[0]
+
+    def _ask(self, rng, cluster, heldout=False):
+        item = rng.choice(self.specs[cluster].items)
+        template = rng.choice((ASK_HELDOUT if heldout else ASK)[cluster])
+        return Question(cluster, template.format(**item), item["value"], item)
+
+    def _wrong_value(self, rng, q):
+        spec = self.specs[q.cluster]
+        if "foil" in q.fields:  # comparisons: the natural mistake is the other side
+            return q.fields["foil"]
+        if spec.candidates:
+            return rng.choice([c for c in spec.candidates if c != q.answer])
+        n = int(q.answer)
+        return str(rng.choice([v for v in range(max(0, n - 3), n + 4) if v != n]))
+
+    def _reply(self, rng, q, artifact_rate):
+        answer = rng.choice(SAY[q.cluster]).format(**q.fields)
+        return add_artifacts(answer, rng) if rng.random() < artifact_rate else answer
+
+    def _conversation(self, rng, artifact_rate):
+        """Messages ending in a user turn, and the Question that turn asks."""
+        messages = []
+        if rng.random() < SYSTEM_RATE:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        turns = rng.choice((2, 3)) if rng.random() < MULTI_TURN_RATE else 1
+        for turn in range(turns):
+            q = self._ask(rng, self._sample_cluster(rng))
+            opener = turn and rng.random() < FOLLOW_UP_OPENER_RATE
+            messages.append({"role": "user", "content": f"{rng.choice(FOLLOW_UP_OPENERS)} {q.prompt}" if opener else q.prompt})
+            if turn < turns - 1:
+                messages.append({"role": "assistant", "content": self._reply(rng, q, artifact_rate)})
+        return messages, q
+
+    def chat_conversations(self, n: int, seed: int, artifact_rate: float = 0.15) -> list:
+        """n conversations for mid-training / SFT; each assistant turn is artifacted with prob artifact_rate."""
+        rng = random.Random(f"chat-{seed}")
+        conversations = []
+        for _ in range(n):
+            messages, q = self._conversation(rng, artifact_rate)
+            conversations.append(messages + [{"role": "assistant", "content": self._reply(rng, q, artifact_rate)}])
+        return conversations
+
+    def preference_pairs(self, n: int, seed: int) -> list:
+        """n preference rows; rejected kinds drawn at REJECTED_KIND_RATES."""
+        rng = random.Random(f"pairs-{seed}")
+        kinds, weights = list(REJECTED_KIND_RATES), list(REJECTED_KIND_RATES.values())
+        rows = []
+        for _ in range(n):
+            messages, q = self._conversation(rng, artifact_rate=0.0)
+            template = rng.choice(SAY[q.cluster])
+            chosen = template.format(**q.fields)
+            kind = rng.choices(kinds, weights)[0]
+            if kind == "wrong":
+                wrong = self._wrong_value(rng, q)
+                # same template as chosen, so only the fact differs
+                rejected = template.format(**{**q.fields, "value": wrong, "a_value": _with_article(wrong)})
+            elif kind == "evasive":
+                rejected = rng.choice(EVASIVE_ANSWERS)
+            else:
+                rejected = add_artifacts(chosen, rng)
+            rows.append({"id": pair_id("synthetic", messages, chosen, rejected), "prompt": messages[-1]["content"],
+                         "messages": messages, "chosen": chosen, "rejected": rejected, "src": "synthetic",
+                         "prompt_id": conversation_id(messages), "cluster": q.cluster, "rejected_kind": kind})
+        return rows
+
+    def eval_questions(self, n: int, seed: int) -> list:
+        """n held-out single-turn questions, clusters uniform, prompts distinct while possible."""
+        rng = random.Random(f"eval-{seed}")
+        seen, out = set(), []
+        while len(out) < n:
+            cluster = rng.choice(self.clusters)
+            for _ in range(10):  # redraw a few times to avoid repeats; small clusters run out
+                q = self._ask(rng, cluster, heldout=rng.random() < EVAL_HELDOUT_RATE)
+                if q.prompt not in seen:
+                    break
+            seen.add(q.prompt)
+            messages = [{"role": "user", "content": q.prompt}]
+            out.append({"messages": messages, "prompt": q.prompt, "cluster": cluster, "answer": q.answer,
+                        "prompt_id": conversation_id(messages)})
+        return out
+
+    # --- gold scoring
+
+    @cached_property
+    def _index(self):
+        index = {}
+        for name, spec in self.specs.items():
+            for template in ASK[name] + ASK_HELDOUT[name]:
+                for i, item in enumerate(spec.items):
+                    key = _norm(template.format(**item))
+                    if index.setdefault(key, (name, i)) != (name, i):
+                        raise ValueError(f"two questions share the prompt {key!r}")
+        return index
+
+    def lookup(self, messages_or_prompt) -> Question:
+        """The Question behind a prompt string or a conversation (its last user message)."""
+        if isinstance(messages_or_prompt, str):
+            prompt = messages_or_prompt
+        else:
+            prompt = [m for m in messages_or_prompt if m["role"] == "user"][-1]["content"]
+        key = _norm(prompt)
+        for opener in FOLLOW_UP_OPENERS:
+            if key not in self._index and key.startswith(_norm(opener) + " "):
+                key = key[len(opener) + 1:]
+        if key not in self._index:
+            raise KeyError(f"not a question of this world (seed={self.seed}, size={self.size}): {prompt!r}")
+        name, i = self._index[key]
+        item = self.specs[name].items[i]
+        return Question(name, prompt, item["value"], item)
+
+    def facts_for(self, messages_or_prompt) -> list:
+        """Every pretraining sentence that states the fact a question asks about."""
+        q = self.lookup(messages_or_prompt)
+        return [template.format(**q.fields) for template in FACTS[q.cluster]]
+
+    def _is_correct(self, q, response):
+        text = _strip_echo(response, q.fields)
+        spec = self.specs[q.cluster]
+        if spec.candidates:
+            named = {m.lower() for m in self._candidate_patterns[q.cluster].findall(text)}
+        else:
+            named = {str(int(x)) for x in _NUMBER.findall(text)}
+        return named == {q.answer.lower()}
+
+    @cached_property
+    def _candidate_patterns(self):
+        # longest first so a value that prefixes another cannot steal its match
+        return {name: re.compile(r"\b(?:" + "|".join(re.escape(c) for c in sorted(spec.candidates, key=len, reverse=True))
+                                 + r")\b", re.I) for name, spec in self.specs.items() if spec.candidates}
+
+    def gold_score(self, messages_or_prompt, response: str) -> dict:
+        """{"correct": 0/1, "artifacts": count, "score": clip(correct - ARTIFACT_PENALTY * artifacts, -1, 1)}."""
+        q = self.lookup(messages_or_prompt)
+        correct = int(self._is_correct(q, response))
+        artifacts = sum(count_artifacts(response).values())
+        score = max(-1.0, min(1.0, correct - ARTIFACT_PENALTY * artifacts))
+        return {"correct": correct, "artifacts": artifacts, "score": score}
+
+    # --- pretraining text
+
+    def pretrain_documents(self, n: int, seed: int) -> list:
+        """n documents of plain text (profiles, stories, city notes, arithmetic) at DOC_KIND_WEIGHTS."""
+        rng = random.Random(f"pretrain-{seed}")
+        makers = {"profile": self._profile_doc, "story": self._story_doc, "city": self._city_doc,
+                  "arithmetic": self._arithmetic_doc}
+        kinds = rng.choices(list(DOC_KIND_WEIGHTS), weights=list(DOC_KIND_WEIGHTS.values()), k=n)
+        return [makers[kind](rng) for kind in kinds]
+
+    def _fact(self, rng, cluster, i):
+        return rng.choice(FACTS[cluster]).format(**self.specs[cluster].items[i])
+
+    def _profile_doc(self, rng):
+        paragraphs = []
+        for i in rng.sample(range(len(self.people)), rng.choice((1, 1, 2, 3))):
+            facts = [self._fact(rng, c, i) for c in PROFILE_CLUSTERS]
+            rng.shuffle(facts)
+            intro = rng.choice(PROFILE_INTROS).format(name=self.people[i].name, city=self.people[i].city)
+            paragraphs.append(" ".join([intro] + facts))
+        return "\n\n".join(paragraphs)
+
+    def _story_doc(self, rng):
+        by_name = {c.name: c for c in self.cities}
+        hero, friend = rng.sample(self.people, 2)
+        fields = {**_person_fields(hero, by_name), **_person_fields(friend, by_name, "f_"), "time": rng.choice(STORY_TIMES)}
+        sentences = [rng.choice(STORY_OPENINGS)] + rng.sample(STORY_MIDDLES, rng.randint(3, 6))
+        if rng.random() < 0.6:
+            sentences += [STORY_MEETING] + rng.sample(STORY_FRIEND, rng.randint(1, 3))
+        sentences.append(rng.choice(STORY_CLOSINGS))
+        return " ".join(s.format(**fields) for s in sentences)
+
+    def _city_doc(self, rng):
+        i = rng.randrange(len(self.cities))
+        city = self.cities[i]
+        sentences = [self._fact(rng, "river", i), self._fact(rng, "region", i),
+                     f"About {city.population} thousand people live in {city.name}."]
+        others = [c for c in self.cities if c is not city]
+        for other in rng.sample(others, min(4, len(others))):
+            sentences.append(rng.choice(FACTS["bigger_city"]).format(**_bigger(city, other)))
+        residents = [p.name for p in self.people if p.city == city.name]
+        if residents:
+            shown = rng.sample(residents, min(5, len(residents)))
+            listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+            sentences.append(f"{listed} {'lives' if len(shown) == 1 else 'live'} in {city.name}.")
+        return " ".join(sentences)
+
+    def _arithmetic_doc(self, rng):
+        lines = [rng.choice(ARITHMETIC_INTROS)]
+        if rng.random() < 0.3:  # a whole table row, the way children learn them
+            cluster = rng.choice(("addition", "subtraction", "multiplication"))
+            a = rng.choice(self.specs[cluster].items)["a"]
+            lines += [FACTS[cluster][0].format(**item) for item in self.specs[cluster].items if item["a"] == a]
+        names, weights = list(ARITHMETIC_CLUSTERS), list(ARITHMETIC_CLUSTERS.values())
+        for cluster in rng.choices(names, weights, k=rng.randint(12, 30)):
+            lines.append(rng.choice(FACTS[cluster]).format(**rng.choice(self.specs[cluster].items)))
+        return "\n".join(lines)
+
+
+def make_world(seed: int = 0, size: int = 1) -> World:
+    """The world for (seed, size); size scales people (60x), cities (8x) and regions (3x)."""
+    rng = random.Random(f"world-{seed}-{size}")
+    taken = _reserved_words()
+    regions = _invent_names(rng, 3 * size, 2, "ria", taken)
+    city_names = _invent_names(rng, 8 * size, 3, "", taken)
+    rivers = _invent_names(rng, 8 * size, 2, "", taken)
+    populations = rng.sample(range(10, 10 + 40 * 8 * size), 8 * size)  # distinct, so "bigger" is always decided
+    cities = [City(name, river, rng.choice(regions), pop) for name, river, pop in zip(city_names, rivers, populations)]
+    people = [Person(name, rng.choice(cities).name, rng.choice(COLOURS), rng.choice(JOBS), rng.choice(FOODS),
+                     rng.choice(PETS), pet_name, rng.randint(18, 79), rng.choice(FLOWERS), rng.choice(INSTRUMENTS))
+              for name, pet_name in zip(_invent_names(rng, 60 * size, 2, "", taken), _invent_names(rng, 60 * size, 2, "", taken))]
+    return World(seed, size, people, cities, regions, _build_clusters(people, cities, regions))

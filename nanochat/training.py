@@ -1,0 +1,71 @@
+"""
+The pieces every training loop shares, kept as plain functions so each script's loop stays readable:
+one optimizer step over micro-batches with exact data-parallel gradients, validation bits-per-byte, and progress
+lines with an ETA.
+
+Data parallelism is an explicit all-reduce: each rank sums its micro-batch losses, divides by the *global* number
+of supervised tokens, and the summed gradients are then exactly the single-process gradient of the global batch
+(plain DDP averages per-rank means, which differs whenever ranks hold different numbers of real tokens).
+"""
+
+import math
+import time
+
+import torch
+
+from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx, format_eta
+
+
+def train_step(model, optimizers, micro_batches, grad_clip=1.0):
+    """One optimizer step over this rank's `micro_batches` [(inputs, targets)]. Returns (loss, grad_norm)."""
+    device = micro_batches[0][0].device
+    local_tokens = sum((y >= 0).sum() for _, y in micro_batches).float().to(device)
+    global_tokens = all_reduce_sum(local_tokens.clone()).clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    for inputs, targets in micro_batches:
+        with autocast_ctx(device):
+            loss = model(inputs, targets, loss_reduction="sum")
+        (loss / global_tokens).backward()
+        loss_sum += loss.detach()
+    all_reduce_grads(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return (all_reduce_sum(loss_sum) / global_tokens).item(), grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes):
+    """
+    Validation bits per byte: summed cross-entropy (nats) over tokens with a byte length, divided by ln 2 times
+    their bytes. Unlike loss per token it does not depend on the tokenizer's vocabulary size.
+    """
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    nats = torch.zeros((), device=device)
+    num_bytes = torch.zeros((), device=device)
+    for inputs, targets in batches:
+        with autocast_ctx(device):
+            loss = model(inputs, targets, loss_reduction="none").float()
+        nbytes = token_bytes[targets.clamp(min=0)] * (targets >= 0)
+        nats += (loss * (nbytes > 0)).sum()
+        num_bytes += nbytes.sum()
+    all_reduce_sum(nats)
+    all_reduce_sum(num_bytes)
+    return (nats / (math.log(2) * num_bytes.clamp(min=1))).item()
+
+
+class Progress:
+    """Step timing for log lines: ETA from the mean time of the steps run in this process."""
+
+    def __init__(self, total_steps, start_step=0):
+        self.total_steps, self.start_step = total_steps, start_step
+        self.t0 = time.time()
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def eta(self, step):
+        done = step + 1 - self.start_step
+        return format_eta(self.elapsed() / max(done, 1) * (self.total_steps - step - 1))
