@@ -246,10 +246,13 @@ def _take(files, num_docs):
 # -----------------------------------------------------------------------------
 # chat conversations
 
-def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic_size=1):
+def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic_size=1, stream=0,
+                       artifact_rate=0.15):
     """
     Conversations (lists of {"role", "content"} dicts) for split "train" or "val".
-    source "synthetic": sampled from the world (seed, synthetic_size as in pretrain_documents).
+    source "synthetic": sampled from the world (seed, synthetic_size as in pretrain_documents). `stream` picks
+    another sample of conversations from the same world (mid-training and SFT see different conversations about
+    the same facts); `artifact_rate` is the share of answers carrying planted mode-collapse artifacts.
     source "smoltalk": SmolTalk's train or test split; from the hub, or, with from_dir, from local files in the hub
     layout: DIR/HuggingFaceTB/smol-smoltalk/data/{train,test}-*.parquet (or .jsonl), or those files in DIR itself.
     num: keep the first num conversations (synthetic: how many to sample).
@@ -258,7 +261,8 @@ def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic
     if source == "synthetic":
         from nanochat.synthetic import make_world
         n = num if num is not None else SYNTHETIC_CHATS[split]
-        return make_world(seed=seed, size=synthetic_size).chat_conversations(n, seed=_split_seed(seed, split))
+        return make_world(seed=seed, size=synthetic_size).chat_conversations(
+            n, seed=_split_seed(seed, split) + 10_000 * stream, artifact_rate=artifact_rate)
     if source != "smoltalk":
         raise ValueError(f"unknown chat source {source!r} (expected synthetic or smoltalk)")
     hub_split = "train" if split == "train" else "test"
@@ -390,9 +394,11 @@ class PackedLoader:
     """
 
     def __init__(self, documents, tok, batch_rows, seq_len, rank=0, world_size=1, train=True, seed=0,
-                 tokenize_chunk=256):
+                 tokenize_chunk=256, encode=None):
         self.local_rows = _check_shards(batch_rows, rank, world_size)
         self.documents, self.tok = documents, tok
+        # documents -> token lists, each starting with BOS; mid-training passes rendered conversations instead
+        self.encode = encode or (lambda docs: tok.encode(docs, prepend=tok.bos_token_id))
         self.batch_rows, self.seq_len, self.rank = batch_rows, seq_len, rank
         self.tokenize_chunk = tokenize_chunk
         self.cursor = _EpochCursor(len(documents), train, seed, "documents")
@@ -414,7 +420,7 @@ class PackedLoader:
                 while len(row) < row_len:
                     if not pending:
                         docs = [self.documents[i] for i in self.cursor.take(self.tokenize_chunk)]
-                        pending = self.tok.encode(docs, prepend=bos)[::-1] if docs else []
+                        pending = self.encode(docs)[::-1] if docs else []
                         if not pending:
                             break  # end of the single evaluation pass
                     row.extend(pending.pop()[:row_len - len(row)])

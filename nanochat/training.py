@@ -69,3 +69,18 @@ class Progress:
     def eta(self, step):
         done = step + 1 - self.start_step
         return format_eta(self.elapsed() / max(done, 1) * (self.total_steps - step - 1))
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches):
+    """Mean cross-entropy per supervised token over all ranks' batches."""
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for inputs, targets in batches:
+        with autocast_ctx(device):
+            total += model(inputs, targets, loss_reduction="sum").float()
+        count += (targets >= 0).sum()
+    all_reduce_sum(total)
+    all_reduce_sum(count)
+    return (total / count.clamp(min=1)).item()

@@ -1,0 +1,138 @@
+"""
+The loop shared by the chat stages that continue a checkpoint on conversations:
+
+- mid-training (`scripts/mid_train.py`): conversations rendered with the chat template and packed into rows like
+  pretraining text, loss on every token, so the model learns the special tokens and the turn structure;
+- SFT (`scripts/chat_sft.py`): one conversation per row, loss only on the assistant's tokens.
+
+Both start from a checkpoint (`--init_ckpt`), use the optimizer recipe of base training at a fraction of its
+learning rates (`--lr_frac`), decay linearly to zero, evaluate validation loss, save resumable checkpoints and
+write their report section.
+"""
+
+import math
+
+from nanochat.checkpoint import load_model, load_resume_state, load_tokenizer, save_checkpoint
+from nanochat.common import (WandbLogger, add_common_flags, dist_cleanup, dist_init, print0, seed_everything,
+                             str2bool)
+from nanochat.data import chat_conversations
+from nanochat.gpt import lr_multiplier, set_lr
+from nanochat.report import write_report
+from nanochat.training import Progress, evaluate_loss, train_step
+
+
+def add_finetune_flags(parser, init_ckpt, out_dir, num_conversations, stream, artifact_rate):
+    parser.add_argument("--init_ckpt", type=str, default=init_ckpt, help="checkpoint to start from")
+    parser.add_argument("--source", type=str, default="synthetic", choices=["synthetic", "smoltalk"])
+    parser.add_argument("--from_dir", type=str, default=None, help="local copy of the hub data set (smoltalk)")
+    parser.add_argument("--num_conversations", type=int, default=num_conversations, help="training conversations")
+    parser.add_argument("--val_conversations", type=int, default=200)
+    parser.add_argument("--synthetic_size", type=int, default=1)
+    parser.add_argument("--stream", type=int, default=stream, help="which sample of synthetic conversations")
+    parser.add_argument("--artifact_rate", type=float, default=artifact_rate,
+                        help="share of synthetic answers with planted mode-collapse artifacts")
+    parser.add_argument("--batch_rows", type=int, default=16, help="global rows (conversations) per step")
+    parser.add_argument("--device_batch_size", type=int, default=8)
+    parser.add_argument("--max_len", type=int, default=512, help="tokens per row")
+    parser.add_argument("--num_epochs", type=float, default=1.0, help="length of the run when --num_steps is -1")
+    parser.add_argument("--num_steps", type=int, default=-1)
+    parser.add_argument("--matrix_optimizer", type=str, default="muon", choices=["muon", "adamw"])
+    parser.add_argument("--matrix_lr", type=float, default=0.02)
+    parser.add_argument("--embedding_lr", type=float, default=0.2)
+    parser.add_argument("--unembedding_lr", type=float, default=0.004)
+    parser.add_argument("--lr_frac", type=float, default=0.5, help="multiplies every learning rate")
+    parser.add_argument("--warmdown_ratio", type=float, default=1.0, help="1.0: linear decay over the whole run")
+    parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--save_every", type=int, default=100)
+    parser.add_argument("--log_every", type=int, default=10)
+    parser.add_argument("--resume", type=str2bool, default=False)
+    parser.add_argument("--out_dir", type=str, default=out_dir)
+    add_common_flags(parser)
+    return parser
+
+
+def finetune(args, make_loader, tokens_per_conversation_hint=None):
+    """
+    Run a chat stage. `make_loader(conversations, tok, global_rows, rank, world_size, train)` returns a resumable
+    loader of (inputs, targets).
+    """
+    rank, world_size, device = dist_init(args.device)
+    seed_everything(args.seed)
+    model, payload = load_model(args.init_ckpt, device)
+    model.train()
+    tok = load_tokenizer(payload)
+    lr = args.lr_frac
+    optimizers = model.setup_optimizers(args.matrix_lr * lr, args.embedding_lr * lr, args.unembedding_lr * lr,
+                                        matrix_optimizer=args.matrix_optimizer)
+    rows_per_micro = args.device_batch_size * world_size
+    if args.batch_rows % rows_per_micro:
+        raise SystemExit(f"--batch_rows={args.batch_rows} must be a multiple of --device_batch_size x world size "
+                         f"= {rows_per_micro}")
+    grad_accum = args.batch_rows // rows_per_micro
+
+    def conversations(split, num):
+        return chat_conversations(args.source, split, from_dir=args.from_dir, num=num, seed=args.seed,
+                                  synthetic_size=args.synthetic_size, stream=args.stream,
+                                  artifact_rate=args.artifact_rate)
+
+    train_convs = conversations("train", args.num_conversations)
+    val_convs = conversations("val", args.val_conversations)
+    loader = make_loader(train_convs, tok, rows_per_micro, rank, world_size, True)
+    if args.num_steps > 0:
+        num_steps = args.num_steps
+    else:  # rows per epoch: one per conversation, or fewer when several are packed into a row
+        rows_per_epoch = len(train_convs) / (tokens_per_conversation_hint(train_convs, tok)
+                                             if tokens_per_conversation_hint else 1)
+        num_steps = max(1, math.ceil(args.num_epochs * rows_per_epoch / args.batch_rows))
+    print0(f"{len(train_convs)} training conversations, {num_steps} steps of {args.batch_rows} rows")
+
+    start_step, history = 0, []
+    if args.resume:
+        start_step, extra = load_resume_state(args.out_dir, model, optimizers, device)
+        if extra is not None:
+            loader.load_state_dict(extra["loader"])
+            history = extra["history"]
+            print0(f"resumed from {args.out_dir} at step {start_step}")
+    train_iter = iter(loader)
+
+    def val_loss():
+        model.eval()
+        batches = [(x.to(device), y.to(device))
+                   for x, y in make_loader(val_convs, tok, rows_per_micro, rank, world_size, False)]
+        loss = evaluate_loss(model, batches)
+        model.train()
+        return loss
+
+    def save(step):
+        save_checkpoint(args.out_dir, model, step, payload["tokenizer_dir"], flags=vars(args),
+                        metrics={"val_loss_history": history}, optimizers=optimizers,
+                        extra_state={"loader": loader.state_dict(), "history": history})
+
+    wandb = WandbLogger(args.run, "nanochat-kat-chat", vars(args))
+    progress = Progress(num_steps, start_step)
+    loss = float("nan")
+    for step in range(start_step, num_steps):
+        if args.eval_every > 0 and step % args.eval_every == 0:
+            history.append((step, val_loss()))
+            print0(f"step {step:5d}/{num_steps} | val loss {history[-1][1]:.4f}")
+            wandb.log({"val/loss": history[-1][1]}, step)
+        set_lr(optimizers, lr_multiplier(step, num_steps, 0, args.warmdown_ratio))
+        micro = [tuple(t.to(device) for t in next(train_iter)) for _ in range(grad_accum)]
+        loss, grad_norm = train_step(model, optimizers, micro, args.grad_clip)
+        if step % args.log_every == 0 or step == num_steps - 1:
+            print0(f"step {step + 1:5d}/{num_steps} | loss {loss:.4f} | grad norm {grad_norm:.3f} | "
+                   f"ETA {progress.eta(step)}")
+            wandb.log({"train/loss": loss, "train/grad_norm": grad_norm}, step)
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < num_steps and rank == 0:
+            save(step + 1)
+    history.append((num_steps, val_loss()))
+    print0(f"step {num_steps:5d}/{num_steps} | val loss {history[-1][1]:.4f}")
+    if rank == 0:
+        save(num_steps)
+        metrics = {"final_train_loss": loss, "val_loss_first": history[0][1], "val_loss_final": history[-1][1],
+                   "val_loss_history": [f"{s}:{v:.4f}" for s, v in history], "steps": num_steps,
+                   "train_conversations": len(train_convs)}
+        write_report(args.out_dir, metrics, {"train_seconds": progress.elapsed()}, vars(args), device)
+    wandb.finish()
+    dist_cleanup()

@@ -1,0 +1,34 @@
+"""
+Supervised fine-tuning on conversations, with the loss on the assistant's tokens only.
+
+    python -m scripts.chat_sft                                    # synthetic conversations (cpu profile)
+    python -m scripts.chat_sft --source=smoltalk --from_dir=DIR
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --source=smoltalk
+
+One conversation per row, right-padded; the chat template's mask decides which tokens are learned (assistant
+replies and their end token). The synthetic conversations keep some planted mode-collapse artifacts
+(`--artifact_rate`) so that RLHF later has something to remove. Reads outs/mid/, writes outs/sft/.
+"""
+
+import argparse
+
+from nanochat.common import parse_flags
+from nanochat.data import SFTLoader
+from nanochat.finetune import add_finetune_flags, finetune
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_flags(parser, init_ckpt="outs/mid", out_dir="outs/sft", num_conversations=4000, stream=1,
+                       artifact_rate=0.15)
+    args = parse_flags(parser, argv)
+
+    def make_loader(conversations, tok, global_rows, rank, world_size, train):
+        return SFTLoader(conversations, tok, global_rows, args.max_len, rank, world_size, train=train,
+                         seed=args.seed)
+
+    finetune(args, make_loader)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, evaluation.
+#
+#   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
+#   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
+#   PROFILE=gpu NPROC_PER_NODE=8 bash speedrun.sh   # FineWeb-Edu + SmolTalk, depth 20, torchrun over 8 GPUs
+#   DEPTH=6 FORCE=1 WANDB_RUN=myrun bash speedrun.sh
+#   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
+#
+# Stages whose outputs exist are skipped unless FORCE=1. Everything is logged to outs/speedrun.log; stage times
+# go to outs/speedrun_times.tsv and the results of every stage to outs/report.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+mkdir -p outs
+exec > >(tee -a outs/speedrun.log) 2>&1
+
+if [ -z "${PROFILE:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu; else PROFILE=cpu; fi
+fi
+case "$PROFILE" in
+    cpu) DEPTH="${DEPTH:-4}"; NPROC_PER_NODE="${NPROC_PER_NODE:-1}" ;;
+    gpu) DEPTH="${DEPTH:-20}"; NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}" ;;
+    *) echo "PROFILE must be cpu or gpu, got '$PROFILE'" >&2; exit 2 ;;
+esac
+export WANDB_RUN="${WANDB_RUN:-}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+echo "=== speedrun $(date '+%F %T'): profile=$PROFILE depth=$DEPTH nproc_per_node=$NPROC_PER_NODE ==="
+
+# set-up: our own venv; the CPU wheel of torch first, so nothing pulls a multi-GB CUDA build on a CPU machine
+[ -x .venv/bin/python ] || python3 -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    if [ "$PROFILE" = cpu ]; then .venv/bin/pip install -q torch==2.13.0; else .venv/bin/pip install -q "torch<=2.13.0"; fi
+fi
+.venv/bin/pip install -q -e .
+PY=.venv/bin/python
+
+# run_stage NAME OUTPUT CMD...: skip when OUTPUT exists (unless FORCE=1), time it otherwise
+run_stage() {
+    local name=$1 output=$2; shift 2
+    if [ -e "$output" ] && [ "${FORCE:-0}" != 1 ]; then
+        echo "--- $name: $output exists, skipping (FORCE=1 reruns)"
+        return
+    fi
+    echo "--- $name: $*"
+    local t0=$SECONDS
+    "$@"
+    printf '%s\t%ss\n' "$name" "$((SECONDS - t0))" | tee -a outs/speedrun_times.tsv
+}
+# training stages go through torchrun when there is more than one process per node
+launch() {
+    if [ "$NPROC_PER_NODE" -gt 1 ]; then
+        .venv/bin/torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "$@"
+    else
+        $PY -m "$@"
+    fi
+}
+
+if [ "$PROFILE" = cpu ]; then
+    run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --vocab_size=1024
+    run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --seq_len=256 \
+        --batch_rows=32 --device_batch_size=16 --num_steps=500 --eval_every=100 --save_every=100
+    run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
+        --device_batch_size=16 --num_steps=120
+    run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --max_len=256 --batch_rows=32 \
+        --device_batch_size=16 --num_steps=120
+    EVAL_FLAGS="--tasks=world --limit=200"
+else
+    run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --source=fineweb --num_shards=8 \
+        --vocab_size=65536 --max_chars=2000000000
+    run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --source=fineweb \
+        --num_shards=240 --seq_len=2048 --batch_rows=256 --device_batch_size=32 --eval_every=250 \
+        --save_every=1000 --eval_tokens=10485760
+    run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --source=smoltalk --max_len=2048 \
+        --batch_rows=256 --device_batch_size=32 --num_conversations=400000
+    run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --source=smoltalk --max_len=2048 \
+        --batch_rows=32 --device_batch_size=4 --num_conversations=100000
+    EVAL_FLAGS="--tasks=arc_easy,arc_challenge,mmlu,gsm8k,humaneval --limit=500"
+fi
+run_stage eval_base outs/eval_base/results.json launch scripts.chat_eval -- --ckpt_path=outs/base $EVAL_FLAGS
+run_stage eval_sft outs/eval_sft/results.json launch scripts.chat_eval -- --ckpt_path=outs/sft $EVAL_FLAGS
+
+echo "=== speedrun done $(date '+%F %T'): see outs/report.md; chat with: $PY -m scripts.chat_cli --ckpt_path outs/sft ==="
