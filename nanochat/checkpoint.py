@@ -3,7 +3,8 @@ Checkpoints: one directory per stage (`outs/<stage>/`).
 
 - `ckpt.pt`: model weights, model config, step, tokenizer location, kind ("gpt", or a method's own, e.g. "rm")
 - `meta.json`: the same facts, readable, plus the stage's flags and metrics
-- `optim.pt`: optimizer, RNG and data-loader state for `--resume` (written first; its step must match ckpt.pt's)
+- `optim.pt`: everything `--resume` needs (weights again, optimizer, RNG and data-loader state) in one file, so
+  a kill between two writes can never pair weights of one step with optimizer state of another
 
 Every file is written to a temp file and renamed, so a save interrupted at any point leaves the previous
 checkpoint loadable. Loading takes a directory (`outs/sft/`) or a file (`outs/sft/ckpt.pt`) and fails with a
@@ -51,7 +52,8 @@ def save_checkpoint(out_dir, model, step, tokenizer_dir, kind="gpt", flags=None,
     os.makedirs(out_dir, exist_ok=True)
     config = model.config.to_dict()
     if optimizers is not None:
-        _atomic_torch_save({"step": step, "optimizers": [o.state_dict() for o in optimizers],
+        _atomic_torch_save({"step": step, "model": _state_dict(model),
+                            "optimizers": [o.state_dict() for o in optimizers],
                             "rng": get_rng_state(), "extra_state": extra_state}, os.path.join(out_dir, OPTIM_NAME))
     payload = {"kind": kind, "step": step, "config": config, "tokenizer_dir": tokenizer_dir,
                "model": _state_dict(model), "flags": flags or {}, "extra": extra or {}}
@@ -115,28 +117,24 @@ def load_tokenizer(payload):
 
 def load_resume_state(out_dir, model, optimizers, device="cpu"):
     """
-    Restore weights, optimizer and RNG state from `out_dir` for `--resume`. Returns (step, extra_state), or
-    (0, None) when there is nothing to resume from.
+    Restore weights, optimizer and RNG state from `out_dir/optim.pt` for `--resume`. Returns (step,
+    extra_state), or (0, None) when there is nothing to resume from.
     """
-    ckpt_file, optim_file = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, OPTIM_NAME)
-    if not os.path.exists(ckpt_file):
-        return 0, None
-    payload = load_payload(ckpt_file, device)
+    optim_file = os.path.join(out_dir, OPTIM_NAME)
     if not os.path.exists(optim_file):
-        raise CheckpointError(f"--resume: {ckpt_file} has no {OPTIM_NAME} beside it (it was saved without "
-                              f"optimizer state); rerun without --resume to start over")
+        if os.path.exists(os.path.join(out_dir, CKPT_NAME)):
+            raise CheckpointError(f"--resume: {out_dir} has a {CKPT_NAME} but no {OPTIM_NAME} (it was saved "
+                                  f"without optimizer state); rerun without --resume to start over")
+        return 0, None
     try:
         state = torch.load(optim_file, map_location=device, weights_only=False)
     except Exception as e:
         raise CheckpointError(f"--resume: {optim_file} is truncated or corrupt ({type(e).__name__}: {e})") from e
-    if state["step"] != payload["step"]:
-        raise CheckpointError(f"--resume: {optim_file} is from step {state['step']} but {ckpt_file} from step "
-                              f"{payload['step']} (a save was interrupted); rerun without --resume")
-    load_weights(model, payload)
+    load_weights(model, {"model": state["model"], "path": optim_file})
     if len(state["optimizers"]) != len(optimizers):
         raise CheckpointError(f"--resume: {optim_file} holds {len(state['optimizers'])} optimizers, "
                               f"this run has {len(optimizers)} (was --matrix_optimizer changed?)")
     for opt, opt_state in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(opt_state)
     set_rng_state(state["rng"])
-    return payload["step"], state["extra_state"]
+    return state["step"], state["extra_state"]

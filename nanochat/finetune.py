@@ -104,9 +104,9 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
         model.train()
         return loss
 
-    def save(step):
+    def save(step, metrics=None):
         save_checkpoint(args.out_dir, model, step, payload["tokenizer_dir"], flags=vars(args),
-                        metrics={"val_loss_history": history}, optimizers=optimizers,
+                        metrics=metrics or {"val_loss_history": history}, optimizers=optimizers,
                         extra_state={"loader": loader.state_dict(), "history": history})
 
     wandb = WandbLogger(args.run, "nanochat-kat-chat", vars(args))
@@ -129,10 +129,10 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
     history.append((num_steps, val_loss()))
     print0(f"step {num_steps:5d}/{num_steps} | val loss {history[-1][1]:.4f}")
     if rank == 0:
-        save(num_steps)
         metrics = {"final_train_loss": loss, "val_loss_first": history[0][1], "val_loss_final": history[-1][1],
                    "val_loss_history": [f"{s}:{v:.4f}" for s, v in history], "steps": num_steps,
                    "train_conversations": len(train_convs)}
+        save(num_steps, metrics)
         write_report(args.out_dir, metrics, {"train_seconds": progress.elapsed()}, vars(args), device)
     wandb.finish()
     dist_cleanup()

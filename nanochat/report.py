@@ -54,8 +54,8 @@ def _table(rows):
 
 
 def render_section(stage, metrics, timings, flags, device=None, notes=None):
-    command = "python -m " + (sys.argv[0] if not sys.argv[0].endswith(".py") else
-                              os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, "."))
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    command = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
     parts = [f"## {stage}\n", f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
     if notes:
         parts.append(notes.strip() + "\n")

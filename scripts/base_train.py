@@ -130,9 +130,9 @@ def main(argv=None):
     smooth_loss, loss = None, float("nan")
     model.train()
 
-    def save(step):
+    def save(step, metrics=None):
         save_checkpoint(args.out_dir, model, step, args.tokenizer_dir, flags=vars(args),
-                        metrics={"val_bpb_history": history}, optimizers=optimizers,
+                        metrics=metrics or {"val_bpb_history": history}, optimizers=optimizers,
                         extra_state={"loader": loader.state_dict(), "history": history})
 
     for step in range(start_step, num_steps):
@@ -165,7 +165,7 @@ def main(argv=None):
                "val_bpb_history": [f"{s}:{b:.4f}" for s, b in history], "num_params": model.num_params(),
                "steps": num_steps, "tokens": num_steps * tokens_per_step}
     if rank == 0:
-        save(num_steps)
+        save(num_steps, metrics)
         write_report(args.out_dir, metrics, {"train_seconds": train_seconds,
                                        "tokens_per_second": (num_steps - start_step) * tokens_per_step /
                                        max(train_seconds, 1e-9)},

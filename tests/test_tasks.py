@@ -50,10 +50,10 @@ def write_mmlu(root, split="test", answers=(1, 3)):
 
 
 def test_registry_shape():
-    assert set(TASKS) == {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"}
+    assert set(TASKS) == {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "world"}
     for task in TASKS.values():
         assert task.KIND in ("choice", "generative")
-        assert isinstance(task.HUB_ID, str) and isinstance(task.DEFAULT_SPLIT, str)
+        assert (task.HUB_ID is None or isinstance(task.HUB_ID, str)) and isinstance(task.DEFAULT_SPLIT, str)
         assert callable(task.load) and callable(task.score)
 
 

@@ -13,7 +13,7 @@ of hub repos as `huggingface-cli download <hub id> --repo-type dataset --local-d
 leaves them. To add a task, write a module of that shape and register it here.
 """
 
-from nanochat.tasks import arc, gsm8k, humaneval, mmlu
+from nanochat.tasks import arc, gsm8k, humaneval, mmlu, world
 
 TASKS = {
     "arc_easy": arc.ARC_EASY,
@@ -21,4 +21,5 @@ TASKS = {
     "mmlu": mmlu,
     "gsm8k": gsm8k,
     "humaneval": humaneval,
+    "world": world,
 }
