@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, evaluation.
+# The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, preference pairs, prompts, evaluation.
 #
 #   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
@@ -62,6 +62,7 @@ if [ "$PROFILE" = cpu ]; then
         --device_batch_size=16 --num_steps=120
     run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --max_len=256 --batch_rows=32 \
         --device_batch_size=16 --num_steps=120
+    run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
 else
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --source=fineweb --num_shards=8 \
@@ -73,8 +74,10 @@ else
         --batch_rows=256 --device_batch_size=32 --num_conversations=400000
     run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --source=smoltalk --max_len=2048 \
         --batch_rows=32 --device_batch_size=4 --num_conversations=100000
+    run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs
     EVAL_FLAGS="--tasks=arc_easy,arc_challenge,mmlu,gsm8k,humaneval --limit=500"
 fi
+run_stage prompts .cache/data/prompts_all.jsonl $PY -m scripts.kat_make_prompts
 run_stage eval_base outs/eval_base/results.json launch scripts.chat_eval -- --ckpt_path=outs/base $EVAL_FLAGS
 run_stage eval_sft outs/eval_sft/results.json launch scripts.chat_eval -- --ckpt_path=outs/sft $EVAL_FLAGS
 

@@ -150,6 +150,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)  # mkstemp makes 0600 files; give the result the permissions open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
