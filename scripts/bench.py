@@ -3,16 +3,16 @@ Speed benchmarks at the design doc's reference size (depth 4: width 256, 4 heads
 randomly initialised model, plus the Muon vs AdamW race that decides the default matrix optimizer. Prints one
 table at the end and writes outs/bench.json (atomically; a partial `--only` run writes only its workloads).
 
-    python -m scripts.bench                                    # all three workloads, ~4-5 minutes on 2 cores
+    python -m scripts.bench                                    # all three workloads: ~3.5 minutes on 2 quiet cores
     python -m scripts.bench --only=train,generate              # skip the 2 x 60 s optimizer race
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
     python -m scripts.bench --threads=1 --out=outs/bench_1thread.json
 
 What is measured:
   train       tokens/s of `nanochat.training.train_step` (forward, backward, grad clip, optimizer step) on one
-              micro-batch of --train_batch x --seq_len random tokens, for matrix optimizer muon and adamw:
-              --train_warmup untimed steps, then tokens / seconds over --train_steps timed steps, and the same
-              from the median step alone (robust to a neighbour's burst on a shared machine).
+              micro-batch of --train_batch x --seq_len random tokens, for matrix optimizer muon and adamw, the two
+              taking turns step by step: --train_warmup untimed steps, then tokens / seconds over --train_steps
+              timed steps, and the same from the median step alone (robust to a neighbour's burst of load).
   generate    greedy decoding from random 32-token prompts at each batch size of --gen_batches, reported as
               batch * new tokens / seconds. "kv cache" is Engine.generate (temperature 0, no stop tokens; the
               prefill is inside the timed region). "no cache" is `naive_generate` below: every new token reruns
@@ -94,17 +94,22 @@ def bench_train(args, config, device):
     rows = torch.randint(0, config.vocab_size, (args.train_batch, args.seq_len + 1), generator=gen).to(device)
     micro = [(rows[:, :-1], rows[:, 1:])]
     tokens_per_step = args.train_batch * args.seq_len
-    results = {}
+    runs = {}
     for name in OPTIMIZERS:
         model = fresh_model(config, args.seed, device)
-        optimizers = model.setup_optimizers(matrix_optimizer=name)
-        for _ in range(args.train_warmup):
-            train_step(model, optimizers, micro)
-        step_seconds = [timed(lambda: train_step(model, optimizers, micro), device)[1]
-                        for _ in range(args.train_steps)]
-        tps = args.train_steps * tokens_per_step / sum(step_seconds)
-        median_tps = tokens_per_step / statistics.median(step_seconds)
-        results[name] = {"tokens_per_s": tps, "tokens_per_s_median_step": median_tps, "step_seconds": step_seconds}
+        runs[name] = (model, model.setup_optimizers(matrix_optimizer=name))
+    step_seconds = {name: [] for name in OPTIMIZERS}
+    for i in range(args.train_warmup + args.train_steps):
+        # the optimizers take turns step by step, so a shared machine's changing load slows both alike
+        for name, (model, optimizers) in runs.items():
+            _, seconds = timed(lambda: train_step(model, optimizers, micro), device)
+            if i >= args.train_warmup:
+                step_seconds[name].append(seconds)
+    results = {}
+    for name, seconds in step_seconds.items():
+        tps = len(seconds) * tokens_per_step / sum(seconds)
+        median_tps = tokens_per_step / statistics.median(seconds)
+        results[name] = {"tokens_per_s": tps, "tokens_per_s_median_step": median_tps, "step_seconds": seconds}
         print(f"train {name:5s}: {tps:,.0f} tok/s (median step {median_tps:,.0f})", flush=True)
     reference = REF_TRAIN_TOKENS_PER_S if at_reference_size(args) and args.train_batch == 8 else None
     return {"batch": args.train_batch, "seq_len": args.seq_len, "warmup_steps": args.train_warmup,
@@ -144,7 +149,7 @@ def bench_generate(args, config, device):
         cached(4)
         naive_generate(model, prompts, 4)
         tokens, cache_s = timed(lambda: cached(args.new_tokens), device)
-        assert tokens.shape == (batch, args.new_tokens)
+        assert tokens.shape == (batch, args.new_tokens)  # an early stop would inflate tokens/s
         _, naive_s = timed(lambda: naive_generate(model, prompts, naive_tokens), device)
         cache_tps, naive_tps = batch * args.new_tokens / cache_s, batch * naive_tokens / naive_s
         results["batches"][batch] = {
@@ -283,7 +288,7 @@ def main(argv=None):
     parser.add_argument("--naive_new_tokens", type=int, default=-1,
                         help="tokens the no-cache loop generates (-1: --new_tokens; fewer times only the first ones)")
     # optimizers
-    parser.add_argument("--opt_seconds", type=float, default=60.0, help="wall-clock budget per optimizer")
+    parser.add_argument("--opt_seconds", type=float, default=60.0, help="train_step seconds per optimizer")
     parser.add_argument("--opt_vocab_size", type=int, default=1024)
     parser.add_argument("--opt_seq_len", type=int, default=256)
     parser.add_argument("--opt_batch_rows", type=int, default=16)
