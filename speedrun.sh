@@ -4,7 +4,7 @@
 #   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
 #   PROFILE=gpu NPROC_PER_NODE=8 bash speedrun.sh   # FineWeb-Edu + SmolTalk, depth 20, torchrun over 8 GPUs
-#   DEPTH=6 FORCE=1 WANDB_RUN=myrun bash speedrun.sh
+#   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
 #
 # Stages whose outputs exist are skipped unless FORCE=1. Everything is logged to outs/speedrun.log; stage times
@@ -22,6 +22,7 @@ case "$PROFILE" in
     gpu) DEPTH="${DEPTH:-20}"; NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}" ;;
     *) echo "PROFILE must be cpu or gpu, got '$PROFILE'" >&2; exit 2 ;;
 esac
+COMPILE="${COMPILE:-1}"  # torch.compile for base and mid training; COMPILE=0 where there is no C++ compiler
 export WANDB_RUN="${WANDB_RUN:-}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "=== speedrun $(date '+%F %T'): profile=$PROFILE depth=$DEPTH nproc_per_node=$NPROC_PER_NODE ==="
 
@@ -57,11 +58,11 @@ launch() {
 if [ "$PROFILE" = cpu ]; then
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --vocab_size=1024
     run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --seq_len=256 \
-        --batch_rows=32 --device_batch_size=16 --num_steps=500 --eval_every=100 --save_every=100
+        --batch_rows=32 --device_batch_size=16 --num_steps=200 --eval_every=50 --save_every=50 --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
-        --device_batch_size=16 --num_steps=120
+        --device_batch_size=16 --num_steps=60 --compile="$COMPILE"
     run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --max_len=256 --batch_rows=32 \
-        --device_batch_size=16 --num_steps=120
+        --device_batch_size=16 --num_steps=100
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
 else
@@ -69,9 +70,9 @@ else
         --vocab_size=65536 --max_chars=2000000000
     run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --source=fineweb \
         --num_shards=240 --seq_len=2048 --batch_rows=256 --device_batch_size=32 --eval_every=250 \
-        --save_every=1000 --eval_tokens=10485760
+        --save_every=1000 --eval_tokens=10485760 --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --source=smoltalk --max_len=2048 \
-        --batch_rows=256 --device_batch_size=32 --num_conversations=400000
+        --batch_rows=256 --device_batch_size=32 --num_conversations=400000 --compile="$COMPILE"
     run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --source=smoltalk --max_len=2048 \
         --batch_rows=32 --device_batch_size=4 --num_conversations=100000
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs

@@ -46,6 +46,10 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     if temperature.numel() != B:
         raise ValueError(f"temperature tensor has {temperature.numel()} entries for {B} rows")
     greedy = temperature <= 0
+    logprobs = F.log_softmax(logits, dim=-1)
+    if greedy.all():  # argmax needs no filtering and no random numbers
+        tokens = logits.argmax(dim=-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     if top_k is not None and top_k < V:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -53,16 +57,19 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     probs = F.softmax(scaled, dim=-1)
     if min_p is not None and min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
     if top_p is not None and top_p < 1.0:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always survives
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: the first token whose cumulative mass exceeds u. A zero-probability token never
+    # exceeds its predecessor, so it is never picked; cheaper than torch.multinomial's exponential draws.
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(B, 1, device=logits.device, generator=generator) * cdf[:, -1:] * (1 - 1e-6)
+    sampled = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=V - 1)
     tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
-    logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 class Engine:

@@ -12,11 +12,13 @@ write their report section.
 
 import math
 
+import torch
+
 from nanochat.checkpoint import load_model, load_resume_state, load_tokenizer, save_checkpoint
 from nanochat.common import (WandbLogger, add_common_flags, dist_cleanup, dist_init, print0, seed_everything,
                              str2bool)
 from nanochat.data import chat_conversations
-from nanochat.gpt import lr_multiplier, set_lr
+from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
 from nanochat.report import write_report
 from nanochat.training import Progress, evaluate_loss, train_step
 
@@ -36,13 +38,16 @@ def add_finetune_flags(parser, init_ckpt, out_dir, num_conversations, stream, ar
     parser.add_argument("--max_len", type=int, default=512, help="tokens per row")
     parser.add_argument("--num_epochs", type=float, default=1.0, help="length of the run when --num_steps is -1")
     parser.add_argument("--num_steps", type=int, default=-1)
-    parser.add_argument("--matrix_optimizer", type=str, default="muon", choices=["muon", "adamw"])
-    parser.add_argument("--matrix_lr", type=float, default=0.02)
+    parser.add_argument("--matrix_optimizer", type=str, default="adamw", choices=["adamw", "muon"])
+    parser.add_argument("--matrix_lr", type=float, default=None,
+                        help="learning rate of the transformer's matrices (default: 0.002 adamw, 0.02 muon)")
     parser.add_argument("--embedding_lr", type=float, default=0.2)
     parser.add_argument("--unembedding_lr", type=float, default=0.004)
     parser.add_argument("--lr_frac", type=float, default=0.5, help="multiplies every learning rate")
     parser.add_argument("--warmdown_ratio", type=float, default=1.0, help="1.0: linear decay over the whole run")
     parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="torch.compile the training forward (pays off when rows have one fixed length)")
     parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--save_every", type=int, default=100)
     parser.add_argument("--log_every", type=int, default=10)
@@ -63,7 +68,8 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
     model.train()
     tok = load_tokenizer(payload)
     lr = args.lr_frac
-    optimizers = model.setup_optimizers(args.matrix_lr * lr, args.embedding_lr * lr, args.unembedding_lr * lr,
+    matrix_lr = MATRIX_LR[args.matrix_optimizer] if args.matrix_lr is None else args.matrix_lr
+    optimizers = model.setup_optimizers(matrix_lr * lr, args.embedding_lr * lr, args.unembedding_lr * lr,
                                         matrix_optimizer=args.matrix_optimizer)
     rows_per_micro = args.device_batch_size * world_size
     if args.batch_rows % rows_per_micro:
@@ -95,6 +101,7 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
             history = extra["history"]
             print0(f"resumed from {args.out_dir} at step {start_step}")
     train_iter = iter(loader)
+    train_model = torch.compile(model) if args.compile else model
 
     def val_loss():
         model.eval()
@@ -119,7 +126,7 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
             wandb.log({"val/loss": history[-1][1]}, step)
         set_lr(optimizers, lr_multiplier(step, num_steps, 0, args.warmdown_ratio))
         micro = [tuple(t.to(device) for t in next(train_iter)) for _ in range(grad_accum)]
-        loss, grad_norm = train_step(model, optimizers, micro, args.grad_clip)
+        loss, grad_norm = train_step(train_model, optimizers, micro, args.grad_clip)
         if step % args.log_every == 0 or step == num_steps - 1:
             print0(f"step {step + 1:5d}/{num_steps} | loss {loss:.4f} | grad norm {grad_norm:.3f} | "
                    f"ETA {progress.eta(step)}")

@@ -56,6 +56,9 @@ def config_from_depth(depth, vocab_size, sequence_len, head_dim=64, n_embd=None,
     return config
 
 
+MATRIX_LR = {"adamw": 0.002, "muon": 0.02}  # default learning rate of the transformer's matrices
+
+
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
@@ -244,15 +247,20 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # optimizers
 
-    def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
-                         matrix_optimizer="muon", adam_betas=(0.8, 0.95)):
+    def setup_optimizers(self, matrix_lr=None, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
+                         matrix_optimizer="adamw", adam_betas=(0.8, 0.95)):
         """
-        AdamW for the embedding and the head; Muon (default) or AdamW for the transformer's matrices.
-        Returns a list of optimizers; each param group remembers its `initial_lr` for LR schedules.
-        Muon won on loss per wall-second at CPU scale (see README, "Optimizer choice").
-        AdamW learning rates are scaled by 1/sqrt(width/768), so the defaults carry across depths.
+        AdamW for the embedding and the head; AdamW (default) or Muon for the transformer's matrices, at
+        `matrix_lr` (default: MATRIX_LR of the optimizer). Returns a list of optimizers; each param group
+        remembers its `initial_lr` for LR schedules. The embedding and head learning rates are scaled by
+        1/sqrt(width/768) so the defaults carry across depths.
+
+        Why AdamW by default: `python -m scripts.bench --only=optimizers` races both on the synthetic world for a
+        fixed wall-clock budget; at CPU scale Muon wins per step but its Newton-Schulz iterations cost more time
+        than they save (README, "Optimizer choice").
         """
-        matrix_params = [p for p in self.blocks.parameters()]
+        matrix_params = list(self.blocks.parameters())
+        matrix_lr = MATRIX_LR[matrix_optimizer] if matrix_lr is None else matrix_lr
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
             {"params": [self.wte.weight], "lr": embedding_lr * scale},
@@ -263,10 +271,10 @@ class GPT(nn.Module):
             optimizers = [torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay),
                           Muon(matrix_params, lr=matrix_lr, momentum=0.95)]
         elif matrix_optimizer == "adamw":
-            adam_groups.append({"params": matrix_params, "lr": matrix_lr * 0.1})
+            adam_groups.append({"params": matrix_params, "lr": matrix_lr})
             optimizers = [torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)]
         else:
-            raise ValueError(f"matrix_optimizer must be 'muon' or 'adamw', got {matrix_optimizer!r}")
+            raise ValueError(f"matrix_optimizer must be one of {sorted(MATRIX_LR)}, got {matrix_optimizer!r}")
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]

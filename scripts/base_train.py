@@ -16,6 +16,8 @@ Writes outs/base/ (ckpt.pt, optim.pt, meta.json, report.md).
 
 import argparse
 
+import torch
+
 from nanochat.checkpoint import load_resume_state, save_checkpoint
 from nanochat.common import (WandbLogger, add_common_flags, dist_cleanup, dist_init, parse_flags, print0,
                              seed_everything, str2bool)
@@ -45,14 +47,17 @@ def main(argv=None):
     parser.add_argument("--target_tokens", type=int, default=-1, help="training tokens (-1: from the ratio)")
     parser.add_argument("--target_param_data_ratio", type=float, default=20.0)
     # optimization
-    parser.add_argument("--matrix_optimizer", type=str, default="muon", choices=["muon", "adamw"])
-    parser.add_argument("--matrix_lr", type=float, default=0.02)
+    parser.add_argument("--matrix_optimizer", type=str, default="adamw", choices=["adamw", "muon"])
+    parser.add_argument("--matrix_lr", type=float, default=None,
+                        help="learning rate of the transformer's matrices (default: 0.002 adamw, 0.02 muon)")
     parser.add_argument("--embedding_lr", type=float, default=0.2)
     parser.add_argument("--unembedding_lr", type=float, default=0.004)
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--warmup_steps", type=int, default=0)
     parser.add_argument("--warmdown_ratio", type=float, default=0.3, help="share of steps with a linear decay")
     parser.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="torch.compile the training forward (about 1.6x faster on CPU; needs a C++ compiler)")
     # evaluation, checkpoints
     parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--eval_tokens", type=int, default=65536, help="validation tokens per evaluation")
@@ -102,6 +107,8 @@ def main(argv=None):
             history = extra["history"]
             print0(f"resumed from {args.out_dir} at step {start_step}")
     train_iter = iter(loader)
+    # only the training forward is compiled: evaluation and sampling use other shapes and the plain module
+    train_model = torch.compile(model) if args.compile else model
     val_rows = max(1, args.eval_tokens // args.seq_len)
 
     def val_bpb():
@@ -145,7 +152,7 @@ def main(argv=None):
                 print0(f"  sample: {line}")
         set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio))
         micro = [tuple(t.to(device) for t in next(train_iter)) for _ in range(grad_accum)]
-        loss, grad_norm = train_step(model, optimizers, micro, args.grad_clip)
+        loss, grad_norm = train_step(train_model, optimizers, micro, args.grad_clip)
         smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
         if step % args.log_every == 0 or step == num_steps - 1:
             tok_per_s = (step + 1 - start_step) * tokens_per_step / progress.elapsed()

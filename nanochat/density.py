@@ -1,0 +1,299 @@
+"""
+Density-aware prompt weights: sample a prompt inversely to how crowded its neighbourhood is in embedding space, so a
+long sparse tail of rare prompts is not drowned by a few dense clusters of near-duplicates.
+
+Pipeline (`compute_density` runs it; RM, DPO and GRPO read the weights with `load_density`):
+
+1. `embed_prompts`: the model's own final normed hidden states, mean-pooled over the real tokens of the
+   chat-rendered prompt (`tok.render_for_completion`). Rows are right-padded; attention is causal, so a real token
+   never sees the pads after it and a prompt's embedding does not depend on its batch.
+2. `knn`: the k nearest neighbours of every prompt by cosine distance (1 - cos), in tiles of block x block, so
+   memory is O(block^2 + N k), never N x N, and symmetry halves the work. Self is excluded by index, not by
+   distance, so an exact duplicate still counts as a neighbour at distance 0.
+3. `densities`: 1 / (mean distance to the k neighbours + eps).
+4. `density_weights`: w proportional to density^-alpha, capped at max_ratio x median, mixed with uniform, mean 1.
+
+Embeddings are cached in `cache_dir` as density_embeddings_<model fingerprint>.pt together with the prompt ids and
+a digest of every token fed to the model; a cache whose ids or tokens differ from this run's is rebuilt (with a
+printed note), never reused.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+
+import torch
+
+from nanochat.common import atomic_path, print0
+
+# Exact duplicates sit at mean distance 0: eps makes their density a finite 1/eps instead of inf, so alpha > 0 gives
+# them the smallest weights instead of NaN. 1e-4 is ~1000x the fp32 rounding of a cosine (~1e-7), so duplicates get
+# the same density however their rounding falls, and well below the distances that tell two different prompts apart.
+DENSITY_EPS = 1e-4
+
+
+# -----------------------------------------------------------------------------
+# embeddings
+
+def render_prompts(tok, conversations, max_len):
+    """Token ids of each conversation ready for the reply, cut from the left to the last max_len tokens."""
+    rendered = []
+    for messages in conversations:
+        ids = tok.render_for_completion(messages)
+        # the end holds the question being answered and <|assistant_start|>: keep it, drop old turns
+        rendered.append(ids[-max_len:] if max_len and len(ids) > max_len else ids)
+    return rendered
+
+
+@torch.no_grad()
+def embed_token_ids(model, rendered, batch_size=64):
+    """(N, C) fp32 mean-pooled final hidden states of lists of token ids, in input order, on the CPU."""
+    device = next(model.parameters()).device
+    out = torch.empty(len(rendered), model.config.n_embd, dtype=torch.float32)
+    # longest first, so each batch holds similar lengths and padding costs little
+    order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        lengths = torch.tensor([len(rendered[i]) for i in rows], device=device)
+        idx = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
+        for r, i in enumerate(rows):
+            idx[r, :len(rendered[i])] = torch.tensor(rendered[i], device=device)
+        h = model.hidden_states(idx).float()
+        real = (torch.arange(idx.size(1), device=device)[None, :] < lengths[:, None]).float()
+        pooled = (h * real[:, :, None]).sum(1) / lengths[:, None].float()
+        out[torch.tensor(rows)] = pooled.cpu()
+    return out
+
+
+def embed_prompts(model, tok, conversations, batch_size=64, max_len=None):
+    """
+    (N, C) fp32 embeddings of conversations (lists of {"role", "content"} ending on a user turn), in input order.
+    max_len defaults to the model's training context.
+    """
+    rendered = render_prompts(tok, conversations, max_len or model.config.sequence_len)
+    return embed_token_ids(model, rendered, batch_size)
+
+
+# -----------------------------------------------------------------------------
+# nearest neighbours, densities, weights
+
+def _merge_topk(best_sims, best_idx, row0, sims, col0):
+    """Fold a tile of similarities (rows row0.., columns col0..) into the running top k of its rows."""
+    k = best_sims.size(1)
+    top = sims.topk(min(k, sims.size(1)), dim=1)
+    rows = slice(row0, row0 + sims.size(0))
+    merged = torch.cat([best_sims[rows], top.values], 1).topk(k, dim=1)
+    best_idx[rows] = torch.cat([best_idx[rows], top.indices + col0], 1).gather(1, merged.indices)
+    best_sims[rows] = merged.values
+
+
+@torch.no_grad()
+def knn(embeddings, k, block_size=2048):
+    """
+    (distances (N, k), indices (N, k)) of each row's k nearest other rows by cosine distance 1 - cos, nearest
+    first, on the embeddings' device. The similarity matrix is computed one block x block tile at a time and only
+    its upper triangle: a tile serves its rows' top k and, transposed, its columns'. Memory is one tile plus the
+    running top k of every row; the matmul work is half of the full N x N product.
+    """
+    n = embeddings.size(0)
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"knn needs 1 <= k <= N - 1, got k={k} for N={n}")
+    x = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    # placeholders at -inf lose every merge: each row meets N - 1 >= k real neighbours
+    best_sims = torch.full((n, k), float("-inf"), device=x.device)
+    best_idx = torch.zeros(n, k, dtype=torch.long, device=x.device)
+    for q0 in range(0, n, block_size):
+        q = x[q0:q0 + block_size]
+        for k0 in range(q0, n, block_size):
+            sims = q @ x[k0:k0 + block_size].T
+            if k0 == q0:  # the tile holding each query's own row, on its diagonal; it is its own transpose
+                sims.diagonal().fill_(float("-inf"))
+            else:  # topk along rows of a contiguous copy is ~3x faster on CPU than along the columns in place
+                _merge_topk(best_sims, best_idx, k0, sims.T.contiguous(), q0)
+            _merge_topk(best_sims, best_idx, q0, sims, k0)
+    # rounding can put a duplicate's cosine a hair above 1; distances are never negative
+    return (1 - best_sims).clamp_(min=0), best_idx
+
+
+def densities(mean_knn_distance, eps=DENSITY_EPS):
+    """Density 1 / (mean kNN distance + eps); see DENSITY_EPS for why eps."""
+    return 1.0 / (mean_knn_distance.double() + eps)
+
+
+def density_weights(density, alpha=1.0, max_ratio=None, mix=0.0):
+    """
+    Sampling weights (float64, mean exactly 1): w proportional to density^-alpha (alpha 0 is uniform), capped at
+    max_ratio x median(w) when max_ratio is set, then (1 - mix) w + mix (uniform share `mix`). The cap survives
+    the mix: mixing with 1 can only pull max/median towards 1.
+    """
+    if max_ratio is not None and max_ratio < 1:
+        raise ValueError(f"max_ratio caps weights at a multiple of the median: it must be >= 1, got {max_ratio}")
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix is the uniform share of the weights: it must be in [0, 1], got {mix}")
+    log_density = density.double().log()
+    if not torch.isfinite(log_density).all():
+        raise ValueError("densities must be positive and finite")
+    # in log space relative to the median, so no alpha or density range can overflow fp64
+    w = torch.exp(-alpha * (log_density - log_density.median()))
+    if max_ratio is not None:
+        w = w.clamp(max=max_ratio * w.median().item())
+    w = w / w.mean()
+    w = (1 - mix) * w + mix
+    return w / w.mean()
+
+
+def effective_sample_size(weights):
+    """Kish's ESS, (sum w)^2 / sum w^2: N for uniform weights, 1 when one prompt takes all the mass."""
+    w = weights.double()
+    return (w.sum() ** 2 / (w * w).sum()).item()
+
+
+def weight_stats(weights):
+    w = weights.double()
+    ess = effective_sample_size(w)
+    return {"ess": ess, "ess_fraction": ess / len(w), "weight_min": w.min().item(),
+            "weight_median": w.median().item(), "weight_max": w.max().item()}
+
+
+def weight_histogram(weights, width=40):
+    """Text histogram of weights in power-of-two bins (weights span orders of magnitude)."""
+    w = weights.double()
+    exponents = torch.floor(torch.log2(w.clamp(min=1e-300))).long()  # a weight can underflow to 0 at huge alpha
+    counts = torch.bincount(exponents - exponents.min())
+    lines = []
+    for offset, count in enumerate(counts.tolist()):
+        e = exponents.min().item() + offset
+        bar = "#" * math.ceil(width * count / counts.max().item()) if count else ""
+        lines.append(f"[{2.0 ** e:>9.4g}, {2.0 ** (e + 1):>9.4g})  {count:>8d}  {bar}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the whole computation, with its embedding cache
+
+def model_fingerprint(model):
+    """sha256 of the model's weights (names, dtypes, shapes, bytes): equal exactly when the function is."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _tokens_digest(rendered):
+    h = hashlib.sha256()
+    for ids in rendered:
+        h.update(json.dumps(ids).encode() + b"\n")
+    return h.hexdigest()
+
+
+def cached_embeddings(model, rendered, prompt_ids, cache_dir, model_id=None, batch_size=64):
+    """
+    Embeddings of the rendered prompts, read from cache_dir when its file was made from exactly these prompt ids
+    and token ids by this model, else computed and saved. Returns (embeddings, cache_hit).
+    """
+    model_id = model_id or model_fingerprint(model)
+    path = os.path.join(cache_dir, f"density_embeddings_{hashlib.sha256(model_id.encode()).hexdigest()[:16]}.pt")
+    key = {"model_id": model_id, "prompt_ids": list(prompt_ids), "tokens_digest": _tokens_digest(rendered)}
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            stale = [name for name, value in key.items() if cached.get(name) != value]
+        except Exception as e:  # a truncated or foreign file is rebuilt like a stale one
+            stale = [f"unreadable ({type(e).__name__})"]
+        if not stale:
+            return cached["embeddings"], True
+        print0(f"density: embedding cache {path} does not match these prompts ({', '.join(stale)} differ); rebuilding")
+    embeddings = embed_token_ids(model, rendered, batch_size)
+    with atomic_path(path) as tmp:
+        torch.save({**key, "embeddings": embeddings}, tmp)
+    return embeddings, False
+
+
+def compute_density(model, tok, prompts, k=10, alpha=1.0, max_ratio=None, mix=0.0, cache_dir=None, model_id=None,
+                    batch_size=64, max_len=None, block_size=2048):
+    """
+    Embed (cached when cache_dir is given), kNN and weigh `prompts`, dicts with "id" and "messages". The kNN runs
+    on the model's device. k above N - 1 is lowered to N - 1 with a warning. Returns a dict of CPU tensors in
+    prompt order: embeddings, knn_distances, knn_indices, knn_mean_distance, density, weight; plus k, cache_hit,
+    weight_stats and timings.
+    """
+    n = len(prompts)
+    if n < 2:
+        raise ValueError(f"density needs at least 2 prompts to have neighbours, got {n}")
+    if k > n - 1:
+        print0(f"density: warning: k={k} but only {n} prompts; using k={n - 1}")
+        k = n - 1
+    t0 = time.perf_counter()
+    rendered = render_prompts(tok, [p["messages"] for p in prompts], max_len or model.config.sequence_len)
+    if cache_dir is None:
+        embeddings, cache_hit = embed_token_ids(model, rendered, batch_size), False
+    else:
+        embeddings, cache_hit = cached_embeddings(model, rendered, [p["id"] for p in prompts], cache_dir, model_id,
+                                                  batch_size)
+    t1 = time.perf_counter()
+    device = next(model.parameters()).device
+    distances, indices = knn(embeddings.to(device), k, block_size)
+    distances, indices = distances.cpu(), indices.cpu()
+    mean_distance = distances.double().mean(1)
+    density = densities(mean_distance)
+    weight = density_weights(density, alpha, max_ratio, mix)
+    timings = {"embed_seconds": t1 - t0, "knn_and_weights_seconds": time.perf_counter() - t1}
+    return {"embeddings": embeddings, "knn_distances": distances, "knn_indices": indices,
+            "knn_mean_distance": mean_distance, "density": density, "weight": weight, "k": k,
+            "cache_hit": cache_hit, "weight_stats": weight_stats(weight), "timings": timings}
+
+
+# -----------------------------------------------------------------------------
+# reading the weights back (RM, DPO, GRPO)
+
+def load_density(path):
+    """{prompt_id: weight} of a density.jsonl written by scripts.kat_density; errors name the file, line and field."""
+    weights = {}
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found; write it with python -m scripts.kat_density") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            for field in ("prompt_id", "weight"):
+                if not isinstance(row, dict) or field not in row:
+                    raise ValueError(f"{path} line {lineno}: missing field {field!r}")
+            weight = row["weight"]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
+                    or not math.isfinite(weight):
+                raise ValueError(f"{path} line {lineno}: field 'weight' must be a finite number >= 0, got {weight!r}")
+            if row["prompt_id"] in weights:
+                raise ValueError(f"{path} line {lineno}: prompt_id {row['prompt_id']!r} appears twice")
+            weights[row["prompt_id"]] = float(weight)
+    return weights
+
+
+def pair_weights(prompt_ids, weight_by_id):
+    """
+    Per-row weights (float64) for rows keyed by prompt id (e.g. preference pairs), split evenly among the rows of
+    a prompt, so sampling rows gives each prompt its own density weight however many rows it has.
+    A row whose prompt has no weight is an error, not a silent drop.
+    """
+    missing = sorted({p for p in prompt_ids if p not in weight_by_id})
+    if missing:
+        raise KeyError(f"{len(missing)} prompt ids have no density weight (first: {missing[:3]}); rerun "
+                       f"scripts.kat_density on the prompts these rows come from")
+    counts = {}
+    for p in prompt_ids:
+        counts[p] = counts.get(p, 0) + 1
+    return torch.tensor([weight_by_id[p] / counts[p] for p in prompt_ids], dtype=torch.float64)
+
+
+def sample_indices(weights, n, generator=None):
+    """n indices drawn with replacement with probability proportional to weights; seeded by `generator`."""
+    return torch.multinomial(weights.double(), n, replacement=True, generator=generator)

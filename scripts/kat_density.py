@@ -1,0 +1,250 @@
+"""
+RLHF stage 3: density weights of the prompts, for density-aware sampling in RM, DPO and GRPO.
+
+    python -m scripts.kat_density                                  # .cache/data/prompts_all.jsonl, model outs/sft
+    python -m scripts.kat_density --density_alpha=0.5 --density_max_ratio=20 --density_mix=0.1
+    python -m scripts.kat_density --embed_model=outs/base --prompts_path=my_prompts.jsonl --out=my_density.jsonl
+    python -m scripts.kat_density --bench=100000                  # benchmark: blocked vs brute-force kNN
+
+Embeds every prompt with --embed_model (mean-pooled final hidden states, cached under --cache_dir), finds its
+--density_k nearest neighbours by cosine distance, and writes --out atomically, one row per prompt in prompt order:
+    {"prompt_id", "density", "weight", "knn_mean_distance"}
+density = 1 / (mean kNN distance + 1e-4); weight is proportional to density^-alpha, capped at
+--density_max_ratio x the median (0 disables the cap), mixed with uniform (--density_mix), mean 1 over all prompts.
+The summary (weight histogram, effective sample size, densest and sparsest prompts, and the mean weight per
+cluster when the synthetic pairs name clusters) goes to stdout and --report_dir/report.md.
+
+--bench=N times kNN + weights on N random unit vectors of --bench_dim dims, blocked (nanochat.density.knn) beside
+a brute-force N x N similarity matrix. Each measurement runs in a fresh process; peak memory is the rise of that
+process's peak RSS (ru_maxrss) over its peak before the kNN started, data and torch already loaded. Brute force
+runs at --bench_brute_n, and at N too when its N x N fp32 matrix fits in --bench_brute_max_gb. Results go to
+stdout and --bench_out.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from nanochat.checkpoint import load_model, load_tokenizer
+from nanochat.common import atomic_path, atomic_write_json, autodetect_device, parse_flags
+from nanochat.density import DENSITY_EPS, compute_density, densities, density_weights, knn, weight_histogram, \
+    weight_stats
+from nanochat.report import write_report
+
+
+def read_prompts(path):
+    """The prompt rows of a prompts_all.jsonl; a bad line stops the stage with its line and field."""
+    prompts, first_line = [], {}
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"kat_density: {path} not found; write it with python -m scripts.kat_make_prompts") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"kat_density: {path} line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise SystemExit(f"{where}: field 'id' must be a string")
+            if not isinstance(row.get("messages"), list) or not row["messages"]:
+                raise SystemExit(f"{where}: field 'messages' must be a non-empty list")
+            if row["id"] in first_line:
+                raise SystemExit(f"{where}: id {row['id']} already on line {first_line[row['id']]}")
+            first_line[row["id"]] = lineno
+            prompts.append(row)
+    return prompts
+
+
+def prompt_clusters(prompts, pairs_path):
+    """
+    {prompt id: cluster} from the prompts themselves or, for synthetic prompts, from the pairs rows, which carry
+    the cluster; real sources have none, so a big real pairs file is never read. Returns (clusters, unreadable
+    pairs lines).
+    """
+    clusters = {p["id"]: p["cluster"] for p in prompts if "cluster" in p}
+    if not any(p.get("src") == "synthetic" for p in prompts) or not os.path.exists(pairs_path):
+        return clusters, 0
+    unreadable = 0
+    with open(pairs_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable += 1
+                continue
+            if isinstance(row, dict) and "cluster" in row and "prompt_id" in row:
+                clusters.setdefault(row["prompt_id"], row["cluster"])
+    return clusters, unreadable
+
+
+def _snippet(text, width=90):
+    """One markdown table cell: one line, pipes escaped, cut to width."""
+    text = " ".join(text.split())
+    text = text if len(text) <= width else text[:width - 3] + "..."
+    return text.replace("|", "\\|")
+
+
+def summary_markdown(prompts, result, clusters, n_shown=5):
+    density, weight, n = result["density"], result["weight"], len(prompts)
+    parts = ["### Weight histogram\n", "```", weight_histogram(weight), "```\n"]
+    order = torch.argsort(density, descending=True).tolist()
+    for title, rows in (("Densest prompts", order[:n_shown]), ("Sparsest prompts", order[::-1][:n_shown])):
+        parts += [f"### {title}\n", "| density | weight | id | prompt |", "|---|---|---|---|"]
+        parts += [f"| {density[i]:.4g} | {weight[i]:.4g} | {prompts[i]['id']} | "
+                  f"{_snippet(prompts[i].get('prompt') or prompts[i]['messages'][-1]['content'])} |"
+                  for i in rows]
+        parts.append("")
+    if clusters:
+        per = {}
+        for i, p in enumerate(prompts):
+            per.setdefault(clusters.get(p["id"], "(none)"), []).append(weight[i].item())
+        parts += ["### Weight per cluster\n",
+                  "share of prompts vs share of the sampling mass: density weighting moves mass to sparse clusters\n",
+                  "| cluster | prompts | mean weight | share of prompts | share of mass |", "|---|---|---|---|---|"]
+        for name, ws in sorted(per.items(), key=lambda item: -len(item[1])):
+            parts.append(f"| {name} | {len(ws)} | {sum(ws) / len(ws):.4g} | {len(ws) / n:.2%} | {sum(ws) / n:.2%} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+def _peak_rss_bytes():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def brute_force_knn(embeddings, k):
+    """The baseline: the whole N x N similarity matrix, then top k of each row."""
+    x = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    sims = x @ x.T
+    sims.fill_diagonal_(float("-inf"))
+    top = sims.topk(k, dim=1)
+    return (1 - top.values).clamp_(min=0), top.indices
+
+
+def _bench_one(method, n, dim, k, block_size, seed):
+    """One measurement, run in a fresh process so its peak RSS is its own."""
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    x /= x.norm(dim=1, keepdim=True)
+    before = _peak_rss_bytes()
+    t0 = time.perf_counter()
+    distances, indices = knn(x, k, block_size) if method == "blocked" else brute_force_knn(x, k)
+    weights = density_weights(densities(distances.double().mean(1)))
+    seconds = time.perf_counter() - t0
+    return {"method": method, "n": n, "seconds": seconds, "peak_extra_bytes": max(0, _peak_rss_bytes() - before),
+            "ess_fraction": weight_stats(weights)["ess_fraction"], "distances": distances, "indices": indices}
+
+
+def run_bench(n, dim, k, block_size, brute_n, brute_max_gb, seed, out_path):
+    brute_sizes = sorted({brute_n, n} if n * n * 4 <= brute_max_gb * 2**30 else {brute_n})
+    jobs = [("blocked", m) for m in sorted({brute_n, n})] + [("brute", m) for m in brute_sizes]
+    context = multiprocessing.get_context("spawn")
+    runs = []
+    for method, m in jobs:
+        with context.Pool(1) as pool:
+            runs.append(pool.apply(_bench_one, (method, m, dim, k, block_size, seed)))
+        r = runs[-1]
+        print(f"{method:>8} N={m:>7}  {r['seconds']:8.2f} s  peak +{r['peak_extra_bytes'] / 2**20:9.1f} MiB")
+    theory = {f"brute_{m}": m * m * 4 for m in sorted({brute_n, n})}
+    # a tile and its transposed copy, plus the running top k (fp32 similarity + int64 index) of every row
+    theory.update({f"blocked_{m}": 2 * min(block_size, m) ** 2 * 4 + m * k * 12 for m in sorted({brute_n, n})})
+    result = {"dim": dim, "k": k, "block_size": block_size, "threads": torch.get_num_threads(),
+              "runs": [{key: v for key, v in r.items() if key not in ("distances", "indices")} for r in runs],
+              "theoretical_largest_bytes": theory}
+    pair = {r["method"]: r for r in runs if r["n"] == brute_n}
+    result["agreement_at_brute_n"] = {
+        "max_abs_distance_diff": (pair["blocked"]["distances"] - pair["brute"]["distances"]).abs().max().item(),
+        "same_neighbours_fraction": (pair["blocked"]["indices"] == pair["brute"]["indices"]).float().mean().item()}
+    if n not in brute_sizes:
+        result["brute_skipped"] = (f"N={n}: the N x N fp32 matrix needs {n * n * 4 / 2**30:.1f} GiB > "
+                                   f"--bench_brute_max_gb={brute_max_gb}")
+        print(f"   brute N={n:>7}  skipped: {result['brute_skipped']}")
+    print(f"blocked vs brute at N={brute_n}: {result['agreement_at_brute_n']}")
+    atomic_write_json(out_path, result)
+    print(f"Wrote {out_path}")
+    return result
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts_path", type=str, default=".cache/data/prompts_all.jsonl")
+    parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl",
+                        help="read only for the clusters of synthetic prompts (report only)")
+    parser.add_argument("--embed_model", type=str, default="outs/sft", help="checkpoint whose hidden states embed")
+    parser.add_argument("--density_k", type=int, default=10, help="neighbours per prompt")
+    parser.add_argument("--density_alpha", type=float, default=1.0, help="weight ~ density^-alpha; 0 is uniform")
+    parser.add_argument("--density_max_ratio", type=float, default=10.0,
+                        help="cap weights at this multiple of the median; 0 disables")
+    parser.add_argument("--density_mix", type=float, default=0.0, help="share of uniform mixed into the weights")
+    parser.add_argument("--batch_size", type=int, default=64, help="prompts per embedding forward")
+    parser.add_argument("--max_len", type=int, default=256, help="keep the last max_len tokens of each prompt")
+    parser.add_argument("--block_size", type=int, default=2048, help="kNN tile side: memory ~ block_size^2 floats")
+    parser.add_argument("--cache_dir", type=str, default=".cache/data", help="where embeddings are cached")
+    parser.add_argument("--out", type=str, default=".cache/data/density.jsonl")
+    parser.add_argument("--report_dir", type=str, default="outs/density")
+    parser.add_argument("--device", type=str, default=None, help="cuda | mps | cpu (default: autodetect)")
+    parser.add_argument("--bench", type=int, default=0, help="benchmark kNN on N random vectors instead")
+    parser.add_argument("--bench_dim", type=int, default=256)
+    parser.add_argument("--bench_brute_n", type=int, default=20000, help="brute force always runs at this size")
+    parser.add_argument("--bench_brute_max_gb", type=float, default=4.0,
+                        help="brute force also runs at --bench N when its N x N matrix fits in this")
+    parser.add_argument("--bench_out", type=str, default="outs/density/bench.json")
+    args = parse_flags(parser, argv)
+
+    if args.bench:
+        return run_bench(args.bench, args.bench_dim, args.density_k, args.block_size,
+                         min(args.bench_brute_n, args.bench), args.bench_brute_max_gb, 0, args.bench_out)
+
+    t0 = time.time()
+    prompts = read_prompts(args.prompts_path)
+    device = autodetect_device(args.device)
+    model, payload = load_model(args.embed_model, device)
+    tok = load_tokenizer(payload)
+    max_ratio = args.density_max_ratio if args.density_max_ratio > 0 else None
+    try:
+        result = compute_density(model, tok, prompts, k=args.density_k, alpha=args.density_alpha,
+                                 max_ratio=max_ratio, mix=args.density_mix, cache_dir=args.cache_dir,
+                                 batch_size=args.batch_size, max_len=args.max_len, block_size=args.block_size)
+    except ValueError as e:
+        raise SystemExit(f"kat_density: {args.prompts_path}: {e}") from None
+
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, p in enumerate(prompts):
+                f.write(json.dumps({"prompt_id": p["id"], "density": result["density"][i].item(),
+                                    "weight": result["weight"][i].item(),
+                                    "knn_mean_distance": result["knn_mean_distance"][i].item()}) + "\n")
+
+    stats = result["weight_stats"]
+    clusters, unreadable = prompt_clusters(prompts, args.pairs_path)
+    notes = summary_markdown(prompts, result, clusters)
+    if unreadable:
+        notes += f"\n{unreadable} lines of {args.pairs_path} were not JSON and gave no cluster.\n"
+    metrics = {"prompts": len(prompts), "k": result["k"], **stats, "density_min": result["density"].min().item(),
+               "density_median": result["density"].median().item(), "density_max": result["density"].max().item(),
+               "density_eps": DENSITY_EPS, "embedding_cache_hit": result["cache_hit"]}
+    timings = {**result["timings"], "total_seconds": time.time() - t0}
+    print(notes)
+    print(f"{len(prompts)} prompts, k={result['k']}: ESS {stats['ess']:.1f} ({stats['ess_fraction']:.1%} of N), "
+          f"weights min {stats['weight_min']:.4g} median {stats['weight_median']:.4g} max {stats['weight_max']:.4g}")
+    print(f"Wrote {args.out}")
+    write_report(args.report_dir, metrics, timings, vars(args), device, notes)
+    return result
+
+
+if __name__ == "__main__":
+    main()
