@@ -16,9 +16,9 @@ cluster when the synthetic pairs name clusters) goes to stdout and --report_dir/
 
 --bench=N times kNN + weights on N random unit vectors of --bench_dim dims, blocked (nanochat.density.knn) beside
 a brute-force N x N similarity matrix. Each measurement runs in a fresh process; peak memory is the rise of that
-process's peak RSS (ru_maxrss) over its peak before the kNN started, data and torch already loaded. Brute force
-runs at --bench_brute_n, and at N too when its N x N fp32 matrix fits in --bench_brute_max_gb. Results go to
-stdout and --bench_out.
+process's peak RSS (ru_maxrss) over its peak before the kNN started, data and torch already loaded, printed beside
+the theory (`working_bytes`). Brute force runs at --bench_brute_n, and at N too when its N x N fp32 matrix fits
+in --bench_brute_max_gb. Results go to stdout and --bench_out.
 """
 
 import argparse
@@ -147,29 +147,40 @@ def _bench_one(method, n, dim, k, block_size, seed):
             "ess_fraction": weight_stats(weights)["ess_fraction"], "distances": distances, "indices": indices}
 
 
+def working_bytes(method, n, dim, k, block_size):
+    """
+    What a kNN allocates beyond its input, in theory: both normalise a copy of the embeddings; brute force then
+    holds the N x N matrix, the blocked version one tile and its transposed copy, and every row's running top k
+    (fp32 similarity + int64 index).
+    """
+    copy = n * dim * 4
+    if method == "brute":
+        return copy + n * n * 4
+    return copy + 2 * min(block_size, n) ** 2 * 4 + n * k * 12
+
+
 def run_bench(n, dim, k, block_size, brute_n, brute_max_gb, seed, out_path):
-    brute_sizes = sorted({brute_n, n} if n * n * 4 <= brute_max_gb * 2**30 else {brute_n})
+    fits = working_bytes("brute", n, dim, k, block_size) <= brute_max_gb * 2**30
+    brute_sizes = sorted({brute_n, n} if fits else {brute_n})
     jobs = [("blocked", m) for m in sorted({brute_n, n})] + [("brute", m) for m in brute_sizes]
     context = multiprocessing.get_context("spawn")
     runs = []
     for method, m in jobs:
         with context.Pool(1) as pool:
-            runs.append(pool.apply(_bench_one, (method, m, dim, k, block_size, seed)))
-        r = runs[-1]
-        print(f"{method:>8} N={m:>7}  {r['seconds']:8.2f} s  peak +{r['peak_extra_bytes'] / 2**20:9.1f} MiB")
-    theory = {f"brute_{m}": m * m * 4 for m in sorted({brute_n, n})}
-    # a tile and its transposed copy, plus the running top k (fp32 similarity + int64 index) of every row
-    theory.update({f"blocked_{m}": 2 * min(block_size, m) ** 2 * 4 + m * k * 12 for m in sorted({brute_n, n})})
+            r = pool.apply(_bench_one, (method, m, dim, k, block_size, seed))
+        r["working_bytes_theory"] = working_bytes(method, m, dim, k, block_size)
+        runs.append(r)
+        print(f"{method:>8} N={m:>7}  {r['seconds']:8.2f} s  peak +{r['peak_extra_bytes'] / 2**20:9.1f} MiB "
+              f"(theory {r['working_bytes_theory'] / 2**20:.1f} MiB)")
     result = {"dim": dim, "k": k, "block_size": block_size, "threads": torch.get_num_threads(),
-              "runs": [{key: v for key, v in r.items() if key not in ("distances", "indices")} for r in runs],
-              "theoretical_largest_bytes": theory}
+              "runs": [{key: v for key, v in r.items() if key not in ("distances", "indices")} for r in runs]}
     pair = {r["method"]: r for r in runs if r["n"] == brute_n}
     result["agreement_at_brute_n"] = {
         "max_abs_distance_diff": (pair["blocked"]["distances"] - pair["brute"]["distances"]).abs().max().item(),
         "same_neighbours_fraction": (pair["blocked"]["indices"] == pair["brute"]["indices"]).float().mean().item()}
     if n not in brute_sizes:
-        result["brute_skipped"] = (f"N={n}: the N x N fp32 matrix needs {n * n * 4 / 2**30:.1f} GiB > "
-                                   f"--bench_brute_max_gb={brute_max_gb}")
+        need = working_bytes("brute", n, dim, k, block_size) / 2**30
+        result["brute_skipped"] = f"N={n}: brute force needs {need:.3g} GiB > --bench_brute_max_gb={brute_max_gb}"
         print(f"   brute N={n:>7}  skipped: {result['brute_skipped']}")
     print(f"blocked vs brute at N={brute_n}: {result['agreement_at_brute_n']}")
     atomic_write_json(out_path, result)

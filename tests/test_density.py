@@ -76,7 +76,7 @@ def test_prompt_embedding_does_not_depend_on_its_batch(model, tok):
 def test_blocked_knn_equals_brute_force():
     x = torch.randn(301, 16, generator=torch.Generator().manual_seed(1))
     ref_dist, ref_idx = numpy_knn(x.numpy(), 7)
-    for block_size in (1, 64, 100, 4096):  # one row per block, ragged last block, a single block
+    for block_size in (3, 64, 100, 4096):  # tiles narrower than k, ragged last block, a single block
         dist, idx = density.knn(x, 7, block_size=block_size)
         assert np.array_equal(idx.numpy(), ref_idx), block_size
         assert np.allclose(dist.numpy(), ref_dist, atol=1e-5), block_size
@@ -267,3 +267,14 @@ def test_bench_brute_force_agrees_with_blocked(tmp_path):
     brute_dist, brute_idx = kat_density.brute_force_knn(x, 5)
     dist, idx = density.knn(x, 5, block_size=32)
     assert torch.equal(idx, brute_idx) and torch.allclose(dist, brute_dist, atol=1e-6)
+
+
+def test_bench_mode_times_both_and_skips_brute_force_that_does_not_fit(tmp_path):
+    out = tmp_path / "bench.json"
+    kat_density.main(["--bench=300", "--bench_brute_n=100", "--bench_dim=8", "--density_k=5", "--block_size=64",
+                      "--bench_brute_max_gb=0.0001", f"--bench_out={out}"])  # brute force at 300 needs 0.00034 GiB
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["n"]) for r in result["runs"]] == [("blocked", 100), ("blocked", 300), ("brute", 100)]
+    assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in result["runs"])
+    assert result["agreement_at_brute_n"]["same_neighbours_fraction"] == 1.0
+    assert "N=300" in result["brute_skipped"]
