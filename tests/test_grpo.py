@@ -1,0 +1,88 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from nanochat.grpo import (completion_logprobs, group_advantages, grpo_token_losses, pack_sequences,
+                           policy_update, reduce_tokens)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    adv = group_advantages(rewards, "group", eps=0.0 + 1e-4)
+    # group 1: mean 2, unbiased std 1; group 2: all equal -> no signal at all
+    assert torch.allclose(adv[0], torch.tensor([-1.0, 0.0, 1.0]) / (1 + 1e-4))
+    assert torch.equal(adv[1], torch.zeros(3))
+    assert torch.equal(group_advantages(rewards, "none"), torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_clipped_loss_and_k3_kl_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.1]]))
+    old = torch.log(torch.tensor([[0.25, 0.25, 0.1]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5, 0.2]]))
+    loss, pg, kl, clipped = grpo_token_losses(logp, old, ref, torch.tensor([1.0]), clip_eps=0.2, beta=0.5)
+    # ratios 2, 2, 1: with A = 1 the first two are clipped to 1.2
+    assert torch.allclose(pg, torch.tensor([[-1.2, -1.2, -1.0]]))
+    assert clipped.tolist() == [[1.0, 1.0, 0.0]]
+    # k3: exp(ref - logp) - (ref - logp) - 1
+    expected_kl = torch.tensor([[0.5 - math.log(0.5) - 1, 0.0, 2.0 - math.log(2.0) - 1]])
+    assert torch.allclose(kl, expected_kl, atol=1e-6)
+    assert torch.allclose(loss, pg + 0.5 * expected_kl, atol=1e-6)
+    # with a negative advantage the pessimistic term is the unclipped one: -min(-2, -1.2) = 2
+    _, pg_neg, _, clipped_neg = grpo_token_losses(logp, old, ref, torch.tensor([-1.0]), clip_eps=0.2)
+    assert torch.allclose(pg_neg, torch.tensor([[2.0, 2.0, 1.0]]))
+    assert clipped_neg.sum() == 0
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    logp = torch.randn(3, 5).log_softmax(-1)
+    _, _, kl, _ = grpo_token_losses(logp, logp, logp.clone(), torch.randn(3), beta=1.0)
+    assert torch.equal(kl, torch.zeros(3, 5))
+
+
+def test_token_and_sequence_reductions_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert reduce_tokens(values, mask, "token", 4).item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert reduce_tokens(values, mask, "sequence", 2).item() == pytest.approx((2.0 + 4.0) / 2)
+
+
+def test_completion_logprobs_match_full_forward_per_row():
+    model = make_tiny_model()
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    completions = [[10, 11], [12, 13, 14, 15], [16]]
+    ids, positions, tokens, mask = pack_sequences(prompts, completions, pad_id=0)
+    got = completion_logprobs(model, ids, positions, tokens)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        logp = model(torch.tensor([p + c]))[0].log_softmax(-1)
+        expected = torch.stack([logp[len(p) - 1 + t, c[t]] for t in range(len(c))])
+        assert torch.allclose(got[i, :len(c)], expected, atol=1e-5)
+        assert mask[i].tolist() == [True] * len(c) + [False] * (4 - len(c))
+
+
+def test_one_pass_ratio_is_one_so_the_update_is_the_plain_policy_gradient():
+    prompts = [[1, 2, 3], [4, 5]] * 2
+    completions = [[6, 7, 8], [9], [10, 11], [12, 13, 14]]
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    batch = pack_sequences(prompts, completions, pad_id=0)
+    args = SimpleNamespace(num_iterations=1, device_batch_size=3, loss_type="token", clip_eps=0.2, beta=0.0,
+                           grad_clip=0.0)
+    n_tokens = int(batch[3].sum())
+
+    model = make_tiny_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = completion_logprobs(model, *batch[:3]).detach()
+    stats = policy_update(model, [sgd], batch, ref, advantages, args, num_sequences_global=4,
+                          num_tokens_global=n_tokens)
+    assert stats["clipped"] == 0.0 and stats["kl"] == 0.0
+
+    # the plain policy gradient: d/dtheta of -sum_t A * log pi(y_t) / N
+    plain = make_tiny_model()
+    logp = completion_logprobs(plain, *batch[:3])
+    (-(advantages[:, None] * logp * batch[3]).sum() / n_tokens).backward()
+    for name, p in plain.named_parameters():
+        step = before[name] - model.state_dict()[name]
+        assert torch.allclose(step, p.grad, atol=1e-6), name
