@@ -1,0 +1,312 @@
+"""
+RLHF stage: the diversity / mode-collapse report. Samples the density-aware GRPO model, the uniform-sampling GRPO
+baseline and (when present) the SFT model on held-out prompts and compares them with nanochat/diversity.py.
+
+    python -m scripts.kat_eval_diversity                    # outs/grpo_density vs outs/grpo_baseline vs outs/sft
+    python -m scripts.kat_eval_diversity --num_prompts=200 --samples_per_prompt=8 --temperature=0.7
+    python -m scripts.kat_eval_diversity --density_model_path=outs/dpo_density --baseline_model_path=outs/dpo_baseline
+    python -m scripts.kat_eval_diversity --sft_model_path= --rm_ckpt_path=     # no SFT column, no reward
+    python -m scripts.kat_eval_diversity --output_report=.cache/diversity_t07.md --temperature=0.7
+
+Prompts: the first --num_prompts distinct conversations of --prompts_path (held-out pairs_test.jsonl by default)
+that neither compared model trained on (checked against the --pairs_path saved in its checkpoint) and whose render plus
+--max_new_tokens fits every model's context; the others are skipped and counted. Each model answers each prompt
+--samples_per_prompt times at --temperature (sampling exposes mode collapse; greedy would hide it), from the same
+--seed, so the models draw from the same random streams.
+
+Density quantiles: each prompt's density (1 / mean cosine distance to its --density_k nearest neighbours, see
+nanochat/density.py) among the evaluated prompts, embedded by the SFT model (the density model when there is no
+SFT), or read from --density_path when that file covers every evaluated prompt. Quartiles of those densities:
+q1 = sparsest (the rare clusters) .. q4 = densest.
+
+Quality: the reward of --rm_ckpt_path (skipped with a note when missing), and for prompts of the synthetic world
+its gold score and correctness (the world rebuilt from the SFT checkpoint's --seed and --synthetic_size, or
+--world_seed / --synthetic_size).
+
+Writes --output_report (markdown: summary table, rare-vs-dense answer with CIs, per-quantile tables, sample
+responses), a JSON sidecar beside it (same name, .json: every number, the prompts, densities and responses) and,
+when matplotlib is installed, PNG bar charts <report name>_summary.png and <report name>_quantiles.png. One
+process; no torchrun.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_path
+from nanochat.common import atomic_write, atomic_write_json, autodetect_device, parse_flags, print0
+from nanochat.density import compute_density
+from nanochat.diversity import METRICS, MODEL_LABELS, collect_metrics, render_report, write_charts
+from nanochat.evaluate import generate_responses
+from nanochat.pairs import extract_prompts, read_pairs
+from nanochat.rm import load_reward_model, read_densities, score
+from nanochat.synthetic import make_world
+
+NUM_QUANTILES = 4
+
+
+def load_models(args, device):
+    """{name: (model, tokenizer, payload)} in MODEL_LABELS order, and notes; SFT is optional."""
+    paths = {"sft": args.sft_model_path, "density": args.density_model_path, "baseline": args.baseline_model_path}
+    models, notes = {}, []
+    for name, path in paths.items():
+        if name == "sft" and (not path or not os.path.exists(resolve_path(path))):
+            where = f"{path} not found" if path else "--sft_model_path is empty"
+            notes.append(f"no SFT model ({where}): no SFT column and no changes from SFT")
+            continue
+        try:
+            model, payload = load_model(path, device)
+            models[name] = (model, load_tokenizer(payload), payload)
+        except CheckpointError as e:
+            raise SystemExit(f"kat_eval_diversity: --{name}_model_path: {e}")
+    return models, notes
+
+
+def training_prompt_ids(models):
+    """Prompt ids of the pairs the two compared models trained on (their saved --pairs_path, when it exists)."""
+    ids = set()
+    for name in ("density", "baseline"):
+        path = (models[name][2].get("flags") or {}).get("pairs_path")
+        if path and os.path.exists(path):
+            ids.update(row["prompt_id"] for row in read_pairs(path)[0])
+    return ids
+
+
+def select_prompts(args, models):
+    """The first --num_prompts held-out prompts that no compared model trained on and that fit every model's context."""
+    try:
+        rows, log = read_pairs(args.prompts_path)
+    except FileNotFoundError:
+        raise SystemExit(f"kat_eval_diversity: {args.prompts_path} not found; write it with "
+                         f"python -m scripts.kat_download_pairs")
+    notes = [f"{args.prompts_path}: {log.total()} lines skipped ({log.summary()})"] if log.total() else []
+    prompts, _ = extract_prompts(rows)
+    trained = training_prompt_ids(models)
+    chosen, seen_in_training, too_long = [], 0, 0
+    for p in prompts:
+        if len(chosen) == args.num_prompts:
+            break
+        if p["id"] in trained:
+            seen_in_training += 1
+        # generating past the trained context would measure extrapolation, not the model
+        elif all(len(tok.render_for_completion(p["messages"])) + args.max_new_tokens <= model.config.sequence_len
+                 for model, tok, _ in models.values()):
+            chosen.append(p)
+        else:
+            too_long += 1
+    if seen_in_training:
+        notes.append(f"{seen_in_training} prompts skipped: a compared model trained on them (its --pairs_path)")
+    if too_long:
+        notes.append(f"{too_long} prompts skipped: their render + {args.max_new_tokens} new tokens exceeds a model's "
+                     f"context")
+    if len(chosen) < args.num_prompts:
+        notes.append(f"only {len(chosen)} usable prompts in {args.prompts_path} (asked for {args.num_prompts})")
+    if not chosen:
+        raise SystemExit(f"kat_eval_diversity: no usable prompts in {args.prompts_path}")
+    return chosen, notes
+
+
+def prompt_densities(args, prompts, models):
+    """(densities (N,) or None, note): from --density_path when it covers the prompts, else computed here."""
+    if args.density_path and os.path.exists(args.density_path):
+        known = read_densities(args.density_path)
+        if all(p["id"] in known for p in prompts):
+            return np.array([known[p["id"]] for p in prompts]), f"densities read from {args.density_path}"
+        note = f"{args.density_path} does not cover the evaluated prompts; densities computed among them instead. "
+    else:
+        note = ""
+    if len(prompts) < NUM_QUANTILES:
+        return None, note + f"{len(prompts)} prompts: too few for density quartiles"
+    name = "sft" if "sft" in models else "density"
+    model, tok, payload = models[name]
+    k = min(args.density_k, len(prompts) - 1)
+    result = compute_density(model, tok, prompts, k=k)
+    return result["density"].numpy(), note + (f"densities among the {len(prompts)} evaluated prompts, k={k}, "
+                                              f"embedded by {payload['path']}")
+
+
+def quartiles(density):
+    """0 (sparsest) .. NUM_QUANTILES - 1 (densest) per prompt, by the quantiles of the densities."""
+    edges = np.quantile(density, np.arange(1, NUM_QUANTILES) / NUM_QUANTILES)
+    return np.searchsorted(edges, density, side="right")
+
+
+def world_for(args, models):
+    """(world, seed, size): the synthetic world the prompts came from, by the SFT run's flags unless overridden."""
+    flags = models.get("sft", models["density"])[2].get("flags") or {}
+    seed = args.world_seed if args.world_seed is not None else flags.get("seed", 0)
+    size = args.synthetic_size or flags.get("synthetic_size", 1)
+    return make_world(seed=seed, size=size), seed, size
+
+
+def gold_scores(world, prompts, responses, k):
+    """{"gold_score", "gold_correct"}: (N, k) arrays, nan rows for prompts the world does not know; and the count."""
+    out = {"gold_score": np.full((len(prompts), k), np.nan), "gold_correct": np.full((len(prompts), k), np.nan)}
+    known = 0
+    for i, p in enumerate(prompts):
+        try:
+            world.lookup(p["messages"])
+        except KeyError:
+            continue
+        known += 1
+        for j, text in enumerate(responses[i]):
+            g = world.gold_score(p["messages"], text)
+            out["gold_score"][i, j], out["gold_correct"][i, j] = g["score"], g["correct"]
+    return out, known
+
+
+def json_ready(obj):
+    """nan and inf as null (JSON has no NaN), numpy numbers as Python ones, recursively."""
+    if isinstance(obj, dict):
+        return {key: json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(value) for value in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--density_model_path", type=str, default="outs/grpo_density")
+    parser.add_argument("--baseline_model_path", type=str, default="outs/grpo_baseline")
+    parser.add_argument("--sft_model_path", type=str, default="outs/sft", help="third column; skipped when missing")
+    parser.add_argument("--rm_ckpt_path", type=str, default="outs/rm/ckpt.pt",
+                        help="reward model for the reward metric; skipped when missing or empty")
+    parser.add_argument("--prompts_path", type=str, default=".cache/data/pairs_test.jsonl",
+                        help="held-out pairs; their distinct conversations are the prompts")
+    parser.add_argument("--output_report", type=str, default=".cache/diversity_report.md")
+    parser.add_argument("--num_prompts", type=int, default=100)
+    parser.add_argument("--samples_per_prompt", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32, help="prompts generated together")
+    parser.add_argument("--density_path", type=str, default=None,
+                        help="density.jsonl with the prompts' densities (used when it covers them all)")
+    parser.add_argument("--density_k", type=int, default=10)
+    parser.add_argument("--world_seed", type=int, default=None, help="default: the SFT checkpoint's --seed")
+    parser.add_argument("--synthetic_size", type=int, default=None,
+                        help="default: the SFT checkpoint's --synthetic_size")
+    parser.add_argument("--headline_metric", type=str, default="artifact_rate",
+                        choices=[key for key, _, d, _ in METRICS if d], help="the metric of the rare-vs-dense answer")
+    parser.add_argument("--num_resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--num_examples", type=int, default=4, help="prompts whose responses the report shows")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    parser.add_argument("--device", type=str, default=None, help="cuda | mps | cpu (default: autodetect)")
+    args = parse_flags(parser, argv)
+    if args.samples_per_prompt < 1 or args.num_prompts < 1:
+        raise SystemExit("kat_eval_diversity: --num_prompts and --samples_per_prompt must be >= 1")
+
+    device = autodetect_device(args.device)
+    timings = {}
+    models, notes = load_models(args, device)
+    prompts, prompt_notes = select_prompts(args, models)
+    notes += prompt_notes
+    density, density_note = prompt_densities(args, prompts, models)
+    notes.append(density_note)
+    quantile = quartiles(density) if density is not None else None
+    print0(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, models: "
+           + ", ".join(f"{name} {payload['path']}" for name, (_, _, payload) in models.items()))
+
+    k = args.samples_per_prompt
+    responses, scores = {}, {name: {} for name in models}
+    for name, (model, tok, _) in models.items():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            flat = generate_responses(model, tok, [p["messages"] for p in prompts], args.max_new_tokens,
+                                      args.batch_size, args.temperature, args.seed, k, args.top_k)
+        responses[name] = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+        timings[f"generate_{name}_seconds"] = time.perf_counter() - t0
+        print0(f"{name}: {len(flat)} responses in {timings[f'generate_{name}_seconds']:.1f}s")
+
+    if args.rm_ckpt_path and os.path.exists(args.rm_ckpt_path):
+        t0 = time.perf_counter()
+        try:
+            rm, rm_payload = load_reward_model(args.rm_ckpt_path, device)
+            rm_tok = load_tokenizer(rm_payload)
+        except CheckpointError as e:
+            raise SystemExit(f"kat_eval_diversity: --rm_ckpt_path: {e}")
+        max_len = rm_payload.get("extra", {}).get("max_len") or rm.config.sequence_len
+        for name in models:
+            pairs = [(p["messages"], text) for p, texts in zip(prompts, responses[name]) for text in texts]
+            scores[name]["reward"] = score(rm, rm_tok, pairs, args.batch_size, max_len).numpy().reshape(-1, k)
+        timings["reward_seconds"] = time.perf_counter() - t0
+        notes.append(f"reward: {rm_payload['path']} (step {rm_payload.get('step')})")
+    else:
+        notes.append(f"no reward model ({args.rm_ckpt_path!r} not found): the reward metric is skipped")
+
+    world_seed = world_size = None
+    if any(p["src"] == "synthetic" for p in prompts):
+        world, world_seed, world_size = world_for(args, models)
+        for name in models:
+            gold, known = gold_scores(world, prompts, responses[name], k)
+            scores[name].update(gold)
+        notes.append(f"gold: synthetic world seed {world_seed}, size {world_size}; {known} of {len(prompts)} prompts "
+                     f"are its questions")
+        if not known:
+            notes.append("no prompt is a question of this world: pass --world_seed / --synthetic_size of the data")
+    else:
+        notes.append("no synthetic-world prompts: no gold score")
+
+    headline = args.headline_metric
+    if headline in ("reward", "gold_score", "gold_correct") and not all(headline in s for s in scores.values()):
+        notes.append(f"--headline_metric={headline} is not measured here; the answer uses artifact_rate")
+        headline = "artifact_rate"
+    t0 = time.perf_counter()
+    results = collect_metrics(responses, scores, quantile, NUM_QUANTILES, args.num_resamples, args.seed,
+                              headline=headline)
+    timings["metrics_seconds"] = time.perf_counter() - t0
+
+    examples = []
+    names = [n for n in results["subsets"] if n != "all"]
+    if names:
+        rare, dense = names[0], names[-1]  # subset names are "q1".."q4"
+        picks = ([(i, rare) for i in np.flatnonzero(quantile == int(rare[1:]) - 1)[:(args.num_examples + 1) // 2]]
+                 + [(i, dense) for i in np.flatnonzero(quantile == int(dense[1:]) - 1)[:args.num_examples // 2]])
+    else:
+        picks = [(i, "all") for i in range(min(args.num_examples, len(prompts)))]
+    for i, subset in picks:
+        examples.append({"prompt": prompts[i]["prompt"], "subset": results["subsets"][subset]["label"],
+                         "responses": {name: responses[name][i][0] for name in models}})
+
+    command = "python -m scripts.kat_eval_diversity " + " ".join(shlex.quote(a) for a in
+                                                                  (sys.argv[1:] if argv is None else argv))
+    header = "\n".join([f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command.strip()}`_", "",
+                        "| model | checkpoint | step |", "|---|---|---|"]
+                       + [f"| {MODEL_LABELS[name]} | `{payload['path']}` | {payload.get('step')} |"
+                          for name, (_, _, payload) in models.items()]
+                       + ["", f"Prompts: `{args.prompts_path}`; sampling: temperature {args.temperature}, top_k "
+                              f"{args.top_k}, max_new_tokens {args.max_new_tokens}, seed {args.seed}."])
+    report = render_report(results, header, examples, notes)
+    stem = os.path.splitext(args.output_report)[0]
+    atomic_write(args.output_report, report)
+    atomic_write_json(stem + ".json", json_ready({
+        **results, "flags": vars(args), "notes": notes, "timings": timings,
+        "checkpoints": {name: {"path": payload["path"], "step": payload.get("step")}
+                        for name, (_, _, payload) in models.items()},
+        "world": {"seed": world_seed, "size": world_size},
+        "prompts": [{"id": p["id"], "prompt": p["prompt"], "src": p["src"],
+                     "density": None if density is None else float(density[i]),
+                     "quantile": None if quantile is None else f"q{quantile[i] + 1}"} for i, p in enumerate(prompts)],
+        "responses": responses,
+        "scores": {name: {key: v.tolist() for key, v in s.items()}
+                   for name, s in scores.items()}}))
+    charts = write_charts(results, stem)
+    print0("\n".join(f"note: {note}" for note in notes))
+    if results["rare_vs_dense"] is not None:
+        print0("\n" + results["rare_vs_dense"]["answer"])
+    print0(f"\nwrote {args.output_report} and {stem}.json"
+           + (f" and {', '.join(charts)}" if charts else " (no charts: matplotlib is not installed)")
+           + f"; metrics took {timings['metrics_seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
