@@ -86,3 +86,76 @@ def test_one_pass_ratio_is_one_so_the_update_is_the_plain_policy_gradient():
     for name, p in plain.named_parameters():
         step = before[name] - model.state_dict()[name]
         assert torch.allclose(step, p.grad, atol=1e-6), name
+
+
+# -----------------------------------------------------------------------------
+# the stage as a user runs it, at tiny size
+
+@pytest.fixture(scope="module")
+def grpo_stage(tmp_path_factory):
+    """A tiny SFT checkpoint, a tiny reward model and synthetic pairs files, all written here."""
+    import json
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.rm import RewardModel
+    from nanochat.synthetic import make_world
+    from nanochat.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("grpo")
+    world = make_world(seed=0)
+    tok = train_tokenizer(world.pretrain_documents(300, seed=0), 300)
+    tok.save(root / "tokenizer")
+    sft = make_tiny_model(vocab_size=300, sequence_len=128)
+    save_checkpoint(root / "sft", sft, 0, str(root / "tokenizer"), flags={"seed": 0, "synthetic_size": 1})
+    rm = RewardModel(make_tiny_model(seed=1, vocab_size=300, sequence_len=128))
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    save_checkpoint(root / "rm", rm, 0, str(root / "tokenizer"), kind="rm")
+    pairs = world.preference_pairs(40, seed=0)
+    for name, rows in (("pairs_all.jsonl", pairs[:30]), ("pairs_test.jsonl", pairs[30:])):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def grpo_flags(root, **overrides):
+    flags = {"sft_ckpt_path": root / "sft", "rm_ckpt_path": root / "rm", "pairs_path": root / "pairs_all.jsonl",
+             "eval_pairs_path": root / "pairs_test.jsonl", "cache_dir": root / "cache", "prompts_per_step": 2,
+             "num_generations": 3, "max_new_tokens": 6, "max_steps": 4, "save_every": 2, "eval_every": 2,
+             "eval_prompts": 4, "density_k": 3, "device_batch_size": 4, "learning_rate": 1e-3}
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monkeypatch):
+    import json
+
+    from scripts import kat_train_grpo
+
+    kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "straight"))
+    log = capsys.readouterr().out
+    assert "Step 4/4 - Loss:" in log and "PG Loss:" in log and "KL Loss:" in log and "density-aware" in log
+    meta = json.load(open(grpo_stage / "straight" / "meta.json"))
+    assert meta["metrics"]["steps"] == 4 and "gold_score_final" in meta["metrics"]
+    assert (grpo_stage / "straight" / "report.md").exists()
+
+    # a uniform run killed during step 3 (after the step-2 checkpoint), then resumed, ends with the weights
+    # of the uninterrupted run
+    uniform = ["--density_aware=False"]
+    kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "uniform") + uniform)
+    expected = torch.load(grpo_stage / "uniform" / "ckpt.pt", weights_only=False)["model"]
+    calls = []
+
+    def killed_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return policy_update(*args, **kwargs)
+
+    monkeypatch.setattr(kat_train_grpo, "policy_update", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "killed") + uniform)
+    monkeypatch.undo()
+    kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "killed") + uniform + ["--resume=true"])
+    resumed = torch.load(grpo_stage / "killed" / "ckpt.pt", weights_only=False)["model"]
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
