@@ -96,7 +96,9 @@ def main(argv=None):
                                   max_ratio=args.density_max_ratio or None, mix=args.density_mix,
                                   cache_dir=args.cache_dir)
         weights = density["weight"]
-        print0(f"density-aware sampling over {len(prompts)} prompts: ESS {density['weight_stats']}")
+        ws = density["weight_stats"]
+        print0(f"density-aware sampling over {len(prompts)} prompts: effective sample size {ws['ess']:.0f} "
+               f"({ws['ess_fraction']:.0%}), weights {ws['weight_min']:.3f} .. {ws['weight_max']:.3f}")
     else:
         weights = torch.ones(len(prompts), dtype=torch.float64)
         print0(f"uniform sampling over {len(prompts)} prompts")
