@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, preference pairs, prompts, evaluation.
+# The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, preference pairs, prompts, evaluation,
+# density weights, reward model, GRPO with density-aware and with uniform prompt sampling, the diversity report;
+# DPO arms too with DPO=1.
 #
 #   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
 #   PROFILE=gpu NPROC_PER_NODE=8 bash speedrun.sh   # FineWeb-Edu + SmolTalk, depth 20, torchrun over 8 GPUs
-#   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 bash speedrun.sh
+#   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 DPO=1 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
 #
 # Stages whose outputs exist are skipped unless FORCE=1. Everything is logged to outs/speedrun.log; stage times
@@ -65,6 +67,9 @@ if [ "$PROFILE" = cpu ]; then
         --device_batch_size=16 --num_steps=100
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
+    RM_FLAGS=""
+    GRPO_FLAGS="--max_steps=30 --eval_every=10 --save_every=10 --max_new_tokens=48"
+    DPO_FLAGS=""
 else
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --source=fineweb --num_shards=8 \
         --vocab_size=65536 --max_chars=2000000000
@@ -77,9 +82,26 @@ else
         --batch_rows=32 --device_batch_size=4 --num_conversations=100000
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs
     EVAL_FLAGS="--tasks=arc_easy,arc_challenge,mmlu,gsm8k,humaneval --limit=500"
+    RM_FLAGS="--max_steps=2000 --batch_size_pairs=128 --device_batch_size=8 --max_len=1024"
+    GRPO_FLAGS="--max_steps=500 --prompts_per_step=64 --max_new_tokens=256 --device_batch_size=16"
+    DPO_FLAGS="--max_steps=2000 --batch_size_pairs=64 --device_batch_size=4 --max_len=1024"
 fi
 run_stage prompts .cache/data/prompts_all.jsonl $PY -m scripts.kat_make_prompts
 run_stage eval_base outs/eval_base/results.json launch scripts.chat_eval -- --ckpt_path=outs/base $EVAL_FLAGS
 run_stage eval_sft outs/eval_sft/results.json launch scripts.chat_eval -- --ckpt_path=outs/sft $EVAL_FLAGS
 
-echo "=== speedrun done $(date '+%F %T'): see outs/report.md; chat with: $PY -m scripts.chat_cli --ckpt_path outs/sft ==="
+# RLHF: density weights, reward model, GRPO twice (density-aware and uniform prompt sampling), the comparison
+run_stage density .cache/data/density.jsonl $PY -m scripts.kat_density
+run_stage rm outs/rm/ckpt.pt launch scripts.kat_train_rm -- $RM_FLAGS
+run_stage grpo_density outs/grpo_density/ckpt.pt launch scripts.kat_train_grpo -- --density_aware=True $GRPO_FLAGS
+run_stage grpo_baseline outs/grpo_baseline/ckpt.pt launch scripts.kat_train_grpo -- --density_aware=False $GRPO_FLAGS
+run_stage diversity .cache/diversity_report.md $PY -m scripts.kat_eval_diversity
+if [ "${DPO:-0}" = 1 ]; then
+    run_stage dpo_density outs/dpo_density/ckpt.pt launch scripts.kat_train_dpo -- --density_aware=True $DPO_FLAGS
+    run_stage dpo_baseline outs/dpo_baseline/ckpt.pt launch scripts.kat_train_dpo -- --density_aware=False $DPO_FLAGS
+    run_stage diversity_dpo .cache/diversity_report_dpo.md $PY -m scripts.kat_eval_diversity \
+        --density_model_path=outs/dpo_density --baseline_model_path=outs/dpo_baseline \
+        --output_report=.cache/diversity_report_dpo.md
+fi
+
+echo "=== speedrun done $(date '+%F %T'): see outs/report.md and .cache/diversity_report.md; chat with: $PY -m scripts.chat_cli --ckpt_path outs/sft ==="
