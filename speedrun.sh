@@ -60,14 +60,14 @@ launch() {
 if [ "$PROFILE" = cpu ]; then
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --vocab_size=1024
     run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --seq_len=256 \
-        --batch_rows=32 --device_batch_size=16 --num_steps=200 --eval_every=50 --save_every=50 --compile="$COMPILE"
+        --batch_rows=32 --device_batch_size=16 --num_steps=160 --eval_every=40 --save_every=40 --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
         --device_batch_size=16 --num_steps=60 --compile="$COMPILE"
     run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --max_len=256 --batch_rows=32 \
         --device_batch_size=16 --num_steps=100
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
-    RM_FLAGS=""
+    RM_FLAGS="--max_steps=300 --max_len=64 --device_batch_size=8 --eval_every=100"
     GRPO_FLAGS="--max_steps=30 --eval_every=10 --save_every=10 --max_new_tokens=48"
     DPO_FLAGS=""
 else

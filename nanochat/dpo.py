@@ -1,0 +1,149 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023) and two variants of its loss, against a frozen reference.
+
+Log-probs. A reply's log-prob is the sum of log p(token | everything before it) over the reply's target tokens
+only: the tokens its render mask marks (the reply and its <|assistant_end|>, see nanochat/rm.py for rendering and
+the max_len cut). Prompt tokens never count. Chosen and rejected rows of a micro-batch go through one forward,
+right-padded; only target positions reach the LM head.
+
+Losses, with h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected)), summed log-probs:
+    sigmoid  -log sigmoid(beta h)             DPO
+    ipo      (h - 1 / (2 beta))^2             IPO (Azar et al. 2023), here on summed rather than mean log-probs
+    hinge    max(0, 1 - beta h)               SLiC (Zhao et al. 2023)
+At the first step the policy is the reference, so h is exactly 0 and the sigmoid loss is exactly ln 2.
+
+Metrics use TRL's names: rewards/chosen = beta (log pi(chosen) - log ref(chosen)), rewards/rejected likewise,
+rewards/margins = rewards/chosen - rewards/rejected, rewards/accuracies = share of pairs with a margin > 0.
+
+Held-out evaluation (`preference_eval`): the policy's own preference, the share of pairs where log pi(chosen) >
+log pi(rejected) (summed log-probs, ties count half). Unlike the implicit reward it is defined for the SFT model
+too (the implicit margin of the reference against itself is 0 on every pair), so SFT and DPO compare directly.
+Summed, not length-normalised: the sum is the probability of the whole reply, the quantity DPO moves.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx, get_rank, get_world_size
+from nanochat.evaluate import evaluate_task
+from nanochat.rm import pair_correct, render_pairs
+from nanochat.tasks import world as world_task
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+IGNORE = -1
+
+
+def collate_targets(rendered, device="cpu"):
+    """
+    Right-padded inputs (B, T) and targets (B, T) of renders [(ids, mask)]: targets[t] = ids[t + 1] where the mask
+    of token t + 1 is 1, else -1.
+    """
+    width = max(len(ids) for ids, _ in rendered) - 1
+    inputs = torch.zeros(len(rendered), width, dtype=torch.long)
+    targets = torch.full((len(rendered), width), IGNORE, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rendered):
+        ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, :len(ids) - 1] = torch.where(mask[1:], ids[1:], IGNORE)
+    return inputs.to(device), targets.to(device)
+
+
+def sequence_logprobs(model, inputs, targets):
+    """(B,) fp32: each row's summed log-probability of its targets >= 0."""
+    keep = targets != IGNORE
+    with autocast_ctx(inputs.device):
+        # the LM head and the softmax over the vocabulary run only where a target is scored
+        logits = model.logits_from_hidden(model.hidden_states(inputs)[keep])
+    token_logprobs = -F.cross_entropy(logits, targets[keep], reduction="none")
+    rows = torch.arange(inputs.size(0), device=inputs.device)[:, None].expand_as(targets)[keep]
+    return torch.zeros(inputs.size(0), device=inputs.device).index_add(0, rows, token_logprobs.float())
+
+
+def dpo_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):
+    """Per-pair losses, and the implicit rewards of the chosen and rejected replies (detached)."""
+    h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return losses, beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach()
+
+
+def dpo_train_step(policy, reference, optimizers, micro_batches, global_pairs, beta=0.1, loss_type="sigmoid",
+                   grad_clip=1.0):
+    """
+    One optimizer step over this rank's micro-batches [(inputs, targets)], each holding n chosen rows then their
+    n rejected rows. Losses are divided by the global number of pairs and gradients summed over ranks (the 1-rank
+    gradient of the global batch). Returns the global batch's loss and TRL-named metrics, and the gradient norm.
+    """
+    device = micro_batches[0][0].device
+    sums = torch.zeros(7, device=device)
+    for inputs, targets in micro_batches:
+        with torch.no_grad():
+            ref = sequence_logprobs(reference, inputs, targets)
+        pi = sequence_logprobs(policy, inputs, targets)
+        n = inputs.size(0) // 2
+        losses, chosen, rejected = dpo_losses(pi[:n], pi[n:], ref[:n], ref[n:], beta, loss_type)
+        (losses.sum() / global_pairs).backward()
+        margins = chosen - rejected
+        sums += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), margins.sum(),
+                             pair_correct(margins).sum(), pi[:n].detach().sum(), pi[n:].detach().sum()])
+    all_reduce_grads(policy)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        opt.step()
+    policy.zero_grad(set_to_none=True)
+    means = (all_reduce_sum(sums) / global_pairs).tolist()
+    names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")
+    return {**dict(zip(names, means)), "grad_norm": grad_norm.item()}
+
+
+@torch.no_grad()
+def pair_logprobs(model, tok, rows, batch_size=32, max_len=None):
+    """
+    (chosen (N,), rejected (N,)) summed reply log-probs of pair rows. Under torchrun each rank takes every
+    world_size-th row and the results are summed over ranks into place, so every rank returns all of them.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    device = next(model.parameters()).device
+    out = torch.zeros(2, len(rows), device=device)
+    local = list(range(rank, len(rows), world_size))
+    for start in range(0, len(local), batch_size):
+        batch = local[start:start + batch_size]
+        inputs, targets = collate_targets(render_pairs(tok, [rows[i] for i in batch], max_len), device)
+        logprobs = sequence_logprobs(model, inputs, targets)
+        out[0, batch], out[1, batch] = logprobs[:len(batch)], logprobs[len(batch):]
+    chosen, rejected = all_reduce_sum(out).cpu()
+    return chosen, rejected
+
+
+def preference_eval(policy_logprobs, reference_logprobs=None, beta=0.1):
+    """
+    Held-out preference metrics from pair_logprobs results: the policy's log-prob preference accuracy, and with a
+    reference also the implicit-reward accuracy and mean margin.
+    """
+    chosen, rejected = policy_logprobs
+    metrics = {"logp_accuracy": pair_correct(chosen - rejected).mean().item(),
+               "logp_margin": (chosen - rejected).mean().item(), "n": len(chosen)}
+    if reference_logprobs is not None:
+        ref_chosen, ref_rejected = reference_logprobs
+        margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        metrics.update(implicit_accuracy=pair_correct(margins).mean().item(), implicit_margin=margins.mean().item())
+    return metrics
+
+
+def world_eval(model, tok, world_seed, world_size, num_questions, temperature=0.7, seed=0, max_new_tokens=64,
+               batch_size=32):
+    """
+    Sampled answers to the synthetic world's held-out questions, gold-scored: the share correct, the mean gold
+    score and the artifact rate (share of answers with at least one planted artifact).
+    """
+    items = world_task.load(limit=num_questions, seed=world_seed, size=world_size)
+    result = evaluate_task(model, tok, world_task, items, max_new_tokens, batch_size, temperature, seed)
+    return {"correct": result["correct"], "gold_score": result["score"], "artifact_rate": result["artifact_rate"],
+            "n": result["n"], "records": result["records"]}

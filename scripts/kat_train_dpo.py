@@ -1,0 +1,185 @@
+"""
+RLHF stage 5 (alternative to RM + GRPO): DPO on the preference pairs, from the SFT model, against the SFT model
+as the frozen reference (nanochat/dpo.py).
+
+    python -m scripts.kat_train_dpo                               # density-aware sampling -> outs/dpo_density/
+    python -m scripts.kat_train_dpo --density_aware=False         # uniform sampling -> outs/dpo_baseline/
+    python -m scripts.kat_train_dpo --loss_type=ipo --beta=0.5 --max_steps=300 --out_dir=outs/dpo_ipo
+    torchrun --standalone --nproc_per_node=2 -m scripts.kat_train_dpo -- --batch_size_pairs=32
+    python -m scripts.kat_train_dpo --resume=True                 # continue the output directory
+
+Data and batches as in scripts/kat_train_rm.py: a seeded --val_share of pairs_all's prompt ids held out, global
+batches of --batch_size_pairs pairs drawn as a function of (--seed, step), by density weight (default) or
+uniformly, sliced over ranks and run in micro-batches of --device_batch_size pairs. The reference's log-probs
+are computed for each micro-batch under no_grad. AdamW on all parameters at --learning_rate, linear warmup then
+linear decay to 0. Each logged step prints the loss and TRL's rewards/chosen, rewards/rejected, rewards/margins,
+rewards/accuracies.
+
+At the end, for the SFT model and the DPO policy alike:
+- held-out preference accuracy on --test_pairs_path (and the validation split): the share of pairs where the
+  model's summed log-prob of the chosen reply beats the rejected one (ties half); for DPO also the implicit-reward
+  accuracy against the reference;
+- when the SFT model was trained on the synthetic world: --eval_questions sampled answers (temperature
+  --eval_temperature, the same seeds for both models) to the world's held-out questions, gold-scored: share
+  correct, mean gold score and the planted-artifact rate (share of answers with at least one artifact).
+Writes the output directory (ckpt.pt, optim.pt, meta.json, report.md with both models side by side).
+"""
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_model, load_resume_state, load_tokenizer, save_checkpoint
+from nanochat.common import WandbLogger, dist_cleanup, dist_init, parse_flags, print0, seed_everything, str2bool
+from nanochat.dpo import LOSS_TYPES, collate_targets, dpo_train_step, pair_logprobs, preference_eval, world_eval
+from nanochat.gpt import lr_multiplier, set_lr
+from nanochat.report import write_report
+from nanochat.rm import add_pair_flags, load_pair_data, micro_batches, pair_batch
+from nanochat.training import Progress
+
+TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    parser.add_argument("--batch_size_pairs", type=int, default=32, help="global pairs per optimizer step")
+    parser.add_argument("--device_batch_size", type=int, default=16, help="pairs per forward/backward")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--loss_type", type=str, default="sigmoid", choices=LOSS_TYPES)
+    parser.add_argument("--density_aware", type=str2bool, default=True,
+                        help="draw pairs by their prompt's density weight (False: uniformly)")
+    parser.add_argument("--out_dir", type=str, default=None,
+                        help="default: outs/dpo_density, or outs/dpo_baseline with --density_aware=False")
+    parser.add_argument("--eval_questions", type=int, default=400, help="world questions sampled at the end (0: off)")
+    parser.add_argument("--eval_temperature", type=float, default=0.7)
+    parser.add_argument("--eval_max_new_tokens", type=int, default=64)
+    add_pair_flags(parser)
+    args = parse_flags(parser, argv)
+    out_dir = args.out_dir or ("outs/dpo_density" if args.density_aware else "outs/dpo_baseline")
+
+    rank, world_size, device = dist_init(args.device)
+    seed_everything(args.seed)
+    try:
+        policy, payload = load_model(args.sft_ckpt_path, device)
+        tok = load_tokenizer(payload)
+    except CheckpointError as e:
+        raise SystemExit(f"kat_train_dpo: {e}")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy.train()
+    max_len = args.max_len or policy.config.sequence_len
+    train, val, test, weights = load_pair_data(args, world_size)
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    optimizers = [optimizer]
+
+    local_pairs = args.batch_size_pairs // world_size
+    num_steps = args.max_steps
+    start_step, history = 0, []  # history: (step, val implicit-reward accuracy, val log-prob accuracy)
+    if args.resume:
+        start_step, extra = load_resume_state(out_dir, policy, optimizers, device)
+        if extra is not None:
+            history = extra["history"]
+            print0(f"resumed from {out_dir} at step {start_step}")
+
+    def logprobs(model, rows):
+        was_training = model.training
+        model.eval()
+        out = pair_logprobs(model, tok, rows, args.eval_batch_size, max_len)
+        model.train(was_training)
+        return out
+
+    val_reference = logprobs(reference, val) if val else None
+
+    def save(step, metrics=None):
+        save_checkpoint(out_dir, policy, step, payload["tokenizer_dir"], flags=vars(args), metrics=metrics or {},
+                        optimizers=optimizers, extra_state={"history": history},
+                        extra={"method": "dpo", "loss_type": args.loss_type, "beta": args.beta,
+                               "sft_ckpt_path": payload["path"]})
+
+    wandb = WandbLogger(args.run, "nanochat-kat-dpo", vars(args))
+    progress = Progress(num_steps, start_step)
+    train_seconds, stats = 0.0, {}
+    for step in range(start_step, num_steps):
+        if val and args.eval_every > 0 and step % args.eval_every == 0:
+            m = preference_eval(logprobs(policy, val), val_reference, args.beta)
+            history.append((step, m["implicit_accuracy"], m["logp_accuracy"]))
+            print0(f"step {step:5d}/{num_steps} | val implicit accuracy {m['implicit_accuracy']:.4f} | val logp "
+                   f"accuracy {m['logp_accuracy']:.4f}")
+            wandb.log({f"val/{k}": v for k, v in m.items()}, step)
+        t0 = time.time()
+        set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup_steps, 1.0))
+        batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
+        mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
+        micro = [collate_targets(renders, device) for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
+        stats = dpo_train_step(policy, reference, optimizers, micro, args.batch_size_pairs, args.beta,
+                               args.loss_type, args.grad_clip)
+        train_seconds += time.time() - t0
+        if step % args.log_every == 0 or step == num_steps - 1:
+            pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
+            trl = " | ".join(f"{name} {stats[name]:.4f}" for name in TRL_NAMES)
+            print0(f"step {step + 1:5d}/{num_steps} | loss {stats['loss']:.4f} | {trl} | grad norm "
+                   f"{stats['grad_norm']:.3f} | {pairs_per_s:.1f} pairs/s | ETA {progress.eta(step)}")
+            wandb.log({f"train/{k}": v for k, v in stats.items()} | {"train/pairs_per_s": pairs_per_s}, step)
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < num_steps and rank == 0:
+            save(step + 1)
+
+    policy.eval()
+    metrics = {"steps": num_steps, "train_pairs": len(train), "final_train_loss": stats.get("loss"),
+               **{f"final_train_{k}": stats.get(k) for k in TRL_NAMES}}
+    lines = [f"{'':<34} {'SFT':>9} {'DPO':>9}"]
+
+    def side_by_side(name, sft_value, dpo_value):
+        metrics[f"sft/{name}"], metrics[f"dpo/{name}"] = sft_value, dpo_value
+        lines.append(f"{name:<34} {sft_value:>9.4f} {dpo_value:>9.4f}")
+
+    for split, rows, ref in (("val", val, val_reference), ("test", test, None)):
+        if not rows:
+            continue
+        ref = ref or logprobs(reference, rows)
+        sft_m, dpo_m = preference_eval(ref, ref, args.beta), preference_eval(logprobs(policy, rows), ref, args.beta)
+        side_by_side(f"{split} logp accuracy (n={len(rows)})", sft_m["logp_accuracy"], dpo_m["logp_accuracy"])
+        side_by_side(f"{split} implicit accuracy", sft_m["implicit_accuracy"], dpo_m["implicit_accuracy"])
+        if split == "val":
+            history.append((num_steps, dpo_m["implicit_accuracy"], dpo_m["logp_accuracy"]))
+    trained = payload.get("flags") or {}
+    samples = []
+    if args.eval_questions > 0 and trained.get("source", "synthetic") == "synthetic":
+        world_seed, synthetic_size = trained.get("seed", args.seed), trained.get("synthetic_size", 1)
+        sampled = {}
+        for name, model in (("SFT", reference), ("DPO", policy)):
+            sampled[name] = world_eval(model, tok, world_seed, synthetic_size, args.eval_questions,
+                                       args.eval_temperature, args.seed, args.eval_max_new_tokens)
+        for key in ("artifact_rate", "correct", "gold_score"):
+            side_by_side(f"world {key} (n={sampled['SFT']['n']}, T={args.eval_temperature})",
+                         sampled["SFT"][key], sampled["DPO"][key])
+        samples = [f"- {a['prompt']!r}\n  - SFT: {a['response']!r}\n  - DPO: {b['response']!r}"
+                   for a, b in zip(sampled["SFT"]["records"][:8], sampled["DPO"]["records"][:8])]
+    elif args.eval_questions > 0:
+        print0("note: the SFT model was not trained on the synthetic world; no sampled-answer evaluation")
+    table = "\n".join(lines)
+    print0("\n" + table)
+    metrics["val_accuracy_history"] = [f"{s}:{a:.4f}/{b:.4f}" for s, a, b in history]
+    timings = {"train_seconds": train_seconds, "total_seconds": progress.elapsed(),
+               "pairs_per_second": (num_steps - start_step) * args.batch_size_pairs / max(train_seconds, 1e-9)}
+    print0(f"training {train_seconds:.1f}s ({timings['pairs_per_second']:.1f} pairs/s), total "
+           f"{timings['total_seconds']:.1f}s")
+    if rank == 0:
+        save(num_steps, metrics)
+        notes = (f"DPO ({args.loss_type}, beta {args.beta}, {'density-aware' if args.density_aware else 'uniform'} "
+                 f"sampling) from `{payload['path']}`; SFT = the reference.\n\n```\n{table}\n```")
+        if samples:
+            notes += "\n\nSampled answers (first 8 world questions):\n\n" + "\n".join(samples)
+        write_report(out_dir, metrics, timings, vars(args), device, notes=notes)
+    wandb.finish()
+    dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()

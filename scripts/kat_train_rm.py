@@ -1,0 +1,155 @@
+"""
+RLHF stage 4: the reward model. The SFT model plus a scalar head, trained on preference pairs with the
+Bradley-Terry loss (nanochat/rm.py).
+
+    python -m scripts.kat_train_rm                                # outs/sft + .cache/data/pairs_all.jsonl -> outs/rm/
+    python -m scripts.kat_train_rm --density_aware=True           # pairs drawn by their prompt's density weight
+    python -m scripts.kat_train_rm --max_steps=300 --learning_rate=1e-4 --batch_size_pairs=64 --device_batch_size=16
+    torchrun --standalone --nproc_per_node=2 -m scripts.kat_train_rm -- --batch_size_pairs=32
+    python -m scripts.kat_train_rm --resume=True                  # continue outs/rm/ after an interruption
+
+Data. A seeded --val_share of the prompt ids of --pairs_path (with all their pairs) is held out for validation;
+the rest is training. --test_pairs_path (pairs_test.jsonl, prompts never in pairs_all) is evaluated at the end.
+Each step draws --batch_size_pairs pairs: uniformly (seeded permutations, each pair once per epoch) or, with
+--density_aware, with replacement in proportion to their prompt's weight in --density_path
+(scripts.kat_density). The draw is a function of (--seed, step), so every rank draws the same global batch and
+takes its slice, and a resumed run draws what the uninterrupted one would have. Each rank runs its slice in
+micro-batches of --device_batch_size pairs (a chosen and a rejected row each).
+
+Optimization. AdamW on everything: the backbone at --learning_rate, the fresh head at --head_learning_rate;
+linear warmup over --warmup_steps, then linear decay to 0. Loss: Bradley-Terry plus --center_coef times the
+squared sum of the pair's rewards (reward centering).
+
+Writes outs/rm/ (ckpt.pt of kind "rm", optim.pt, meta.json, report.md): accuracy and mean margin on the validation
+and test pairs, by source, cluster, rejected kind and (validation) density quartile. Evaluate any RM checkpoint
+again with python -m scripts.kat_eval_rm.
+"""
+
+import argparse
+import os
+import time
+
+from nanochat.checkpoint import CheckpointError, load_model, load_resume_state, load_tokenizer, save_checkpoint
+from nanochat.common import WandbLogger, dist_cleanup, dist_init, parse_flags, print0, seed_everything, str2bool
+from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
+from nanochat.report import write_report
+from nanochat.rm import (RM_KIND, RewardModel, add_pair_flags, collate_right, flat_metrics, load_pair_data,
+                         metrics_table, micro_batches, pair_batch, pair_margins, preference_metrics, read_densities,
+                         rm_train_step, setup_rm_optimizers)
+from nanochat.training import Progress
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--matrix_optimizer", type=str, default="muon", choices=["muon", "adamw"],
+                        help="optimizer of the backbone's matrices (embedding and head: AdamW)")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="learning rate of the backbone's matrices (default: half of base training's, "
+                             "0.01 muon / 0.001 adamw)")
+    parser.add_argument("--embedding_lr", type=float, default=1e-3, help="AdamW learning rate of the embedding")
+    parser.add_argument("--head_learning_rate", type=float, default=3e-3, help="AdamW learning rate of the head")
+    parser.add_argument("--warmdown_ratio", type=float, default=0.3, help="share of steps with a linear decay to 0")
+    parser.add_argument("--batch_size_pairs", type=int, default=32, help="global pairs per optimizer step")
+    parser.add_argument("--device_batch_size", type=int, default=16, help="pairs per forward/backward")
+    parser.add_argument("--center_coef", type=float, default=0.01, help="reward-centering weight (0: off)")
+    parser.add_argument("--density_aware", type=str2bool, default=False,
+                        help="draw pairs by their prompt's density weight instead of uniformly")
+    parser.add_argument("--out_path", type=str, default="outs/rm/ckpt.pt")
+    add_pair_flags(parser)
+    args = parse_flags(parser, argv)
+    out_dir = os.path.dirname(args.out_path) if args.out_path.endswith(".pt") else args.out_path
+    if args.out_path.endswith(".pt") and os.path.basename(args.out_path) != "ckpt.pt":
+        raise SystemExit(f"--out_path must be a directory or end in ckpt.pt, got {args.out_path}")
+
+    rank, world_size, device = dist_init(args.device)
+    seed_everything(args.seed)
+    try:
+        backbone, payload = load_model(args.sft_ckpt_path, device)
+        tok = load_tokenizer(payload)
+    except CheckpointError as e:
+        raise SystemExit(f"kat_train_rm: {e}")
+    rm = RewardModel(backbone)
+    rm.train()
+    max_len = args.max_len or rm.config.sequence_len
+    train, val, test, weights = load_pair_data(args, world_size)
+    densities = read_densities(args.density_path) if os.path.exists(args.density_path) else None
+
+    matrix_lr = 0.5 * MATRIX_LR[args.matrix_optimizer] if args.learning_rate is None else args.learning_rate
+    optimizers = setup_rm_optimizers(rm, matrix_lr, args.embedding_lr, args.head_learning_rate,
+                                     args.matrix_optimizer)
+
+    local_pairs = args.batch_size_pairs // world_size
+    num_steps = args.max_steps
+    start_step, history = 0, []  # history: (step, val accuracy, val mean margin)
+    if args.resume:
+        start_step, extra = load_resume_state(out_dir, rm, optimizers, device)
+        if extra is not None:
+            history = extra["history"]
+            print0(f"resumed from {out_dir} at step {start_step}")
+
+    def evaluate(rows):
+        rm.eval()
+        margins = pair_margins(rm, tok, rows, args.eval_batch_size, max_len)
+        rm.train()
+        return margins
+
+    def save(step, metrics=None):
+        save_checkpoint(out_dir, rm, step, payload["tokenizer_dir"], kind=RM_KIND, flags=vars(args),
+                        metrics=metrics or {}, optimizers=optimizers, extra_state={"history": history},
+                        extra={"max_len": max_len, "sft_ckpt_path": payload["path"]})
+
+    wandb = WandbLogger(args.run, "nanochat-kat-rm", vars(args))
+    progress = Progress(num_steps, start_step)
+    train_seconds, stats = 0.0, {}
+    for step in range(start_step, num_steps):
+        if val and args.eval_every > 0 and step % args.eval_every == 0:
+            m = preference_metrics(evaluate(val), val)
+            history.append((step, m["accuracy"], m["mean_margin"]))
+            print0(f"step {step:5d}/{num_steps} | val accuracy {m['accuracy']:.4f} | val margin "
+                   f"{m['mean_margin']:.4f}")
+            wandb.log({"val/accuracy": m["accuracy"], "val/mean_margin": m["mean_margin"]}, step)
+        t0 = time.time()
+        set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio))
+        batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
+        mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
+        micro = [collate_right([ids for ids, _ in renders], device)
+                 for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
+        stats = rm_train_step(rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
+        train_seconds += time.time() - t0
+        if step % args.log_every == 0 or step == num_steps - 1:
+            pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
+            print0(f"step {step + 1:5d}/{num_steps} | loss {stats['loss']:.4f} | accuracy {stats['accuracy']:.3f} | "
+                   f"margin {stats['margin']:.3f} | grad norm {stats['grad_norm']:.3f} | {pairs_per_s:.1f} pairs/s | "
+                   f"ETA {progress.eta(step)}")
+            wandb.log({f"train/{k}": v for k, v in stats.items()} | {"train/pairs_per_s": pairs_per_s}, step)
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < num_steps and rank == 0:
+            save(step + 1)
+
+    metrics = {"steps": num_steps, "train_pairs": len(train), "final_train_loss": stats.get("loss"),
+               "final_train_accuracy": stats.get("accuracy")}
+    notes = []
+    for name, rows, dens in (("val", val, densities), ("test", test, densities)):
+        if not rows:
+            continue
+        m = preference_metrics(evaluate(rows), rows, dens)
+        if name == "val":
+            history.append((num_steps, m["accuracy"], m["mean_margin"]))
+        table = metrics_table(m)
+        print0(f"\n{name} pairs:\n{table}")
+        notes.append(f"{name.capitalize()} pairs:\n\n```\n{table}\n```")
+        metrics.update(flat_metrics(m, name))
+    metrics["val_accuracy_history"] = [f"{s}:{a:.4f}" for s, a, _ in history]
+    timings = {"train_seconds": train_seconds, "total_seconds": progress.elapsed(),
+               "pairs_per_second": (num_steps - start_step) * args.batch_size_pairs / max(train_seconds, 1e-9)}
+    print0(f"training {train_seconds:.1f}s ({timings['pairs_per_second']:.1f} pairs/s), total "
+           f"{timings['total_seconds']:.1f}s")
+    if rank == 0:
+        save(num_steps, metrics)
+        write_report(out_dir, metrics, timings, vars(args), device, notes="\n\n".join(notes))
+    wandb.finish()
+    dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()

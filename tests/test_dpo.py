@@ -1,0 +1,159 @@
+"""
+DPO against independent expectations: hand-computed losses for every loss type, log-probs equal to a per-token
+loop over full forwards of each row alone (reply tokens only), exactly ln 2 while the policy is the reference,
+and a run interrupted right after a checkpoint that resumes to the same weights as an uninterrupted one.
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from nanochat.checkpoint import save_checkpoint
+from nanochat.dpo import collate_targets, dpo_losses, dpo_train_step, pair_logprobs, sequence_logprobs
+from nanochat.rm import render_pairs, render_reply
+from nanochat.synthetic import make_world
+from nanochat.tokenizer import train_tokenizer
+from scripts import kat_train_dpo
+
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return train_tokenizer(world.pretrain_documents(300, seed=0), 300)
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return world.preference_pairs(8, seed=0)
+
+
+def naive_logprob(model, ids, mask):
+    """Sum over reply tokens of log p(token | all before it), from one full forward of the row alone."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+
+
+def test_losses_match_hand_computed_values():
+    pi_c, pi_r = torch.tensor([-10.0, -5.0]), torch.tensor([-14.0, -3.0])
+    ref_c, ref_r = torch.tensor([-11.0, -5.0]), torch.tensor([-12.0, -5.0])
+    # h = (pi_c - pi_r) - (ref_c - ref_r) = (4 - 1, -2 - 0) = (3, -2); beta = 0.1
+    expected = {"sigmoid": [math.log1p(math.exp(-0.3)), math.log1p(math.exp(0.2))],  # -log sigmoid(beta h)
+                "ipo": [(3 - 5) ** 2, (-2 - 5) ** 2],  # (h - 1 / (2 beta))^2
+                "hinge": [0.7, 1.2]}  # max(0, 1 - beta h)
+    for loss_type, values in expected.items():
+        losses, chosen, rejected = dpo_losses(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type=loss_type)
+        assert losses.tolist() == pytest.approx(values, abs=1e-6), loss_type
+        assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.2, 0.2])
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_losses(pi_c, pi_r, ref_c, ref_r, loss_type="kto")
+
+
+def test_logprobs_sum_reply_tokens_only_and_match_a_per_token_loop(tok, rows):
+    model = make_tiny_model(vocab_size=300, sequence_len=64)
+    rendered = render_pairs(tok, rows[:4])
+    assert len({len(ids) for ids, _ in rendered}) > 2  # right padding is exercised
+    inputs, targets = collate_targets(rendered)
+    got = sequence_logprobs(model, inputs, targets)
+    expected = [naive_logprob(model, ids, mask) for ids, mask in rendered]
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+    # scored positions are exactly the reply's tokens and its end token
+    n_reply = [len(tok.encode(r[side])) + 1 for side in ("chosen", "rejected") for r in rows[:4]]
+    assert (targets >= 0).sum(1).tolist() == n_reply
+    chosen, rejected = pair_logprobs(model, tok, rows[:4], batch_size=3)
+    assert torch.cat([chosen, rejected]).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+HAND_LOSS = {"sigmoid": lambda h, beta: math.log1p(math.exp(-beta * h)),
+             "ipo": lambda h, beta: (h - 1 / (2 * beta)) ** 2,
+             "hinge": lambda h, beta: max(0.0, 1 - beta * h)}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_fixed_batch_step_equals_hand_computation_and_is_ln2_at_step_0(tok, rows, loss_type):
+    beta = 0.1
+    policy = make_tiny_model(seed=1, vocab_size=300, sequence_len=64).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
+    batch = render_pairs(tok, rows[:4])  # chosen 0-3, then rejected 0-3
+    micro = [collate_targets(batch[:2] + batch[4:6]), collate_targets(batch[2:4] + batch[6:])]
+    first = dpo_train_step(policy, reference, [opt], micro, 4, beta=beta, loss_type=loss_type)
+    assert first["loss"] == pytest.approx(HAND_LOSS[loss_type](0.0, beta), abs=1e-5)
+    if loss_type == "sigmoid":
+        assert first["loss"] == pytest.approx(LN2, abs=1e-7)  # float32 ln 2: policy == reference to the bit
+    assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0.5
+
+    # the policy has moved: the next loss, by hand from per-token loops over each row alone
+    pi = [naive_logprob(policy, ids, mask) for ids, mask in batch]
+    ref = [naive_logprob(reference, ids, mask) for ids, mask in batch]
+    h = [(pi[i] - pi[i + 4]) - (ref[i] - ref[i + 4]) for i in range(4)]
+    second = dpo_train_step(policy, reference, [opt], micro, 4, beta=beta, loss_type=loss_type)
+    assert max(abs(x) for x in h) > 0.1, "one step should move the policy"
+    assert second["loss"] == pytest.approx(sum(HAND_LOSS[loss_type](x, beta) for x in h) / 4, rel=1e-5, abs=1e-4)
+    assert second["rewards/chosen"] == pytest.approx(sum(beta * (pi[i] - ref[i]) for i in range(4)) / 4, abs=1e-4)
+    assert second["rewards/margins"] == pytest.approx(beta * sum(h) / 4, abs=1e-4)
+    assert second["rewards/accuracies"] == sum(x > 0 for x in h) / 4
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+class Interrupted(Exception):
+    pass
+
+
+def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(tmp_path, tok, world, monkeypatch):
+    tok.save(tmp_path / "tok")
+    save_checkpoint(tmp_path / "sft", make_tiny_model(vocab_size=300, sequence_len=64), step=0,
+                    tokenizer_dir=str(tmp_path / "tok"), flags={"source": "synthetic", "seed": 0, "synthetic_size": 1})
+    pairs = world.preference_pairs(40, seed=0)
+    (tmp_path / "pairs_all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (tmp_path / "pairs_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.preference_pairs(6, seed=1)))
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "density.jsonl").write_text("".join(
+        json.dumps({"prompt_id": pid, "density": 1.0, "weight": torch.rand(1, generator=g).item() + 0.1,
+                    "knn_mean_distance": 1.0}) + "\n" for pid in dict.fromkeys(r["prompt_id"] for r in pairs)))
+    flags = [f"--sft_ckpt_path={tmp_path / 'sft'}", f"--pairs_path={tmp_path / 'pairs_all.jsonl'}",
+             f"--test_pairs_path={tmp_path / 'pairs_test.jsonl'}", f"--density_path={tmp_path / 'density.jsonl'}",
+             "--max_steps=4", "--batch_size_pairs=4", "--device_batch_size=2", "--max_len=40", "--warmup_steps=1",
+             "--learning_rate=1e-3", "--val_share=0.2", "--eval_every=2", "--save_every=2", "--log_every=1",
+             "--eval_questions=4", "--eval_max_new_tokens=4", "--device=cpu"]
+    kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'straight'}"])
+
+    real_save = kat_train_dpo.save_checkpoint
+
+    def save_then_die(out_dir, model, step, *args, **kwargs):
+        real_save(out_dir, model, step, *args, **kwargs)
+        if step == 2:
+            raise Interrupted
+    monkeypatch.setattr(kat_train_dpo, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'killed'}"])
+    monkeypatch.setattr(kat_train_dpo, "save_checkpoint", real_save)
+    kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'killed'}", "--resume=true"])
+
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4 and a["extra"]["loss_type"] == "sigmoid"
+    for name, tensor in a["model"].items():
+        assert torch.equal(b["model"][name], tensor), name
+    ma = json.load(open(tmp_path / "straight" / "meta.json"))["metrics"]
+    mb = json.load(open(tmp_path / "killed" / "meta.json"))["metrics"]
+    assert ma["final_train_loss"] == mb["final_train_loss"]
+    assert ma["val_accuracy_history"] == mb["val_accuracy_history"]
+    for key in ("test logp accuracy (n=6)", "world artifact_rate (n=4, T=0.7)"):
+        assert f"sft/{key}" in ma and f"dpo/{key}" in ma, key
+    assert ma["sft/test implicit accuracy"] == 0.5
+    report = (tmp_path / "straight" / "report.md").read_text()
+    assert "SFT" in report and "DPO" in report and "rewards/margins" in report

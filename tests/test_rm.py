@@ -1,0 +1,231 @@
+"""
+The reward model against independent expectations: a reward read alone equals the reward read in a right-padded
+batch, hand-computed Bradley-Terry losses, identical replies that cannot be told apart however long it trains,
+swapped pairs with every margin's sign flipped, and two torchrun processes that train like one.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from nanochat.checkpoint import CheckpointError, save_checkpoint
+from nanochat.rm import (RewardModel, bt_losses, collate_right, load_reward_model, pair_batch, pair_margins,
+                         preference_metrics, render_pairs, render_reply, rewards_for_ids, rm_train_step,
+                         split_by_prompt)
+from nanochat.synthetic import make_world
+from nanochat.tokenizer import train_tokenizer
+from scripts import kat_eval_rm, kat_train_rm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return train_tokenizer(world.pretrain_documents(300, seed=0), 300)
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return world.preference_pairs(24, seed=0)
+
+
+def random_rm(seed=0):
+    rm = RewardModel(make_tiny_model(seed=seed, vocab_size=300, sequence_len=64))
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+    return rm
+
+
+def swapped(rows):
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# -----------------------------------------------------------------------------
+# rendering and the reward
+
+def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    ids, mask = render_reply(tok, messages, "2 + 3 = 5.")
+    reply = tok.encode("2 + 3 = 5.")
+    assert ids[-1] == tok.encode_special("<|assistant_end|>")
+    assert ids[-len(reply) - 1:-1] == reply and ids[-len(reply) - 2] == tok.encode_special("<|assistant_start|>")
+    assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
+    cut, cut_mask = render_reply(tok, messages, "2 + 3 = 5.", max_len=8)
+    assert cut == [tok.bos_token_id] + ids[-7:] and cut_mask == [0] + mask[-7:]
+    assert render_reply(tok, messages, "2 + 3 = 5.", max_len=len(ids)) == (ids, mask)
+
+
+def test_reward_in_a_right_padded_batch_equals_the_row_alone(tok, rows):
+    rm = random_rm().eval()
+    id_lists = [ids for ids, _ in render_pairs(tok, rows[:6])]
+    assert len({len(ids) for ids in id_lists}) > 2, "rows of different lengths are the point"
+    with torch.no_grad():
+        # independent expectation: the whole row alone, the head applied to its final position
+        alone = torch.stack([rm.head(rm.backbone.hidden_states(torch.tensor([ids]))[0, -1])[0] for ids in id_lists])
+        idx, last = collate_right(id_lists, pad_id=7)
+        batched = rm(idx, last)
+        other_pad = rm(*collate_right(id_lists, pad_id=123))
+    assert alone.abs().min() > 1e-3, "zero rewards would hide a wrong index"
+    assert torch.allclose(batched, alone, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(other_pad, batched, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(rewards_for_ids(rm, id_lists, batch_size=4), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_head_starts_at_zero_so_the_first_loss_is_ln2(tok, rows):
+    rm = RewardModel(make_tiny_model(vocab_size=300, sequence_len=64)).train()
+    opt = torch.optim.AdamW(rm.parameters(), lr=1e-3)
+    idx, last = collate_right([ids for ids, _ in render_pairs(tok, rows[:4])])
+    stats = rm_train_step(rm, [opt], [(idx, last)], 4, center_coef=0.1)
+    assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0.5 and stats["margin"] == 0
+    assert rm.backbone.lm_head is None and not any("lm_head" in k for k in rm.state_dict())
+
+
+def test_bradley_terry_loss_matches_hand_computed_values():
+    r_chosen, r_rejected = torch.tensor([1.0, -0.5, 0.0, 2.0]), torch.tensor([0.0, 0.5, 0.0, 1.0])
+    # -log sigmoid(x) = log(1 + exp(-x)); margins 1, -1, 0, 1
+    bt = [math.log1p(math.exp(-1)), math.log1p(math.exp(1)), LN2, math.log1p(math.exp(-1))]
+    assert bt_losses(r_chosen, r_rejected).tolist() == pytest.approx(bt, abs=1e-6)
+    # centering adds coef * (r_c + r_r)^2: sums 1, 0, 0, 3
+    centered = [bt[0] + 0.1, bt[1], bt[2], bt[3] + 0.9]
+    assert bt_losses(r_chosen, r_rejected, center_coef=0.1).tolist() == pytest.approx(centered, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# acceptance: no label leak, sign symmetry
+
+def test_identical_replies_stay_at_chance_however_long_it_trains(tok, rows):
+    rm = RewardModel(make_tiny_model(vocab_size=300, sequence_len=64)).train()
+    opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
+    same = [{**r, "rejected": r["chosen"]} for r in rows]
+    for step in range(8):
+        batch = [same[i] for i in pair_batch(step, len(same), 8, seed=0)]
+        idx, last = collate_right([ids for ids, _ in render_pairs(tok, batch)])
+        stats = rm_train_step(rm, [opt], [(idx, last)], 8, center_coef=0.0)
+        assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0.5
+    rm.eval()
+    margins = pair_margins(rm, tok, same, batch_size=5)
+    assert margins.abs().max() == 0
+    assert preference_metrics(margins, same)["accuracy"] == 0.5
+
+
+def test_swapping_chosen_and_rejected_flips_every_margin(tok, rows):
+    rm = random_rm(seed=1).eval()
+    margins = pair_margins(rm, tok, rows, batch_size=5)
+    flipped = pair_margins(rm, tok, swapped(rows), batch_size=5)
+    assert margins.abs().min() > 1e-3
+    assert (torch.sign(flipped) == -torch.sign(margins)).all()
+    assert torch.allclose(flipped, -margins, atol=1e-5)
+    a, b = preference_metrics(margins, rows)["accuracy"], preference_metrics(flipped, rows)["accuracy"]
+    assert a + b == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# data: split, sampling, metrics
+
+def test_split_by_prompt_never_puts_a_prompt_on_both_sides():
+    rows = [{"prompt_id": f"p{i % 50}", "i": i} for i in range(400)]
+    train, val = split_by_prompt(rows, 0.2, seed=3)
+    assert {r["prompt_id"] for r in train}.isdisjoint({r["prompt_id"] for r in val})
+    assert len(train) + len(val) == 400 and 0 < len(val) < 200
+    assert split_by_prompt(rows, 0.2, seed=3) == (train, val) and split_by_prompt(rows, 0.2, seed=4) != (train, val)
+
+
+def test_uniform_batches_walk_seeded_epochs_and_density_batches_follow_the_weights():
+    batches = [pair_batch(step, 10, 4, seed=0) for step in range(5)]
+    flat = sum(batches, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # a fresh permutation per epoch
+    assert pair_batch(3, 10, 4, seed=0) == batches[3] and pair_batch(3, 10, 4, seed=1) != batches[3]
+    weights = torch.tensor([0.0, 1.0, 3.0, 0.0], dtype=torch.float64)
+    drawn = torch.tensor(sum((pair_batch(s, 4, 100, seed=0, weights=weights) for s in range(40)), []))
+    counts = torch.bincount(drawn, minlength=4)
+    assert counts[0] == 0 and counts[3] == 0
+    assert counts[2] / counts[1] == pytest.approx(3.0, rel=0.1)
+    assert pair_batch(7, 4, 16, seed=0, weights=weights) == pair_batch(7, 4, 16, seed=0, weights=weights)
+
+
+def test_preference_metrics_by_group_and_density_quartile():
+    rows = [{"prompt_id": f"p{i}", "src": "a" if i < 4 else "b", "cluster": "c"} for i in range(8)]
+    margins = torch.tensor([1.0, -1.0, 0.0, 2.0, 1.0, 1.0, -3.0, 0.5])
+    densities = {f"p{i}": float(d) for i, d in enumerate([8, 7, 6, 5, 4, 3, 2, 1])}
+    m = preference_metrics(margins, rows, densities)
+    assert m["accuracy"] == pytest.approx(5.5 / 8) and m["mean_margin"] == pytest.approx(1.5 / 8)
+    assert m["by_src"]["a"]["accuracy"] == pytest.approx(2.5 / 4) and m["by_src"]["b"]["n"] == 4
+    assert m["by_cluster"]["c"]["n"] == 8 and m["density_coverage"] == 1.0
+    # densities 1..8: q1 sparsest holds densities 1, 2 (rows 7, 6), q4 densest holds 7, 8 (rows 1, 0)
+    assert m["by_density_quartile"]["q1 sparsest"]["mean_margin"] == pytest.approx((0.5 - 3.0) / 2)
+    assert m["by_density_quartile"]["q4 densest"]["mean_margin"] == pytest.approx(0.0)
+
+
+# -----------------------------------------------------------------------------
+# the scripts
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, tok, world):
+    """A random-weights tiny 'SFT' checkpoint, its tokenizer and pairs files."""
+    root = tmp_path_factory.mktemp("rm_stage")
+    tok.save(root / "tok")
+    save_checkpoint(root / "sft", make_tiny_model(vocab_size=300, sequence_len=64), step=0,
+                    tokenizer_dir=str(root / "tok"), flags={"source": "synthetic", "seed": 0})
+    write_jsonl(root / "pairs_all.jsonl", world.preference_pairs(48, seed=0))
+    write_jsonl(root / "pairs_test.jsonl", world.preference_pairs(12, seed=1))
+    return root
+
+
+def rm_flags(root, out):
+    return [f"--sft_ckpt_path={root / 'sft'}", f"--pairs_path={root / 'pairs_all.jsonl'}",
+            f"--test_pairs_path={root / 'pairs_test.jsonl'}", f"--density_path={root / 'none.jsonl'}",
+            "--max_steps=3", "--batch_size_pairs=8", "--device_batch_size=2", "--max_len=40", "--warmup_steps=1",
+            "--val_share=0.2", "--eval_every=0", "--save_every=0", "--log_every=1", "--learning_rate=1e-3",
+            "--head_learning_rate=1e-2", "--device=cpu", f"--out_path={out}"]
+
+
+def test_torchrun_two_processes_match_one_process_and_eval_reads_the_checkpoint(stage, tok):
+    one, two = stage / "one", stage / "two"
+    kat_train_rm.main(rm_flags(stage, one / "ckpt.pt"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.kat_train_rm", "--", *rm_flags(stage, two / "ckpt.pt")]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(one / "ckpt.pt", weights_only=False)
+    b = torch.load(two / "ckpt.pt", weights_only=False)
+    assert a["kind"] == "rm" and a["step"] == 3
+    assert a["model"]["head.weight"].abs().max() > 0
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], atol=1e-5), name
+    ma = json.load(open(one / "meta.json"))["metrics"]
+    mb = json.load(open(two / "meta.json"))["metrics"]
+    assert ma["final_train_loss"] == pytest.approx(mb["final_train_loss"], abs=1e-5)
+    assert ma["test/accuracy"] == pytest.approx(mb["test/accuracy"], abs=1e-6)
+
+    kat_eval_rm.main([f"--rm_ckpt_path={one}", f"--pairs_path={stage / 'pairs_test.jsonl'}",
+                      f"--out_dir={stage / 'rm_eval'}", "--device=cpu"])
+    results = json.load(open(stage / "rm_eval" / "results.json"))["metrics"]
+    assert results["accuracy"] == pytest.approx(ma["test/accuracy"], abs=1e-6) and results["n"] == 12
+    assert set(results["by_rejected_kind"]) <= {"wrong", "evasive", "artifact"}
+    rm, _ = load_reward_model(one)
+    test_rows = [json.loads(line) for line in open(stage / "pairs_test.jsonl")]
+    margins = pair_margins(rm, tok, test_rows, max_len=40)
+    assert results["mean_margin"] == pytest.approx(margins.mean().item(), abs=1e-6)
+
+
+def test_loading_a_plain_gpt_as_a_reward_model_fails_clearly(stage):
+    with pytest.raises(CheckpointError, match="not a reward model"):
+        load_reward_model(stage / "sft")
