@@ -15,10 +15,12 @@ At the first step the policy is the reference, so h is exactly 0 and the sigmoid
 Metrics use TRL's names: rewards/chosen = beta (log pi(chosen) - log ref(chosen)), rewards/rejected likewise,
 rewards/margins = rewards/chosen - rewards/rejected, rewards/accuracies = share of pairs with a margin > 0.
 
-Held-out evaluation (`preference_eval`): the policy's own preference, the share of pairs where log pi(chosen) >
-log pi(rejected) (summed log-probs, ties count half). Unlike the implicit reward it is defined for the SFT model
+Held-out evaluation (`preference_eval`): the policy's own preference, the share of pairs whose chosen reply has the
+higher mean log-prob per reply token (ties count half). Unlike the implicit reward it is defined for the SFT model
 too (the implicit margin of the reference against itself is 0 on every pair), so SFT and DPO compare directly.
-Summed, not length-normalised: the sum is the probability of the whole reply, the quantity DPO moves.
+Per token, because a summed log-prob mostly measures length: a synthetic artifact rejection is the chosen reply
+plus extra words, so any model "prefers" the chosen one by its sum (the SFT model on 100% of them). The summed
+accuracy and, for DPO, the implicit-reward accuracy are reported beside it.
 """
 
 import torch
@@ -106,33 +108,34 @@ def dpo_train_step(policy, reference, optimizers, micro_batches, global_pairs, b
 @torch.no_grad()
 def pair_logprobs(model, tok, rows, batch_size=32, max_len=None):
     """
-    (chosen (N,), rejected (N,)) summed reply log-probs of pair rows. Under torchrun each rank takes every
-    world_size-th row and the results are summed over ranks into place, so every rank returns all of them.
+    {"chosen", "rejected": summed reply log-probs (N,), "chosen_tokens", "rejected_tokens": scored tokens (N,)} of
+    pair rows. Under torchrun each rank takes every world_size-th row and the results are summed over ranks into
+    place, so every rank returns all of them.
     """
     rank, world_size = get_rank(), get_world_size()
     device = next(model.parameters()).device
-    out = torch.zeros(2, len(rows), device=device)
+    out = torch.zeros(4, len(rows), device=device)
     local = list(range(rank, len(rows), world_size))
     for start in range(0, len(local), batch_size):
         batch = local[start:start + batch_size]
         inputs, targets = collate_targets(render_pairs(tok, [rows[i] for i in batch], max_len), device)
-        logprobs = sequence_logprobs(model, inputs, targets)
-        out[0, batch], out[1, batch] = logprobs[:len(batch)], logprobs[len(batch):]
-    chosen, rejected = all_reduce_sum(out).cpu()
-    return chosen, rejected
+        logprobs, tokens = sequence_logprobs(model, inputs, targets), (targets != IGNORE).sum(1).float()
+        n = len(batch)
+        out[:, batch] = torch.stack([logprobs[:n], logprobs[n:], tokens[:n], tokens[n:]])
+    return dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), all_reduce_sum(out).cpu()))
 
 
-def preference_eval(policy_logprobs, reference_logprobs=None, beta=0.1):
+def preference_eval(policy, reference=None, beta=0.1):
     """
-    Held-out preference metrics from pair_logprobs results: the policy's log-prob preference accuracy, and with a
-    reference also the implicit-reward accuracy and mean margin.
+    Held-out preference metrics from pair_logprobs results: accuracy of the mean log-prob per reply token (the
+    headline), of the summed log-prob, and with a reference the implicit-reward accuracy and mean margin.
     """
-    chosen, rejected = policy_logprobs
-    metrics = {"logp_accuracy": pair_correct(chosen - rejected).mean().item(),
-               "logp_margin": (chosen - rejected).mean().item(), "n": len(chosen)}
-    if reference_logprobs is not None:
-        ref_chosen, ref_rejected = reference_logprobs
-        margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    per_token = policy["chosen"] / policy["chosen_tokens"] - policy["rejected"] / policy["rejected_tokens"]
+    summed = policy["chosen"] - policy["rejected"]
+    metrics = {"accuracy": pair_correct(per_token).mean().item(), "summed_accuracy": pair_correct(summed).mean().item(),
+               "n": len(summed)}
+    if reference is not None:
+        margins = beta * (summed - (reference["chosen"] - reference["rejected"]))
         metrics.update(implicit_accuracy=pair_correct(margins).mean().item(), implicit_margin=margins.mean().item())
     return metrics
 

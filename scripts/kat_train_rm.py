@@ -4,7 +4,8 @@ Bradley-Terry loss (nanochat/rm.py).
 
     python -m scripts.kat_train_rm                                # outs/sft + .cache/data/pairs_all.jsonl -> outs/rm/
     python -m scripts.kat_train_rm --density_aware=True           # pairs drawn by their prompt's density weight
-    python -m scripts.kat_train_rm --max_steps=300 --learning_rate=1e-4 --batch_size_pairs=64 --device_batch_size=16
+    python -m scripts.kat_train_rm --max_steps=300 --max_len=64 --batch_size_pairs=64 --device_batch_size=16
+    python -m scripts.kat_train_rm --matrix_optimizer=adamw --learning_rate=1e-3
     torchrun --standalone --nproc_per_node=2 -m scripts.kat_train_rm -- --batch_size_pairs=32
     python -m scripts.kat_train_rm --resume=True                  # continue outs/rm/ after an interruption
 
@@ -14,11 +15,14 @@ Each step draws --batch_size_pairs pairs: uniformly (seeded permutations, each p
 --density_aware, with replacement in proportion to their prompt's weight in --density_path
 (scripts.kat_density). The draw is a function of (--seed, step), so every rank draws the same global batch and
 takes its slice, and a resumed run draws what the uninterrupted one would have. Each rank runs its slice in
-micro-batches of --device_batch_size pairs (a chosen and a rejected row each).
+micro-batches of --device_batch_size pairs (a chosen and a rejected row each), shortest pairs together.
 
-Optimization. AdamW on everything: the backbone at --learning_rate, the fresh head at --head_learning_rate;
-linear warmup over --warmup_steps, then linear decay to 0. Loss: Bradley-Terry plus --center_coef times the
-squared sum of the pair's rewards (reward centering).
+Optimization. The backbone's matrices with Muon (--matrix_optimizer) at --learning_rate, the embedding and the
+fresh head with AdamW at --embedding_lr and --head_learning_rate; linear warmup over --warmup_steps, constant, then
+a linear decay to 0 over the last --warmdown_ratio of the steps. Loss: Bradley-Terry plus --center_coef times the
+squared sum of the pair's rewards (reward centering). Why Muon: on the synthetic world the pairs with a wrong fact
+are the hard ones (the artifact and evasive ones are learned within 50 steps); telling a wrong fact from the right
+one at the reply's end token takes a new circuit in the backbone, and Muon grew it in fewer steps than AdamW.
 
 Writes outs/rm/ (ckpt.pt of kind "rm", optim.pt, meta.json, report.md): accuracy and mean margin on the validation
 and test pairs, by source, cluster, rejected kind and (validation) density quartile. Evaluate any RM checkpoint
@@ -41,7 +45,7 @@ from nanochat.training import Progress
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--max_steps", type=int, default=600)
     parser.add_argument("--matrix_optimizer", type=str, default="muon", choices=["muon", "adamw"],
                         help="optimizer of the backbone's matrices (embedding and head: AdamW)")
     parser.add_argument("--learning_rate", type=float, default=None,
@@ -51,7 +55,7 @@ def main(argv=None):
     parser.add_argument("--head_learning_rate", type=float, default=3e-3, help="AdamW learning rate of the head")
     parser.add_argument("--warmdown_ratio", type=float, default=0.3, help="share of steps with a linear decay to 0")
     parser.add_argument("--batch_size_pairs", type=int, default=32, help="global pairs per optimizer step")
-    parser.add_argument("--device_batch_size", type=int, default=16, help="pairs per forward/backward")
+    parser.add_argument("--device_batch_size", type=int, default=8, help="pairs per forward/backward")
     parser.add_argument("--center_coef", type=float, default=0.01, help="reward-centering weight (0: off)")
     parser.add_argument("--density_aware", type=str2bool, default=False,
                         help="draw pairs by their prompt's density weight instead of uniformly")

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_model
 from nanochat.checkpoint import save_checkpoint
-from nanochat.dpo import collate_targets, dpo_losses, dpo_train_step, pair_logprobs, sequence_logprobs
-from nanochat.rm import render_pairs, render_reply
+from nanochat.dpo import (collate_targets, dpo_losses, dpo_train_step, pair_logprobs, preference_eval,
+                          sequence_logprobs)
+from nanochat.rm import render_pairs
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from scripts import kat_train_dpo
@@ -71,8 +72,9 @@ def test_logprobs_sum_reply_tokens_only_and_match_a_per_token_loop(tok, rows):
     # scored positions are exactly the reply's tokens and its end token
     n_reply = [len(tok.encode(r[side])) + 1 for side in ("chosen", "rejected") for r in rows[:4]]
     assert (targets >= 0).sum(1).tolist() == n_reply
-    chosen, rejected = pair_logprobs(model, tok, rows[:4], batch_size=3)
-    assert torch.cat([chosen, rejected]).tolist() == pytest.approx(expected, abs=1e-4)
+    got = pair_logprobs(model, tok, rows[:4], batch_size=3)
+    assert torch.cat([got["chosen"], got["rejected"]]).tolist() == pytest.approx(expected, abs=1e-4)
+    assert torch.cat([got["chosen_tokens"], got["rejected_tokens"]]).tolist() == n_reply
 
 
 HAND_LOSS = {"sigmoid": lambda h, beta: math.log1p(math.exp(-beta * h)),
@@ -152,8 +154,20 @@ def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(tmp_path,
     mb = json.load(open(tmp_path / "killed" / "meta.json"))["metrics"]
     assert ma["final_train_loss"] == mb["final_train_loss"]
     assert ma["val_accuracy_history"] == mb["val_accuracy_history"]
-    for key in ("test logp accuracy (n=6)", "world artifact_rate (n=4, T=0.7)"):
+    for key in ("test/accuracy", "test/summed_accuracy", "world/artifact_rate", "world/correct"):
         assert f"sft/{key}" in ma and f"dpo/{key}" in ma, key
-    assert ma["sft/test implicit accuracy"] == 0.5
+    assert ma["sft/test/implicit_accuracy"] == 0.5
     report = (tmp_path / "straight" / "report.md").read_text()
     assert "SFT" in report and "DPO" in report and "rewards/margins" in report
+
+
+def test_preference_accuracy_is_per_token_and_the_summed_one_is_reported_beside_it():
+    # pair 0: chosen -4 over 2 tokens (-2 per token), rejected -6 over 4 (-1.5): the sum prefers chosen, per token not
+    # pair 1: chosen -3 over 3 (-1), rejected -6 over 3 (-2): both prefer chosen
+    policy = {"chosen": torch.tensor([-4.0, -3.0]), "rejected": torch.tensor([-6.0, -6.0]),
+              "chosen_tokens": torch.tensor([2.0, 3.0]), "rejected_tokens": torch.tensor([4.0, 3.0])}
+    reference = {**policy, "chosen": torch.tensor([-4.0, -2.0])}
+    m = preference_eval(policy, reference, beta=0.5)
+    assert m["accuracy"] == 0.5 and m["summed_accuracy"] == 1.0
+    # implicit margins: beta * ((-4 + 6) - (-4 + 6), (-3 + 6) - (-2 + 6)) = (0, -0.5): a tie and a miss
+    assert m["implicit_accuracy"] == 0.25 and m["implicit_margin"] == pytest.approx(-0.25)
