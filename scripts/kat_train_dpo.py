@@ -28,7 +28,6 @@ Writes the output directory (ckpt.pt, optim.pt, meta.json, report.md with both m
 
 import argparse
 import copy
-import os
 import time
 
 import torch
@@ -119,7 +118,8 @@ def main(argv=None):
         set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup_steps, 1.0))
         batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
-        micro = [collate_targets(renders, device) for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
+        micro = [collate_targets(renders, device)
+                 for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
         stats = dpo_train_step(policy, reference, optimizers, micro, args.batch_size_pairs, args.beta,
                                args.loss_type, args.grad_clip)
         train_seconds += time.time() - t0

@@ -33,6 +33,8 @@ import argparse
 import os
 import time
 
+import torch
+
 from nanochat.checkpoint import CheckpointError, load_model, load_resume_state, load_tokenizer, save_checkpoint
 from nanochat.common import WandbLogger, dist_cleanup, dist_init, parse_flags, print0, seed_everything, str2bool
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
@@ -59,6 +61,9 @@ def main(argv=None):
     parser.add_argument("--center_coef", type=float, default=0.01, help="reward-centering weight (0: off)")
     parser.add_argument("--density_aware", type=str2bool, default=False,
                         help="draw pairs by their prompt's density weight instead of uniformly")
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="torch.compile the training forward, dynamic shapes (~1.25x faster on CPU at the "
+                             "reference size; needs a C++ compiler, ~30 s to compile)")
     parser.add_argument("--out_path", type=str, default="outs/rm/ckpt.pt")
     add_pair_flags(parser)
     args = parse_flags(parser, argv)
@@ -103,6 +108,8 @@ def main(argv=None):
                         metrics=metrics or {}, optimizers=optimizers, extra_state={"history": history},
                         extra={"max_len": max_len, "sft_ckpt_path": payload["path"]})
 
+    # only training is compiled: evaluation runs the plain module
+    train_rm = torch.compile(rm, dynamic=True) if args.compile else rm
     wandb = WandbLogger(args.run, "nanochat-kat-rm", vars(args))
     progress = Progress(num_steps, start_step)
     train_seconds, stats = 0.0, {}
@@ -119,7 +126,7 @@ def main(argv=None):
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
         micro = [collate_right([ids for ids, _ in renders], device)
                  for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
-        stats = rm_train_step(rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
+        stats = rm_train_step(train_rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
         train_seconds += time.time() - t0
         if step % args.log_every == 0 or step == num_steps - 1:
             pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds

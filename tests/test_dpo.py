@@ -7,6 +7,9 @@ and a run interrupted right after a checkpoint that resumes to the same weights 
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from scripts import kat_train_dpo
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2 = math.log(2)
 
 
@@ -115,22 +119,33 @@ class Interrupted(Exception):
     pass
 
 
-def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(tmp_path, tok, world, monkeypatch):
-    tok.save(tmp_path / "tok")
-    save_checkpoint(tmp_path / "sft", make_tiny_model(vocab_size=300, sequence_len=64), step=0,
-                    tokenizer_dir=str(tmp_path / "tok"), flags={"source": "synthetic", "seed": 0, "synthetic_size": 1})
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, tok, world):
+    """A random-weights tiny 'SFT' checkpoint of the world, its tokenizer, pairs files and density weights."""
+    root = tmp_path_factory.mktemp("dpo_stage")
+    tok.save(root / "tok")
+    save_checkpoint(root / "sft", make_tiny_model(vocab_size=300, sequence_len=64), step=0,
+                    tokenizer_dir=str(root / "tok"), flags={"source": "synthetic", "seed": 0, "synthetic_size": 1})
     pairs = world.preference_pairs(40, seed=0)
-    (tmp_path / "pairs_all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (tmp_path / "pairs_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.preference_pairs(6, seed=1)))
+    (root / "pairs_all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (root / "pairs_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.preference_pairs(6, seed=1)))
     g = torch.Generator().manual_seed(0)
-    (tmp_path / "density.jsonl").write_text("".join(
+    (root / "density.jsonl").write_text("".join(
         json.dumps({"prompt_id": pid, "density": 1.0, "weight": torch.rand(1, generator=g).item() + 0.1,
                     "knn_mean_distance": 1.0}) + "\n" for pid in dict.fromkeys(r["prompt_id"] for r in pairs)))
-    flags = [f"--sft_ckpt_path={tmp_path / 'sft'}", f"--pairs_path={tmp_path / 'pairs_all.jsonl'}",
-             f"--test_pairs_path={tmp_path / 'pairs_test.jsonl'}", f"--density_path={tmp_path / 'density.jsonl'}",
-             "--max_steps=4", "--batch_size_pairs=4", "--device_batch_size=2", "--max_len=40", "--warmup_steps=1",
-             "--learning_rate=1e-3", "--val_share=0.2", "--eval_every=2", "--save_every=2", "--log_every=1",
-             "--eval_questions=4", "--eval_max_new_tokens=4", "--device=cpu"]
+    return root
+
+
+def dpo_flags(root):
+    return [f"--sft_ckpt_path={root / 'sft'}", f"--pairs_path={root / 'pairs_all.jsonl'}",
+            f"--test_pairs_path={root / 'pairs_test.jsonl'}", f"--density_path={root / 'density.jsonl'}",
+            "--max_steps=4", "--batch_size_pairs=4", "--device_batch_size=2", "--max_len=40", "--warmup_steps=1",
+            "--learning_rate=1e-3", "--val_share=0.2", "--eval_every=2", "--save_every=2", "--log_every=1",
+            "--eval_questions=4", "--eval_max_new_tokens=4", "--device=cpu"]
+
+
+def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(stage, tmp_path, monkeypatch):
+    flags = dpo_flags(stage)
     kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'straight'}"])
 
     real_save = kat_train_dpo.save_checkpoint
@@ -171,3 +186,22 @@ def test_preference_accuracy_is_per_token_and_the_summed_one_is_reported_beside_
     assert m["accuracy"] == 0.5 and m["summed_accuracy"] == 1.0
     # implicit margins: beta * ((-4 + 6) - (-4 + 6), (-3 + 6) - (-2 + 6)) = (0, -0.5): a tie and a miss
     assert m["implicit_accuracy"] == 0.25 and m["implicit_margin"] == pytest.approx(-0.25)
+
+
+def test_torchrun_two_processes_match_one_process(stage, tmp_path):
+    flags = dpo_flags(stage) + ["--max_steps=3", "--save_every=0", "--eval_every=0", "--batch_size_pairs=4",
+                                "--device_batch_size=1"]
+    kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'one'}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.kat_train_dpo", "--", *flags, f"--out_dir={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    ma = json.load(open(tmp_path / "one" / "meta.json"))["metrics"]
+    mb = json.load(open(tmp_path / "two" / "meta.json"))["metrics"]
+    for key in ("final_train_loss", "final_train_rewards/margins", "dpo/test/accuracy", "dpo/world/artifact_rate"):
+        assert ma[key] == pytest.approx(mb[key], abs=1e-5), key

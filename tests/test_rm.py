@@ -229,3 +229,31 @@ def test_torchrun_two_processes_match_one_process_and_eval_reads_the_checkpoint(
 def test_loading_a_plain_gpt_as_a_reward_model_fails_clearly(stage):
     with pytest.raises(CheckpointError, match="not a reward model"):
         load_reward_model(stage / "sft")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_a_checkpoint_ends_like_an_uninterrupted_run(stage, monkeypatch):
+    flags = rm_flags(stage, "unused")[:-1] + ["--max_steps=4", "--save_every=2", "--eval_every=2"]
+    kat_train_rm.main(flags + [f"--out_path={stage / 'straight'}"])
+    real_save = kat_train_rm.save_checkpoint
+
+    def save_then_die(out_dir, model, step, *args, **kwargs):
+        real_save(out_dir, model, step, *args, **kwargs)
+        if step == 2:
+            raise Interrupted
+    monkeypatch.setattr(kat_train_rm, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}"])
+    monkeypatch.setattr(kat_train_rm, "save_checkpoint", real_save)
+    kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}", "--resume=true"])
+    a = torch.load(stage / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(stage / "killed" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(b["model"][name], tensor), name
+    ma = json.load(open(stage / "straight" / "meta.json"))["metrics"]
+    mb = json.load(open(stage / "killed" / "meta.json"))["metrics"]
+    assert ma["val_accuracy_history"] == mb["val_accuracy_history"] and ma["test/accuracy"] == mb["test/accuracy"]
