@@ -1,10 +1,15 @@
 """
 Speed benchmarks at the design doc's reference size (depth 4: width 256, 4 heads; vocab 4096; context 512) on a
-randomly initialised model, plus the Muon vs AdamW race that decides the default matrix optimizer. Prints one
-table at the end and writes outs/bench.json (atomically; a partial `--only` run writes only its workloads).
+randomly initialised model and random tokens: pretraining and decoding throughput, the Muon vs AdamW race that
+decides the default matrix optimizer, the post-training steps (reward model, DPO, GRPO) beside TRL's figures, and
+the kNN behind the density weights. Prints one table at the end and writes outs/bench.json (atomically; a partial
+`--only` run writes only its workloads).
 
-    python -m scripts.bench                                    # all three workloads: ~3.5 minutes on 2 quiet cores
+    python -m scripts.bench                                    # every workload
+    python -m scripts.bench --only=train,generate,optimizers   # ~3.5 minutes on 2 quiet cores
     python -m scripts.bench --only=train,generate              # skip the 2 x 60 s optimizer race
+    python -m scripts.bench --only=rm,dpo,grpo                 # the post-training steps beside TRL's
+    python -m scripts.bench --only=density --density_n=200000 --brute_max_gib=8
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
     python -m scripts.bench --threads=1 --out=outs/bench_1thread.json
 
@@ -29,36 +34,85 @@ What is measured:
               are outside). The learning rate decays linearly to 0 over the last 30% of the budget (base_train's
               warmdown, in seconds instead of steps). Reports steps done, the mean training loss of the last 10
               steps and the loss on held-out rows from documents of another seed; the lower held-out loss wins.
+  rm          pairs/s of one reward-model step as scripts/kat_train_rm.py takes it: `nanochat.rm.rm_train_step`
+              (rewards of the chosen and rejected rows, Bradley-Terry loss with centering 0.01, backward, grad
+              clip 1, optimizer step) of `RewardModel(GPT(config))` on --pairs pairs of --rm_len random chosen
+              and --rm_len random rejected tokens, in micro-batches of --pair_device_batch_size pairs (its chosen
+              rows, then its rejected rows, `collate_right`, built once before timing). `setup_rm_optimizers` at the
+              script's default learning rates with the backbone's matrices on muon (the script's default) and on
+              adamw, the two taking turns step by step: --pair_warmup untimed steps, then pairs / seconds over
+              --pair_steps timed steps and from the median step.
+  dpo         pairs/s of one DPO step as scripts/kat_train_dpo.py takes it: `nanochat.dpo.dpo_train_step`
+              (log-probs of a frozen copy of the model under no_grad, the policy's forward and backward, sigmoid
+              loss at beta 0.1, grad clip 1, the script's AdamW step on every parameter) on --pairs pairs of a
+              random --dpo_prompt_len-token prompt followed by a random --dpo_reply_len-token chosen or rejected
+              reply; only reply tokens are scored (`collate_targets`). Micro-batches, warmup and timing as rm.
+  grpo        seconds per GRPO step as scripts/kat_train_grpo.py takes it, in three timed parts. generate:
+              `Engine.generate` of --grpo_samples completions of --grpo_new_tokens tokens for each of
+              --grpo_prompts random --grpo_prompt_len-token prompts, temperature 1, no stop tokens, so every
+              completion runs to full length (the worst case). score: `rewards_for_ids` of every prompt +
+              completion by a random-init reward model of the same size. train: `group_advantages`,
+              `pack_sequences`, the frozen reference's log-probs under no_grad and one `policy_update` pass (token
+              loss, clip 0.2, KL beta 0.04, grad clip 1, AdamW at 1e-4), both in batches of
+              --grpo_device_batch_size rows. One untimed step, then the median of --grpo_steps timed steps, for the
+              whole step and for each part.
+  density     kNN (k = 10) plus density weights of --density_n random 256-dim unit vectors: blocked
+              (`nanochat.density.knn`, tiles of --density_block_size) beside brute force (the whole N x N cosine
+              similarity matrix, then topk of each row). Brute force runs at --density_n when its matrix and
+              normalised copy fit in --brute_max_gib; otherwise both run at --density_brute_n and blocked alone
+              at --density_n too. Each run is a fresh process with --threads threads: its seconds, and its peak
+              extra memory, the rise of the process's peak RSS over its peak just before the kNN (vectors and
+              torch loaded), beside the theory (`working_bytes`). "identical" is true when, at the size where both
+              ran, they found the same neighbours in the same order with distances within 1e-6.
 
 Timings are wall clock, so a shared machine makes them noisy: the json records the 1-minute load average before
-and after (this run's own threads count towards the second). Reference figures appear only at the reference size.
+and after (this run's own threads count towards the second). Reference figures appear only at the reference size
+and the workloads' default shapes.
 """
 
 import argparse
+import copy
+import functools
 import itertools
+import multiprocessing
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 
 import torch
 
 from nanochat.common import atomic_write_json, parse_flags, seed_everything
+from nanochat.density import densities, density_weights, knn
+from nanochat.dpo import collate_targets, dpo_train_step
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, config_from_depth, set_lr
+from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
+from nanochat.grpo import completion_logprobs, group_advantages, pack_sequences, policy_update
+from nanochat.rm import RewardModel, collate_right, rewards_for_ids, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from nanochat.training import train_step
 
-WORKLOADS = ("train", "generate", "optimizers")
+WORKLOADS = ("train", "generate", "optimizers", "rm", "dpo", "grpo", "density")
 OPTIMIZERS = ("muon", "adamw")
+GRPO_PARTS = ("generate", "score", "train")
 PROMPT_LEN = 32
 WARMDOWN = 0.3  # share of the race's time budget with a linearly decaying learning rate
 LAST_STEPS = 10  # the race's training loss is averaged over this many final steps: one batch is too noisy
+DENSITY_DIM, DENSITY_K = 256, 10
+SAME_DISTANCE = 1e-6  # blocked and brute force round a cosine differently, by a few fp32 ulps
 
 # measured by the design doc with HF transformers on this machine class, at the reference size
 REF_TRAIN_TOKENS_PER_S = 2960  # GPT-2, batch 8 x 512
 REF_GENERATE_TOKENS_PER_S = {1: 250, 16: 1790}  # generate(), greedy, 256 new tokens
+# the design doc's figures for TRL's trainers on the rm, dpo and grpo workloads at their default shapes
+REF_RM_PAIRS_PER_S = 14.3  # RewardTrainer, 16 pairs of 128 + 128 tokens
+REF_DPO_PAIRS_PER_S = 6.4  # DPOTrainer, 16 pairs of 64 prompt + 64 chosen + 64 rejected tokens
+REF_GRPO_SECONDS_PER_STEP = 15.8  # GRPOTrainer, 16 prompts x 8 samples, 64 + 64 tokens
+TARGET_PAIRS_SPEEDUP = 2  # rm and dpo: at least twice TRL's pairs/s
+TARGET_GRPO_SECONDS = 5.0  # grpo: at most 5 s per step, over 3x faster than TRL
 
 
 def at_reference_size(args):
@@ -86,6 +140,30 @@ def fresh_model(config, seed, device):
     return GPT(config).to(device)
 
 
+def random_ids(gen, vocab_size, rows, length):
+    return torch.randint(0, vocab_size, (rows, length), generator=gen).tolist()
+
+
+def time_steps(steps, warmup, timed_steps, device):
+    """
+    {name: seconds of each timed call} of the step functions `steps` {name: fn}. They take turns call by call, so
+    a shared machine's changing load slows all of them alike.
+    """
+    step_seconds = {name: [] for name in steps}
+    for i in range(warmup + timed_steps):
+        for name, step in steps.items():
+            _, seconds = timed(step, device)
+            if i >= warmup:
+                step_seconds[name].append(seconds)
+    return step_seconds
+
+
+def throughput(step_seconds, per_step, unit):
+    """The rate over all timed steps and from the median step alone (robust to a neighbour's burst of load)."""
+    return {f"{unit}_per_s": len(step_seconds) * per_step / sum(step_seconds),
+            f"{unit}_per_s_median_step": per_step / statistics.median(step_seconds), "step_seconds": step_seconds}
+
+
 # -----------------------------------------------------------------------------
 # train: optimizer steps per second
 
@@ -94,23 +172,15 @@ def bench_train(args, config, device):
     rows = torch.randint(0, config.vocab_size, (args.train_batch, args.seq_len + 1), generator=gen).to(device)
     micro = [(rows[:, :-1], rows[:, 1:])]
     tokens_per_step = args.train_batch * args.seq_len
-    runs = {}
+    steps = {}
     for name in OPTIMIZERS:
         model = fresh_model(config, args.seed, device)
-        runs[name] = (model, model.setup_optimizers(matrix_optimizer=name))
-    step_seconds = {name: [] for name in OPTIMIZERS}
-    for i in range(args.train_warmup + args.train_steps):
-        # the optimizers take turns step by step, so a shared machine's changing load slows both alike
-        for name, (model, optimizers) in runs.items():
-            _, seconds = timed(lambda: train_step(model, optimizers, micro), device)
-            if i >= args.train_warmup:
-                step_seconds[name].append(seconds)
+        steps[name] = functools.partial(train_step, model, model.setup_optimizers(matrix_optimizer=name), micro)
     results = {}
-    for name, seconds in step_seconds.items():
-        tps = len(seconds) * tokens_per_step / sum(seconds)
-        median_tps = tokens_per_step / statistics.median(seconds)
-        results[name] = {"tokens_per_s": tps, "tokens_per_s_median_step": median_tps, "step_seconds": seconds}
-        print(f"train {name:5s}: {tps:,.0f} tok/s (median step {median_tps:,.0f})", flush=True)
+    for name, seconds in time_steps(steps, args.train_warmup, args.train_steps, device).items():
+        results[name] = throughput(seconds, tokens_per_step, "tokens")
+        print(f"train {name:5s}: {results[name]['tokens_per_s']:,.0f} tok/s (median step "
+              f"{results[name]['tokens_per_s_median_step']:,.0f})", flush=True)
     reference = REF_TRAIN_TOKENS_PER_S if at_reference_size(args) and args.train_batch == 8 else None
     return {"batch": args.train_batch, "seq_len": args.seq_len, "warmup_steps": args.train_warmup,
             "timed_steps": args.train_steps, **results, "reference_hf_gpt2_tokens_per_s": reference}
@@ -229,11 +299,206 @@ def bench_optimizers(args, device):
 
 
 # -----------------------------------------------------------------------------
+# rm and dpo: preference pairs per second
+
+def bench_rm(args, config, device):
+    gen = torch.Generator().manual_seed(args.seed)
+    chosen = random_ids(gen, config.vocab_size, args.pairs, args.rm_len)
+    rejected = random_ids(gen, config.vocab_size, args.pairs, args.rm_len)
+    b = args.pair_device_batch_size
+    micro = [collate_right(chosen[i:i + b] + rejected[i:i + b], device) for i in range(0, args.pairs, b)]
+    steps = {}
+    for name in OPTIMIZERS:
+        rm = RewardModel(fresh_model(config, args.seed, device)).to(device)
+        # kat_train_rm's default learning rates, centering and clipping (none of them changes the step's cost)
+        optimizers = setup_rm_optimizers(rm, 0.5 * MATRIX_LR[name], 1e-3, 3e-3, name)
+        steps[name] = functools.partial(rm_train_step, rm, optimizers, micro, args.pairs, 0.01, 1.0)
+    at_reference = at_reference_size(args) and (args.pairs, args.rm_len) == (16, 128)
+    results = {"pairs": args.pairs, "tokens_per_row": args.rm_len, "device_batch_pairs": b,
+               "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps}
+    for name, seconds in time_steps(steps, args.pair_warmup, args.pair_steps, device).items():
+        results[name] = throughput(seconds, args.pairs, "pairs")
+        print(f"rm {name:5s}: {results[name]['pairs_per_s']:,.1f} pairs/s (median step "
+              f"{results[name]['pairs_per_s_median_step']:,.1f})", flush=True)
+    results["reference_trl_reward_trainer_pairs_per_s"] = REF_RM_PAIRS_PER_S if at_reference else None
+    return results
+
+
+def bench_dpo(args, config, device):
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = random_ids(gen, config.vocab_size, args.pairs, args.dpo_prompt_len)
+    replies = random_ids(gen, config.vocab_size, 2 * args.pairs, args.dpo_reply_len)  # chosen ones, rejected ones
+    mask = [0] * args.dpo_prompt_len + [1] * args.dpo_reply_len
+    renders = [(prompts[i % args.pairs] + reply, mask) for i, reply in enumerate(replies)]
+    b, n = args.pair_device_batch_size, args.pairs
+    micro = [collate_targets(renders[i:i + b] + renders[n + i:n + i + b], device) for i in range(0, n, b)]
+    policy = fresh_model(config, args.seed, device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # kat_train_dpo's optimizer and default beta, loss and clipping (none of them changes the step's cost)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    step = functools.partial(dpo_train_step, policy, reference, [optimizer], micro, n, 0.1, "sigmoid", 1.0)
+    seconds = time_steps({"dpo": step}, args.pair_warmup, args.pair_steps, device)["dpo"]
+    at_reference = at_reference_size(args) and (n, args.dpo_prompt_len, args.dpo_reply_len) == (16, 64, 64)
+    results = {"pairs": n, "prompt_len": args.dpo_prompt_len, "reply_len": args.dpo_reply_len,
+               "device_batch_pairs": b, "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps,
+               **throughput(seconds, n, "pairs"),
+               "reference_trl_dpo_trainer_pairs_per_s": REF_DPO_PAIRS_PER_S if at_reference else None}
+    print(f"dpo: {results['pairs_per_s']:,.1f} pairs/s (median step {results['pairs_per_s_median_step']:,.1f})",
+          flush=True)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# grpo: seconds per step, by part
+
+def bench_grpo(args, config, device):
+    policy = fresh_model(config, args.seed, device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = RewardModel(fresh_model(config, args.seed + 1, device)).to(device).eval()
+    # kat_train_grpo's optimizer and default loss settings
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    update_args = argparse.Namespace(device_batch_size=args.grpo_device_batch_size, num_iterations=1,
+                                     loss_type="token", clip_eps=0.2, beta=0.04, grad_clip=1.0)
+    engine = Engine(policy)
+    gen = torch.Generator().manual_seed(args.seed)
+    rows, batch_rows = args.grpo_prompts * args.grpo_samples, args.grpo_device_batch_size
+    step_seconds = {part: [] for part in GRPO_PARTS}
+    for step in range(1 + args.grpo_steps):  # the first step is the untimed warmup
+        prompts = random_ids(gen, config.vocab_size, args.grpo_prompts, args.grpo_prompt_len)
+        repeated = [p for p in prompts for _ in range(args.grpo_samples)]
+        policy.eval()
+        completions, generate_s = timed(lambda: engine.generate(
+            prompts, num_samples=args.grpo_samples, max_new_tokens=args.grpo_new_tokens, temperature=1.0,
+            seed=args.seed + step).completions(), device)
+        policy.train()
+        assert all(len(c) == args.grpo_new_tokens for c in completions)  # a short one would make the step cheaper
+        rewards, score_s = timed(
+            lambda: rewards_for_ids(rm, [p + c for p, c in zip(repeated, completions)]).to(device), device)
+
+        def train():
+            advantages = group_advantages(rewards.view(args.grpo_prompts, args.grpo_samples)).view(-1)
+            # the pad id is never read: completion positions and the mask stop at each row's end
+            batch = tuple(t.to(device) for t in pack_sequences(repeated, completions, pad_id=0))
+            with torch.no_grad():
+                ref_logprobs = torch.cat([completion_logprobs(reference, *(t[s:s + batch_rows] for t in batch[:3]))
+                                          for s in range(0, rows, batch_rows)])
+            return policy_update(policy, [optimizer], batch, ref_logprobs, advantages, update_args,
+                                 num_sequences_global=rows, num_tokens_global=batch[3].sum().float())
+
+        _, train_s = timed(train, device)
+        if step:
+            for part, seconds in zip(GRPO_PARTS, (generate_s, score_s, train_s)):
+                step_seconds[part].append(seconds)
+    step_seconds["total"] = [sum(parts) for parts in zip(*(step_seconds[part] for part in GRPO_PARTS))]
+    median = {part: statistics.median(seconds) for part, seconds in step_seconds.items()}
+    at_reference = at_reference_size(args) and (args.grpo_prompts, args.grpo_samples, args.grpo_prompt_len,
+                                                 args.grpo_new_tokens) == (16, 8, 64, 64)
+    print(f"grpo: {median['total']:.2f} s/step (generate {median['generate']:.2f}, score {median['score']:.2f}, "
+          f"train {median['train']:.2f})", flush=True)
+    return {"prompts": args.grpo_prompts, "samples": args.grpo_samples, "prompt_len": args.grpo_prompt_len,
+            "new_tokens": args.grpo_new_tokens, "device_batch_size": batch_rows, "warmup_steps": 1,
+            "timed_steps": args.grpo_steps, "median_seconds": median, "step_seconds": step_seconds,
+            "reference_trl_grpo_trainer_seconds_per_step": REF_GRPO_SECONDS_PER_STEP if at_reference else None}
+
+
+# -----------------------------------------------------------------------------
+# density: blocked kNN vs brute force, time and peak memory
+
+def peak_rss_bytes():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def brute_force_knn(embeddings, k):
+    """The baseline: the whole N x N similarity matrix, then top k of each row."""
+    x = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    sims = x @ x.T
+    sims.fill_diagonal_(float("-inf"))
+    top = sims.topk(k, dim=1)
+    return (1 - top.values).clamp_(min=0), top.indices
+
+
+def working_bytes(method, n, block_size):
+    """
+    What a kNN allocates beyond its input, in theory: both normalise a copy of the vectors; brute force then holds
+    the N x N matrix, the blocked version one tile and its transposed copy, and every row's running top k (fp32
+    similarity + int64 index).
+    """
+    copy_bytes = n * DENSITY_DIM * 4
+    if method == "brute":
+        return copy_bytes + n * n * 4
+    return copy_bytes + 2 * min(block_size, n) ** 2 * 4 + n * DENSITY_K * 12
+
+
+def density_run(method, n, block_size, threads, seed):
+    """One measurement, run in a fresh process so that its peak RSS is its own."""
+    torch.set_num_threads(threads)
+    x = torch.randn(n, DENSITY_DIM, generator=torch.Generator().manual_seed(seed))
+    x /= x.norm(dim=1, keepdim=True)
+    before = peak_rss_bytes()
+    t0 = time.perf_counter()
+    distances, indices = knn(x, DENSITY_K, block_size) if method == "blocked" else brute_force_knn(x, DENSITY_K)
+    density_weights(densities(distances.double().mean(1)))  # the rest of compute_density after the kNN
+    seconds = time.perf_counter() - t0
+    return {"method": method, "n": n, "seconds": seconds, "peak_extra_bytes": max(0, peak_rss_bytes() - before),
+            "distances": distances, "indices": indices}
+
+
+def density_compare_n(args):
+    """The size at which blocked and brute force both run: --density_n if brute force fits the budget there."""
+    budget = args.brute_max_gib * 2**30
+    if working_bytes("brute", args.density_n, args.density_block_size) <= budget:
+        return args.density_n
+    need = working_bytes("brute", args.density_brute_n, args.density_block_size) / 2**30
+    if need > budget or args.density_brute_n >= args.density_n:
+        raise SystemExit(f"brute force at --density_brute_n={args.density_brute_n} needs {need:.3g} GiB: it must "
+                         f"fit in --brute_max_gib={args.brute_max_gib:g} and be below --density_n={args.density_n}")
+    return args.density_brute_n
+
+
+def bench_density(args, compare_n):
+    n = args.density_n
+    jobs = [("blocked", m) for m in sorted({compare_n, n})] + [("brute", compare_n)]
+    context = multiprocessing.get_context("spawn")
+    runs = []
+    for method, m in jobs:
+        with context.Pool(1) as pool:
+            r = pool.apply(density_run, (method, m, args.density_block_size, args.threads, args.seed))
+        r["working_bytes_theory"] = working_bytes(method, m, args.density_block_size)
+        runs.append(r)
+        print(f"density {method:7s} N={m}: {r['seconds']:.2f} s, peak +{r['peak_extra_bytes'] / 2**20:.1f} MiB "
+              f"(theory {r['working_bytes_theory'] / 2**20:.1f} MiB)", flush=True)
+    blocked, brute = (next(r for r in runs if (r["method"], r["n"]) == (method, compare_n))
+                      for method in ("blocked", "brute"))
+    max_diff = (blocked["distances"] - brute["distances"]).abs().max().item()
+    identical = torch.equal(blocked["indices"], brute["indices"]) and max_diff <= SAME_DISTANCE
+    skipped = None
+    if compare_n != n:
+        need = working_bytes("brute", n, args.density_block_size) / 2**30
+        skipped = f"N={n}: brute force needs {need:.3g} GiB > --brute_max_gib={args.brute_max_gib:g}"
+    print(f"density blocked vs brute force at N={compare_n}: identical: {str(identical).lower()}", flush=True)
+    return {"dim": DENSITY_DIM, "k": DENSITY_K, "block_size": args.density_block_size, "threads": args.threads,
+            "runs": [{key: v for key, v in r.items() if key not in ("distances", "indices")} for r in runs],
+            "compared_at_n": compare_n, "identical": identical,
+            "same_neighbours_fraction": (blocked["indices"] == brute["indices"]).float().mean().item(),
+            "max_abs_distance_diff": max_diff, "brute_skipped": skipped}
+
+
+# -----------------------------------------------------------------------------
 
 def environment(device):
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": os.getloadavg()}
+
+
+def pairs_measured(r, ref):
+    speedup = f", {r['pairs_per_s'] / ref:.1f}x TRL" if ref else ""
+    return f"{r['pairs_per_s']:,.1f} pairs/s (median step {r['pairs_per_s_median_step']:,.1f}){speedup}"
+
+
+def pairs_reference(ref, trainer):
+    return f"{ref} pairs/s TRL {trainer}, target >= {TARGET_PAIRS_SPEEDUP}x" if ref else ""
 
 
 def table(results):
@@ -262,6 +527,34 @@ def table(results):
             rows.append((f"optimizers {name} {r['budget_seconds']:g} s ({o['steps']} steps)",
                          f"train {o['train_loss']:.3f} / held-out {o['heldout_loss']:.3f}",
                          "winner" if name == r["winner"] else ""))
+    if "rm" in results:
+        r = results["rm"]
+        ref = r["reference_trl_reward_trainer_pairs_per_s"]
+        for name in OPTIMIZERS:
+            rows.append((f"rm {name} {r['pairs']} pairs x {r['tokens_per_row']}+{r['tokens_per_row']}",
+                         pairs_measured(r[name], ref), pairs_reference(ref, "RewardTrainer")))
+    if "dpo" in results:
+        r = results["dpo"]
+        ref = r["reference_trl_dpo_trainer_pairs_per_s"]
+        rows.append((f"dpo {r['pairs']} pairs x {r['prompt_len']}+{r['reply_len']}+{r['reply_len']}",
+                     pairs_measured(r, ref), pairs_reference(ref, "DPOTrainer")))
+    if "grpo" in results:
+        r = results["grpo"]
+        ref, median = r["reference_trl_grpo_trainer_seconds_per_step"], r["median_seconds"]
+        rows.append((f"grpo step {r['prompts']}x{r['samples']}, {r['prompt_len']}+{r['new_tokens']} tok",
+                     f"{median['total']:.2f} s (median)" + (f", {ref / median['total']:.1f}x faster" if ref else ""),
+                     f"{ref} s TRL GRPOTrainer, target <= {TARGET_GRPO_SECONDS:g} s" if ref else ""))
+        rows += [(f"grpo   {part}", f"{median[part]:.2f} s", "") for part in GRPO_PARTS]
+    if "density" in results:
+        r = results["density"]
+        for run in r["runs"]:
+            mib, theory = run["peak_extra_bytes"] / 2**20, run["working_bytes_theory"] / 2**20
+            rows.append((f"density {run['method']} N={run['n']}",
+                         f"{run['seconds']:.2f} s, peak +{mib:,.1f} MiB (theory {theory:,.1f})", ""))
+        rows.append((f"density blocked = brute N={r['compared_at_n']}", f"identical: {str(r['identical']).lower()}",
+                     ""))
+        if r["brute_skipped"]:
+            rows.append(("density brute", f"skipped, {r['brute_skipped']}", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -271,11 +564,13 @@ def main(argv=None):
     parser.add_argument("--only", type=str, default=",".join(WORKLOADS), help="comma-separated subset of "
                         + ", ".join(WORKLOADS))
     parser.add_argument("--depth", type=int, default=4, help="layers; width = 64 * depth, heads of 64 dims")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="train and generate (random tokens)")
+    parser.add_argument("--vocab_size", type=int, default=4096,
+                        help="of the random tokens and the models (the optimizers race: --opt_vocab_size)")
     parser.add_argument("--seq_len", type=int, default=512, help="train rows and the model's context")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parser.add_argument("--threads", type=int, default=cores,
-                        help="torch intra-op threads (default: every core this process may use)")
+                        help="torch intra-op threads, density's processes too (default: every core this process "
+                             "may use)")
     parser.add_argument("--device", type=str, default="cpu", help="the reference figures are CPU ones")
     parser.add_argument("--seed", type=int, default=42)
     # train
@@ -294,17 +589,44 @@ def main(argv=None):
     parser.add_argument("--opt_batch_rows", type=int, default=16)
     parser.add_argument("--opt_docs", type=int, default=20000, help="training documents (~140 tokens each)")
     parser.add_argument("--opt_heldout_docs", type=int, default=300)
+    # rm and dpo
+    parser.add_argument("--pairs", type=int, default=16, help="preference pairs per rm and dpo step")
+    parser.add_argument("--pair_device_batch_size", type=int, default=8,
+                        help="pairs per forward/backward (kat_train_rm's and kat_train_dpo's --device_batch_size)")
+    parser.add_argument("--pair_warmup", type=int, default=1, help="untimed rm and dpo steps")
+    parser.add_argument("--pair_steps", type=int, default=5, help="timed rm and dpo steps")
+    parser.add_argument("--rm_len", type=int, default=128, help="tokens of each chosen and each rejected rm row")
+    parser.add_argument("--dpo_prompt_len", type=int, default=64, help="prompt tokens of each dpo pair")
+    parser.add_argument("--dpo_reply_len", type=int, default=64, help="tokens of each chosen and rejected dpo reply")
+    # grpo
+    parser.add_argument("--grpo_prompts", type=int, default=16, help="prompts per grpo step")
+    parser.add_argument("--grpo_samples", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--grpo_prompt_len", type=int, default=64, help="tokens of every random prompt")
+    parser.add_argument("--grpo_new_tokens", type=int, default=64, help="tokens of every completion")
+    parser.add_argument("--grpo_device_batch_size", type=int, default=32,
+                        help="rows per reference and policy forward (kat_train_grpo's --device_batch_size)")
+    parser.add_argument("--grpo_steps", type=int, default=2, help="timed grpo steps, after one untimed step")
+    # density
+    parser.add_argument("--density_n", type=int, default=100000, help="random 256-dim unit vectors")
+    parser.add_argument("--density_brute_n", type=int, default=20000,
+                        help="size at which both run when brute force at --density_n does not fit --brute_max_gib")
+    parser.add_argument("--brute_max_gib", type=float, default=4.0,
+                        help="memory budget of the brute-force N x N similarity matrix")
+    parser.add_argument("--density_block_size", type=int, default=2048,
+                        help="blocked kNN tile side (kat_density's --block_size)")
     parser.add_argument("--out", type=str, default="outs/bench.json")
     args = parse_flags(parser, argv)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     if not only or set(only) - set(WORKLOADS):
         raise SystemExit(f"--only takes a comma-separated subset of {', '.join(WORKLOADS)}, got {args.only!r}")
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
+    if "density" in only:  # before the other workloads: a budget error should not wait for them
+        density_n = density_compare_n(args)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = {"environment": environment(device), "flags": dict(vars(args))}
-    if "train" in only or "generate" in only:
+    if set(only) - {"optimizers", "density"}:
         config = config_from_depth(args.depth, args.vocab_size, args.seq_len)
     if "train" in only:
         results["train"] = bench_train(args, config, device)
@@ -312,6 +634,14 @@ def main(argv=None):
         results["generate"] = bench_generate(args, config, device)
     if "optimizers" in only:
         results["optimizers"] = bench_optimizers(args, device)
+    if "rm" in only:
+        results["rm"] = bench_rm(args, config, device)
+    if "dpo" in only:
+        results["dpo"] = bench_dpo(args, config, device)
+    if "grpo" in only:
+        results["grpo"] = bench_grpo(args, config, device)
+    if "density" in only:
+        results["density"] = bench_density(args, density_n)
     results["environment"]["load_average_end"] = os.getloadavg()
 
     env = results["environment"]

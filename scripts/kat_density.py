@@ -4,7 +4,6 @@ RLHF stage 3: density weights of the prompts, for density-aware sampling in RM, 
     python -m scripts.kat_density                                  # .cache/data/prompts_all.jsonl, model outs/sft
     python -m scripts.kat_density --density_alpha=0.5 --density_max_ratio=20 --density_mix=0.1
     python -m scripts.kat_density --embed_model=outs/base --prompts_path=my_prompts.jsonl --out=my_density.jsonl
-    python -m scripts.kat_density --bench=100000                  # benchmark: blocked vs brute-force kNN
 
 Embeds every prompt with --embed_model (mean-pooled final hidden states, cached under --cache_dir), finds its
 --density_k nearest neighbours by cosine distance, and writes --out atomically, one row per prompt in prompt order:
@@ -14,27 +13,20 @@ density = 1 / (mean kNN distance + 1e-4); weight is proportional to density^-alp
 The summary (weight histogram, effective sample size, densest and sparsest prompts, and the mean weight per
 cluster when the synthetic pairs name clusters) goes to stdout and --report_dir/report.md.
 
---bench=N times kNN + weights on N random unit vectors of --bench_dim dims, blocked (nanochat.density.knn) beside
-a brute-force N x N similarity matrix. Each measurement runs in a fresh process; peak memory is the rise of that
-process's peak RSS (ru_maxrss) over its peak before the kNN started, data and torch already loaded, printed beside
-the theory (`working_bytes`). Brute force runs at --bench_brute_n, and at N too when its N x N fp32 matrix fits
-in --bench_brute_max_gb. Results go to stdout and --bench_out.
+The blocked kNN's time and peak memory beside a brute-force N x N similarity matrix:
+python -m scripts.bench --only=density.
 """
 
 import argparse
 import json
-import multiprocessing
 import os
-import resource
-import sys
 import time
 
 import torch
 
 from nanochat.checkpoint import load_model, load_tokenizer
-from nanochat.common import atomic_path, atomic_write_json, autodetect_device, parse_flags
-from nanochat.density import DENSITY_EPS, compute_density, densities, density_weights, knn, weight_histogram, \
-    weight_stats
+from nanochat.common import atomic_path, autodetect_device, parse_flags
+from nanochat.density import DENSITY_EPS, compute_density, weight_histogram
 from nanochat.report import write_report
 
 
@@ -118,77 +110,6 @@ def summary_markdown(prompts, result, clusters, n_shown=5):
 
 
 # -----------------------------------------------------------------------------
-# benchmark
-
-def _peak_rss_bytes():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def brute_force_knn(embeddings, k):
-    """The baseline: the whole N x N similarity matrix, then top k of each row."""
-    x = torch.nn.functional.normalize(embeddings.float(), dim=1)
-    sims = x @ x.T
-    sims.fill_diagonal_(float("-inf"))
-    top = sims.topk(k, dim=1)
-    return (1 - top.values).clamp_(min=0), top.indices
-
-
-def _bench_one(method, n, dim, k, block_size, seed):
-    """One measurement, run in a fresh process so its peak RSS is its own."""
-    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
-    x /= x.norm(dim=1, keepdim=True)
-    before = _peak_rss_bytes()
-    t0 = time.perf_counter()
-    distances, indices = knn(x, k, block_size) if method == "blocked" else brute_force_knn(x, k)
-    weights = density_weights(densities(distances.double().mean(1)))
-    seconds = time.perf_counter() - t0
-    return {"method": method, "n": n, "seconds": seconds, "peak_extra_bytes": max(0, _peak_rss_bytes() - before),
-            "ess_fraction": weight_stats(weights)["ess_fraction"], "distances": distances, "indices": indices}
-
-
-def working_bytes(method, n, dim, k, block_size):
-    """
-    What a kNN allocates beyond its input, in theory: both normalise a copy of the embeddings; brute force then
-    holds the N x N matrix, the blocked version one tile and its transposed copy, and every row's running top k
-    (fp32 similarity + int64 index).
-    """
-    copy = n * dim * 4
-    if method == "brute":
-        return copy + n * n * 4
-    return copy + 2 * min(block_size, n) ** 2 * 4 + n * k * 12
-
-
-def run_bench(n, dim, k, block_size, brute_n, brute_max_gb, seed, out_path):
-    fits = working_bytes("brute", n, dim, k, block_size) <= brute_max_gb * 2**30
-    brute_sizes = sorted({brute_n, n} if fits else {brute_n})
-    jobs = [("blocked", m) for m in sorted({brute_n, n})] + [("brute", m) for m in brute_sizes]
-    context = multiprocessing.get_context("spawn")
-    runs = []
-    for method, m in jobs:
-        with context.Pool(1) as pool:
-            r = pool.apply(_bench_one, (method, m, dim, k, block_size, seed))
-        r["working_bytes_theory"] = working_bytes(method, m, dim, k, block_size)
-        runs.append(r)
-        print(f"{method:>8} N={m:>7}  {r['seconds']:8.2f} s  peak +{r['peak_extra_bytes'] / 2**20:9.1f} MiB "
-              f"(theory {r['working_bytes_theory'] / 2**20:.1f} MiB)")
-    result = {"dim": dim, "k": k, "block_size": block_size, "threads": torch.get_num_threads(),
-              "runs": [{key: v for key, v in r.items() if key not in ("distances", "indices")} for r in runs]}
-    pair = {r["method"]: r for r in runs if r["n"] == brute_n}
-    result["agreement_at_brute_n"] = {
-        "max_abs_distance_diff": (pair["blocked"]["distances"] - pair["brute"]["distances"]).abs().max().item(),
-        "same_neighbours_fraction": (pair["blocked"]["indices"] == pair["brute"]["indices"]).float().mean().item()}
-    if n not in brute_sizes:
-        need = working_bytes("brute", n, dim, k, block_size) / 2**30
-        result["brute_skipped"] = f"N={n}: brute force needs {need:.3g} GiB > --bench_brute_max_gb={brute_max_gb}"
-        print(f"   brute N={n:>7}  skipped: {result['brute_skipped']}")
-    print(f"blocked vs brute at N={brute_n}: {result['agreement_at_brute_n']}")
-    atomic_write_json(out_path, result)
-    print(f"Wrote {out_path}")
-    return result
-
-
-# -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,17 +129,7 @@ def main(argv=None):
     parser.add_argument("--out", type=str, default=".cache/data/density.jsonl")
     parser.add_argument("--report_dir", type=str, default="outs/density")
     parser.add_argument("--device", type=str, default=None, help="cuda | mps | cpu (default: autodetect)")
-    parser.add_argument("--bench", type=int, default=0, help="benchmark kNN on N random vectors instead")
-    parser.add_argument("--bench_dim", type=int, default=256)
-    parser.add_argument("--bench_brute_n", type=int, default=20000, help="brute force always runs at this size")
-    parser.add_argument("--bench_brute_max_gb", type=float, default=4.0,
-                        help="brute force also runs at --bench N when its N x N matrix fits in this")
-    parser.add_argument("--bench_out", type=str, default="outs/density/bench.json")
     args = parse_flags(parser, argv)
-
-    if args.bench:
-        return run_bench(args.bench, args.bench_dim, args.density_k, args.block_size,
-                         min(args.bench_brute_n, args.bench), args.bench_brute_max_gb, 0, args.bench_out)
 
     t0 = time.time()
     prompts = read_prompts(args.prompts_path)

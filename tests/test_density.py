@@ -260,21 +260,3 @@ def test_script_errors_name_the_line(tmp_path):
     path.write_text("".join(json.dumps({"id": "a", "messages": user(t)}) + "\n" for t in ("x", "y")))
     with pytest.raises(SystemExit, match="line 2: id a already on line 1"):
         kat_density.main([f"--prompts_path={path}"])
-
-
-def test_bench_brute_force_agrees_with_blocked(tmp_path):
-    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(4))
-    brute_dist, brute_idx = kat_density.brute_force_knn(x, 5)
-    dist, idx = density.knn(x, 5, block_size=32)
-    assert torch.equal(idx, brute_idx) and torch.allclose(dist, brute_dist, atol=1e-6)
-
-
-def test_bench_mode_times_both_and_skips_brute_force_that_does_not_fit(tmp_path):
-    out = tmp_path / "bench.json"
-    kat_density.main(["--bench=300", "--bench_brute_n=100", "--bench_dim=8", "--density_k=5", "--block_size=64",
-                      "--bench_brute_max_gb=0.0001", f"--bench_out={out}"])  # brute force at 300 needs 0.00034 GiB
-    result = json.loads(out.read_text())
-    assert [(r["method"], r["n"]) for r in result["runs"]] == [("blocked", 100), ("blocked", 300), ("brute", 100)]
-    assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in result["runs"])
-    assert result["agreement_at_brute_n"]["same_neighbours_fraction"] == 1.0
-    assert "N=300" in result["brute_skipped"]
