@@ -12,8 +12,11 @@ normalises rewards within each prompt's group and takes `--num_iterations` clipp
 `--beta`-weighted KL penalty to the frozen SFT model (nanochat/grpo.py has the formulas). Under torchrun each
 rank samples and scores its share of the prompts; gradients are summed over ranks.
 
-Held-out evaluation every `--eval_every` steps: greedy answers to prompts of pairs_test.jsonl, their mean reward
-and, for synthetic prompts, the world's gold score and artifact rate (the check against reward hacking).
+Held-out evaluation at the start, every `--eval_every` steps and at the end: `--eval_samples` answers to each of
+`--eval_prompts` prompts of pairs_test.jsonl, sampled at `--eval_temperature` with the same seed every time (so two
+evaluations differ only by the policy), their mean reward and, for synthetic prompts, the world's gold score and
+planted-artifact rate (the check against reward hacking). Sampled rather than greedy on purpose: SFT puts its
+artifacts in the tail of its distribution, where greedy decoding never goes, and that tail is what GRPO trims.
 """
 
 import argparse
@@ -64,7 +67,9 @@ def main(argv=None):
     parser.add_argument("--device_batch_size", type=int, default=32, help="rows per forward/backward")
     parser.add_argument("--save_every", type=int, default=25)
     parser.add_argument("--eval_every", type=int, default=25)
-    parser.add_argument("--eval_prompts", type=int, default=64)
+    parser.add_argument("--eval_prompts", type=int, default=128, help="held-out prompts per evaluation")
+    parser.add_argument("--eval_samples", type=int, default=2, help="answers per held-out prompt")
+    parser.add_argument("--eval_temperature", type=float, default=1.0, help="0 for greedy answers")
     parser.add_argument("--resume", type=str2bool, default=False)
     parser.add_argument("--out_dir", type=str, default=None,
                         help="default outs/grpo_density or outs/grpo_baseline, by --density_aware")
@@ -125,18 +130,19 @@ def main(argv=None):
 
     @torch.no_grad()
     def evaluate(step):
-        """Greedy answers to held-out prompts (split over ranks): mean reward, gold score and artifact rate."""
+        """Seeded samples for held-out prompts (split over ranks): mean reward, gold score and artifact rate."""
         policy.eval()
         mine = eval_prompts[rank::world_size]
         ids = [prompt_ids(p["messages"]) for p in mine]
-        gen = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=stop_tokens)
-        completions = gen.completions()
-        sums = torch.zeros(5, dtype=torch.float64)  # reward, n, gold score, gold correct + artifacted, n gold
-        rewards = rewards_for_ids(rm, [p + c for p, c in zip(ids, completions)])
-        sums[0], sums[1] = rewards.double().sum(), len(mine)
+        gen = engine.generate(ids, num_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
+                              temperature=args.eval_temperature, top_k=args.top_k, stop_tokens=stop_tokens,
+                              seed=args.seed * world_size + rank)
+        completions = gen.completions()  # the samples of each prompt are consecutive
+        prompts_of_rows = [(p, i) for p, i in zip(mine, ids) for _ in range(args.eval_samples)]
+        rewards = rewards_for_ids(rm, [i + c for (_, i), c in zip(prompts_of_rows, completions)])
         gold = {"score": 0.0, "correct": 0.0, "artifacted": 0.0, "n": 0}
         if world is not None:
-            for p, c in zip(mine, completions):
+            for (p, _), c in zip(prompts_of_rows, completions):
                 if p["src"] != "synthetic":
                     continue
                 text = tok.decode([t for t in c if t not in stop_tokens])
@@ -145,8 +151,9 @@ def main(argv=None):
                 gold["correct"] += g["correct"]
                 gold["artifacted"] += g["artifacts"] > 0
                 gold["n"] += 1
-        stats = all_reduce_sum(torch.tensor([sums[0], sums[1], gold["score"], gold["correct"], gold["artifacted"],
-                                             gold["n"]], dtype=torch.float64, device=device))
+        stats = all_reduce_sum(torch.tensor([rewards.double().sum().item(), len(completions), gold["score"],
+                                             gold["correct"], gold["artifacted"], gold["n"]],
+                                            dtype=torch.float64, device=device))
         n_gold = max(stats[5].item(), 1)
         result = {"step": step, "reward": stats[0].item() / max(stats[1].item(), 1),
                   "gold_score": stats[2].item() / n_gold, "gold_correct": stats[3].item() / n_gold,
@@ -165,7 +172,7 @@ def main(argv=None):
     policy.train()
     stats = {}
     for step in range(start_step, args.max_steps):
-        if args.eval_every > 0 and step % args.eval_every == 0:
+        if step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
             history.append(evaluate(step))
             print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step"))
             wandb.log({f"eval/{k}": v for k, v in history[-1].items()}, step)
