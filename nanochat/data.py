@@ -62,8 +62,11 @@ def _split_seed(seed, split):
 # -----------------------------------------------------------------------------
 # reading text files
 
-def _jsonl_rows(path):
-    """Yield (line number from 1, parsed object) for each non-blank line."""
+def jsonl_rows(path):
+    """
+    Yield (line number from 1, parsed object) for each non-blank line; a line that is not JSON or not an object
+    raises ValueError naming the file and line.
+    """
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -96,7 +99,7 @@ def read_documents(path):
         yield path.read_text(encoding="utf-8")
         return
     if path.suffix == ".jsonl":
-        rows = ((f"line {n}", row.get("text", _MISSING)) for n, row in _jsonl_rows(path))
+        rows = ((f"line {n}", row.get("text", _MISSING)) for n, row in jsonl_rows(path))
     elif path.suffix == ".parquet":
         rows = ((f"row {n}", value) for n, value in _parquet_column(path, "text"))
     else:
@@ -293,7 +296,7 @@ def smoltalk_files(from_dir, hub_split):
 def _chat_file_rows(path):
     """Yield ("<file> line/row N", messages) for each row of a local SmolTalk file."""
     if path.suffix == ".jsonl":
-        for lineno, row in _jsonl_rows(path):
+        for lineno, row in jsonl_rows(path):
             yield f"{path} line {lineno}", row.get("messages", _MISSING)
     else:
         for n, messages in _parquet_column(path, "messages"):
@@ -377,7 +380,17 @@ def _check_shards(batch_rows, rank, world_size):
     return batch_rows // world_size
 
 
-class PackedLoader:
+class _CursorLoader:
+    """The resume state of a loader that walks its items with an _EpochCursor (self.cursor): (epoch, pos)."""
+
+    def state_dict(self):
+        return {"epoch": self.cursor.epoch, "pos": self.cursor.pos}
+
+    def load_state_dict(self, state):
+        self.cursor.epoch, self.cursor.pos = int(state["epoch"]), int(state["pos"])
+
+
+class PackedLoader(_CursorLoader):
     """
     Pretraining batches: documents tokenized as [BOS] + tokens and packed into rows of seq_len + 1 tokens.
 
@@ -402,12 +415,6 @@ class PackedLoader:
         self.batch_rows, self.seq_len, self.rank = batch_rows, seq_len, rank
         self.tokenize_chunk = tokenize_chunk
         self.cursor = _EpochCursor(len(documents), train, seed, "documents")
-
-    def state_dict(self):
-        return {"epoch": self.cursor.epoch, "pos": self.cursor.pos}
-
-    def load_state_dict(self, state):
-        self.cursor.epoch, self.cursor.pos = int(state["epoch"]), int(state["pos"])
 
     def __iter__(self):
         bos = self.tok.bos_token_id
@@ -450,7 +457,7 @@ def _rows_to_tensors(rows, num_rows, row_len, pad_id):
     return buffer[:, :-1].contiguous(), targets
 
 
-class SFTLoader:
+class SFTLoader(_CursorLoader):
     """
     Chat fine-tuning batches: one conversation per row, rendered by tok.render_conversation with at most
     max_len + 1 tokens. targets[t] = ids[t + 1] where the render mask of token t + 1 is 1, else -1 (ignored), so
@@ -468,12 +475,6 @@ class SFTLoader:
         self.conversations, self.tok = conversations, tok
         self.batch_size, self.max_len, self.rank = batch_size, max_len, rank
         self.cursor = _EpochCursor(len(conversations), train, seed, "conversations")
-
-    def state_dict(self):
-        return {"epoch": self.cursor.epoch, "pos": self.cursor.pos}
-
-    def load_state_dict(self, state):
-        self.cursor.epoch, self.cursor.pos = int(state["epoch"]), int(state["pos"])
 
     def __iter__(self):
         bos = self.tok.bos_token_id

@@ -27,6 +27,7 @@ import time
 import torch
 
 from nanochat.common import atomic_path, print0
+from nanochat.data import jsonl_rows
 
 # Exact duplicates sit at mean distance 0: eps makes their density a finite 1/eps instead of inf, so alpha > 0 gives
 # them the smallest weights instead of NaN. 1e-4 is ~1000x the fp32 rounding of a cosine (~1e-7), so duplicates get
@@ -250,32 +251,31 @@ def compute_density(model, tok, prompts, k=10, alpha=1.0, max_ratio=None, mix=0.
 # -----------------------------------------------------------------------------
 # reading the weights back (RM, DPO, GRPO)
 
+def density_rows(path):
+    """
+    Yield (line number, row) of a density.jsonl written by scripts.kat_density, each row with a unique prompt_id
+    and a finite weight >= 0; errors name the file, line and field.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; write it with python -m scripts.kat_density")
+    seen = set()
+    for lineno, row in jsonl_rows(path):
+        for field in ("prompt_id", "weight"):
+            if field not in row:
+                raise ValueError(f"{path} line {lineno}: missing field {field!r}")
+        weight = row["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
+                or not math.isfinite(weight):
+            raise ValueError(f"{path} line {lineno}: field 'weight' must be a finite number >= 0, got {weight!r}")
+        if row["prompt_id"] in seen:
+            raise ValueError(f"{path} line {lineno}: prompt_id {row['prompt_id']!r} appears twice")
+        seen.add(row["prompt_id"])
+        yield lineno, row
+
+
 def load_density(path):
     """{prompt_id: weight} of a density.jsonl written by scripts.kat_density; errors name the file, line and field."""
-    weights = {}
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found; write it with python -m scripts.kat_density") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            for field in ("prompt_id", "weight"):
-                if not isinstance(row, dict) or field not in row:
-                    raise ValueError(f"{path} line {lineno}: missing field {field!r}")
-            weight = row["weight"]
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
-                    or not math.isfinite(weight):
-                raise ValueError(f"{path} line {lineno}: field 'weight' must be a finite number >= 0, got {weight!r}")
-            if row["prompt_id"] in weights:
-                raise ValueError(f"{path} line {lineno}: prompt_id {row['prompt_id']!r} appears twice")
-            weights[row["prompt_id"]] = float(weight)
-    return weights
+    return {row["prompt_id"]: float(row["weight"]) for _, row in density_rows(path)}
 
 
 def pair_weights(prompt_ids, weight_by_id):

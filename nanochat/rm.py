@@ -27,7 +27,6 @@ lists, each ending at its reply's end token.
 """
 
 import hashlib
-import json
 import os
 from collections import defaultdict
 
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from nanochat.checkpoint import CheckpointError, load_payload, load_weights
 from nanochat.common import (add_common_flags, all_reduce_grads, all_reduce_sum, autocast_ctx, get_rank,
                              get_world_size, print0, str2bool)
-from nanochat.density import load_density, pair_weights, sample_indices
+from nanochat.density import density_rows, load_density, pair_weights, sample_indices
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import Muon
 from nanochat.pairs import read_pairs
@@ -268,16 +267,12 @@ def pair_batch(step, num_rows, batch_size, seed, weights=None):
 
 
 def read_densities(path):
-    """{prompt_id: density} of a density.jsonl (scripts.kat_density); load_density checks its rows first."""
-    load_density(path)
+    """{prompt_id: density} of a density.jsonl (scripts.kat_density), its rows checked as load_density checks them."""
     densities = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row.get("density"), (int, float)):
-                    raise ValueError(f"{path} line {lineno}: field 'density' must be a number")
-                densities[row["prompt_id"]] = float(row["density"])
+    for lineno, row in density_rows(path):
+        if not isinstance(row.get("density"), (int, float)):
+            raise ValueError(f"{path} line {lineno}: field 'density' must be a number")
+        densities[row["prompt_id"]] = float(row["density"])
     return densities
 
 

@@ -26,27 +26,20 @@ import torch
 
 from nanochat.checkpoint import load_model, load_tokenizer
 from nanochat.common import atomic_path, autodetect_device, parse_flags
+from nanochat.data import jsonl_rows
 from nanochat.density import DENSITY_EPS, compute_density, weight_histogram
 from nanochat.report import write_report
 
 
 def read_prompts(path):
     """The prompt rows of a prompts_all.jsonl; a bad line stops the stage with its line and field."""
+    if not os.path.exists(path):
+        raise SystemExit(f"kat_density: {path} not found; write it with python -m scripts.kat_make_prompts")
     prompts, first_line = [], {}
     try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise SystemExit(f"kat_density: {path} not found; write it with python -m scripts.kat_make_prompts") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for lineno, row in jsonl_rows(path):
             where = f"kat_density: {path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            if not isinstance(row.get("id"), str):
                 raise SystemExit(f"{where}: field 'id' must be a string")
             if not isinstance(row.get("messages"), list) or not row["messages"]:
                 raise SystemExit(f"{where}: field 'messages' must be a non-empty list")
@@ -54,6 +47,8 @@ def read_prompts(path):
                 raise SystemExit(f"{where}: id {row['id']} already on line {first_line[row['id']]}")
             first_line[row["id"]] = lineno
             prompts.append(row)
+    except ValueError as e:  # jsonl_rows: a line that is not JSON or not an object
+        raise SystemExit(f"kat_density: {e}") from None
     return prompts
 
 

@@ -1,9 +1,20 @@
-"""Shared fixtures: tiny models with every weight random (zero-initialised projections would hide bugs)."""
+"""
+Shared fixtures: tiny models with every weight random (zero-initialised projections would hide bugs), and the
+seed-0 synthetic world with a tokenizer trained on it (the preference-stage tests share both).
+"""
+
+import math
+import os
 
 import pytest
 import torch
 
 from nanochat.gpt import GPT, config_from_depth
+from nanochat.synthetic import make_world
+from nanochat.tokenizer import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LN2 = math.log(2)
 
 
 def make_tiny_model(seed=0, vocab_size=97, sequence_len=64, n_kv_head=2, randomize=True):
@@ -21,3 +32,15 @@ def make_tiny_model(seed=0, vocab_size=97, sequence_len=64, n_kv_head=2, randomi
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+# session scope: no test changes the world or the tokenizer, and training the tokenizer once saves time.
+# A test file that needs another world or tokenizer defines its own fixture of that name, which pytest prefers.
+@pytest.fixture(scope="session")
+def world():
+    return make_world(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tok(world):
+    return train_tokenizer(world.pretrain_documents(300, seed=0), 300)

@@ -160,6 +160,11 @@ def test_load_density_names_the_bad_line(tmp_path):
     path.write_text('{"prompt_id": "a", "weight": 0.5}\n\n{"prompt_id": "b"}\n')
     with pytest.raises(ValueError, match=r"line 3: missing field 'weight'"):
         density.load_density(path)
+    path.write_text('{"prompt_id": "a", "weight": 0.5}\n["b", 1.5]\n')
+    with pytest.raises(ValueError, match=r"line 2: expected a JSON object"):
+        density.load_density(path)
+    with pytest.raises(FileNotFoundError, match="not found; write it with python -m scripts.kat_density"):
+        density.load_density(tmp_path / "missing.jsonl")
     path.write_text('{"prompt_id": "a", "weight": 0.5}\n{"prompt_id": "b", "weight": 1.5}\n')
     assert density.load_density(path) == {"a": 0.5, "b": 1.5}
 
@@ -259,4 +264,7 @@ def test_script_errors_name_the_line(tmp_path):
         kat_density.main([f"--prompts_path={path}"])
     path.write_text("".join(json.dumps({"id": "a", "messages": user(t)}) + "\n" for t in ("x", "y")))
     with pytest.raises(SystemExit, match="line 2: id a already on line 1"):
+        kat_density.main([f"--prompts_path={path}"])
+    path.write_text(json.dumps({"id": "a", "messages": user("x")}) + "\n{\"id\": \n")
+    with pytest.raises(SystemExit, match="kat_density: .* line 2: invalid JSON"):
         kat_density.main([f"--prompts_path={path}"])

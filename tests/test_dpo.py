@@ -15,27 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from conftest import LN2, ROOT, make_tiny_model
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dpo import (collate_targets, dpo_losses, dpo_train_step, pair_logprobs, preference_eval,
                           sequence_logprobs)
 from nanochat.rm import render_pairs
-from nanochat.synthetic import make_world
-from nanochat.tokenizer import train_tokenizer
 from scripts import kat_train_dpo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LN2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return make_world(seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    return train_tokenizer(world.pretrain_documents(300, seed=0), 300)
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,12 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import LN2, ROOT, make_tiny_model
 from nanochat.checkpoint import CheckpointError, save_checkpoint
 from nanochat.rm import (RewardModel, bt_losses, collate_right, load_reward_model, pair_batch, pair_margins,
-                         preference_metrics, render_pairs, render_reply, rewards_for_ids, rm_train_step,
-                         split_by_prompt)
-from nanochat.synthetic import make_world
-from nanochat.tokenizer import train_tokenizer
+                         preference_metrics, read_densities, render_pairs, render_reply, rewards_for_ids,
+                         rm_train_step, split_by_prompt)
 from scripts import kat_eval_rm, kat_train_rm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LN2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return make_world(seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    return train_tokenizer(world.pretrain_documents(300, seed=0), 300)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +156,19 @@ def test_preference_metrics_by_group_and_density_quartile():
     # densities 1..8: q1 sparsest holds densities 1, 2 (rows 7, 6), q4 densest holds 7, 8 (rows 1, 0)
     assert m["by_density_quartile"]["q1 sparsest"]["mean_margin"] == pytest.approx((0.5 - 3.0) / 2)
     assert m["by_density_quartile"]["q4 densest"]["mean_margin"] == pytest.approx(0.0)
+
+
+def test_read_densities_checks_the_rows_as_load_density_does_and_names_the_bad_line(tmp_path):
+    path = tmp_path / "density.jsonl"
+    path.write_text('{"prompt_id": "a", "weight": 1.0, "density": 2}\n\n{"prompt_id": "b", "weight": 1.0}\n')
+    with pytest.raises(ValueError, match="line 3: field 'density' must be a number"):
+        read_densities(path)
+    path.write_text('{"prompt_id": "a", "weight": -1, "density": 2}\n')
+    with pytest.raises(ValueError, match="line 1: field 'weight' must be a finite number"):
+        read_densities(path)
+    write_jsonl(path, [{"prompt_id": "a", "weight": 1.0, "density": 2},
+                       {"prompt_id": "b", "weight": 0, "density": 0.5}])
+    assert read_densities(path) == {"a": 2.0, "b": 0.5}
 
 
 # -----------------------------------------------------------------------------
