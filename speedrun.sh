@@ -24,7 +24,7 @@ case "$PROFILE" in
     gpu) DEPTH="${DEPTH:-20}"; NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}" ;;
     *) echo "PROFILE must be cpu or gpu, got '$PROFILE'" >&2; exit 2 ;;
 esac
-COMPILE="${COMPILE:-1}"  # torch.compile for base and mid training; COMPILE=0 where there is no C++ compiler
+COMPILE="${COMPILE:-1}"  # torch.compile for base, mid and reward-model training; COMPILE=0 without a C++ compiler
 export WANDB_RUN="${WANDB_RUN:-}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "=== speedrun $(date '+%F %T'): profile=$PROFILE depth=$DEPTH nproc_per_node=$NPROC_PER_NODE ==="
 
@@ -67,9 +67,11 @@ if [ "$PROFILE" = cpu ]; then
         --device_batch_size=16 --num_steps=100
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
-    RM_FLAGS="--max_steps=300 --max_len=64 --device_batch_size=8 --eval_every=100"
-    GRPO_FLAGS="--max_steps=30 --eval_every=10 --save_every=10 --max_new_tokens=48"
-    DPO_FLAGS=""
+    # 600 steps: the reward model needs them to learn which facts are wrong (held-out accuracy 0.87 at 300 steps
+    # before the decay, 0.905 at 600); the other rejected kinds are learnt in tens of steps
+    RM_FLAGS="--max_steps=600 --max_len=64 --device_batch_size=8 --eval_every=150 --compile=$COMPILE"
+    GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=48"
+    DPO_FLAGS="--max_len=64"
 else
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --source=fineweb --num_shards=8 \
         --vocab_size=65536 --max_chars=2000000000

@@ -11,7 +11,7 @@ Hidden states for other methods (reward model, density embeddings, AutoDeco head
 returns the final normed hidden states (B, T, n_embd), the exact tensor the LM head reads. `forward` is
 `lm_head(hidden_states(idx))`, so there is one copy of the model code.
 
-Incremental decoding: pass a `KVCache`. Prompts of different lengths are left-padded; `valid` marks their real
+Incremental decoding: pass a `KVCache` (or, to train on completions that share a prompt, a `PrefixKV`). Prompts of different lengths are left-padded; `valid` marks their real
 tokens. Padding slots are masked out as keys and each row's rotary positions count only its real tokens, so a
 left-padded row computes the same function as the same prompt alone.
 """
@@ -100,6 +100,33 @@ class KVCache:
         """Each row becomes n consecutive rows: prefill a prompt once, then sample n completions from it."""
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+
+
+class PrefixKV:
+    """
+    A differentiable KV cache for training on prompts shared by several completions (GRPO's groups): run the
+    prompts once, `repeat_rows(G)`, then run the completions against the repeated keys/values; gradients flow
+    through both passes. Keys/values are kept per layer and grown by concatenation (KVCache writes into one
+    preallocated buffer in place, which autograd cannot differentiate through). Same `valid`/`pos` contract.
+    """
+
+    def __init__(self, config, batch_size, max_len, device):
+        self.k = [None] * config.n_layer
+        self.v = [None] * config.n_layer
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def repeat_rows(self, n):
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
         self.valid = self.valid.repeat_interleave(n, dim=0)
 
 

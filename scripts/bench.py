@@ -9,6 +9,7 @@ the kNN behind the density weights. Prints one table at the end and writes outs/
     python -m scripts.bench --only=train,generate,optimizers   # ~3.5 minutes on 2 quiet cores
     python -m scripts.bench --only=train,generate              # skip the 2 x 60 s optimizer race
     python -m scripts.bench --only=rm,dpo,grpo                 # the post-training steps beside TRL's
+    python -m scripts.bench --only=rm,grpo --compile=True      # as kat_train_rm / kat_train_grpo --compile=True
     python -m scripts.bench --only=density --density_n=200000 --brute_max_gib=8
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
     python -m scripts.bench --threads=1 --out=outs/bench_1thread.json
@@ -52,7 +53,7 @@ What is measured:
               --grpo_prompts random --grpo_prompt_len-token prompts, temperature 1, no stop tokens, so every
               completion runs to full length (the worst case). score: `rewards_for_ids` of every prompt +
               completion by a random-init reward model of the same size. train: `group_advantages`,
-              `pack_sequences`, the frozen reference's log-probs under no_grad and one `policy_update` pass (token
+              `pack_groups`, the frozen reference's log-probs under no_grad and one `policy_update` pass (token
               loss, clip 0.2, KL beta 0.04, grad clip 1, AdamW at 1e-4), both in batches of
               --grpo_device_batch_size rows. One untimed step, then the median of --grpo_steps timed steps, for the
               whole step and for each part.
@@ -61,8 +62,8 @@ What is measured:
               similarity matrix, then topk of each row). Brute force runs at --density_n when its matrix and
               normalised copy fit in --brute_max_gib; otherwise both run at --density_brute_n and blocked alone
               at --density_n too. Each run is a fresh process with --threads threads: its seconds, and its peak
-              extra memory, the rise of the process's peak RSS over its peak just before the kNN (vectors and
-              torch loaded), beside the theory (`working_bytes`). "identical" is true when, at the size where both
+              extra memory: the peak RSS during the kNN minus the RSS just before it (vectors and torch loaded;
+              on Linux the peak is reset there through /proc/self/clear_refs), beside the theory (`working_bytes`). "identical" is true when, at the size where both
               ran, they found the same neighbours in the same order with distances within 1e-6.
 
 Timings are wall clock, so a shared machine makes them noisy: the json records the 1-minute load average before
@@ -84,12 +85,12 @@ import time
 
 import torch
 
-from nanochat.common import atomic_write_json, parse_flags, seed_everything
+from nanochat.common import atomic_write_json, parse_flags, seed_everything, str2bool
 from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import collate_targets, dpo_train_step
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
-from nanochat.grpo import completion_logprobs, group_advantages, pack_sequences, policy_update
+from nanochat.grpo import batch_logprobs, group_advantages, pack_groups, policy_update
 from nanochat.rm import RewardModel, collate_right, rewards_for_ids, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
@@ -312,7 +313,9 @@ def bench_rm(args, config, device):
         rm = RewardModel(fresh_model(config, args.seed, device)).to(device)
         # kat_train_rm's default learning rates, centering and clipping (none of them changes the step's cost)
         optimizers = setup_rm_optimizers(rm, 0.5 * MATRIX_LR[name], 1e-3, 3e-3, name)
-        steps[name] = functools.partial(rm_train_step, rm, optimizers, micro, args.pairs, 0.01, 1.0)
+        # --compile: the training forward compiled as kat_train_rm --compile does it
+        train_rm = torch.compile(rm, dynamic=True) if args.compile else rm
+        steps[name] = functools.partial(rm_train_step, train_rm, optimizers, micro, args.pairs, 0.01, 1.0)
     at_reference = at_reference_size(args) and (args.pairs, args.rm_len) == (16, 128)
     results = {"pairs": args.pairs, "tokens_per_row": args.rm_len, "device_batch_pairs": b,
                "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps}
@@ -358,7 +361,8 @@ def bench_grpo(args, config, device):
     # kat_train_grpo's optimizer and default loss settings
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     update_args = argparse.Namespace(device_batch_size=args.grpo_device_batch_size, num_iterations=1,
-                                     loss_type="token", clip_eps=0.2, beta=0.04, grad_clip=1.0)
+                                     loss_type="token", clip_eps=0.2, beta=0.04, grad_clip=1.0,
+                                     compile=args.compile)
     engine = Engine(policy)
     gen = torch.Generator().manual_seed(args.seed)
     rows, batch_rows = args.grpo_prompts * args.grpo_samples, args.grpo_device_batch_size
@@ -377,11 +381,9 @@ def bench_grpo(args, config, device):
 
         def train():
             advantages = group_advantages(rewards.view(args.grpo_prompts, args.grpo_samples)).view(-1)
-            # the pad id is never read: completion positions and the mask stop at each row's end
-            batch = tuple(t.to(device) for t in pack_sequences(repeated, completions, pad_id=0))
-            with torch.no_grad():
-                ref_logprobs = torch.cat([completion_logprobs(reference, *(t[s:s + batch_rows] for t in batch[:3]))
-                                          for s in range(0, rows, batch_rows)])
+            # the pad id is never read: prompt_valid and the mask stop at each row's real tokens
+            batch = tuple(t.to(device) for t in pack_groups(prompts, completions, pad_id=0))
+            ref_logprobs = batch_logprobs(reference, batch, batch_rows, args.compile)
             return policy_update(policy, [optimizer], batch, ref_logprobs, advantages, update_args,
                                  num_sequences_global=rows, num_tokens_global=batch[3].sum().float())
 
@@ -404,9 +406,25 @@ def bench_grpo(args, config, device):
 # -----------------------------------------------------------------------------
 # density: blocked kNN vs brute force, time and peak memory
 
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """Start a new peak-RSS window at the current RSS; returns that RSS. Linux resets VmHWM via clear_refs."""
+    if os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    return peak_rss_bytes()  # elsewhere the window starts at the process's peak so far: a lower bound
+
+
 def peak_rss_bytes():
+    if os.path.exists("/proc/self/status"):
+        return _status_bytes("VmHWM")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS
 
 
 def brute_force_knn(embeddings, k):
@@ -435,7 +453,7 @@ def density_run(method, n, block_size, threads, seed):
     torch.set_num_threads(threads)
     x = torch.randn(n, DENSITY_DIM, generator=torch.Generator().manual_seed(seed))
     x /= x.norm(dim=1, keepdim=True)
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     t0 = time.perf_counter()
     distances, indices = knn(x, DENSITY_K, block_size) if method == "blocked" else brute_force_knn(x, DENSITY_K)
     density_weights(densities(distances.double().mean(1)))  # the rest of compute_density after the kNN
@@ -614,6 +632,9 @@ def main(argv=None):
                         help="memory budget of the brute-force N x N similarity matrix")
     parser.add_argument("--density_block_size", type=int, default=2048,
                         help="blocked kNN tile side (kat_density's --block_size)")
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="rm and grpo as their scripts run with --compile=True (compiling happens in the "
+                             "untimed warmup steps)")
     parser.add_argument("--out", type=str, default="outs/bench.json")
     args = parse_flags(parser, argv)
     only = [w.strip() for w in args.only.split(",") if w.strip()]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanochat.grpo import (completion_logprobs, group_advantages, grpo_token_losses, pack_sequences,
+from nanochat.grpo import (batch_logprobs, completion_logprobs, group_advantages, grpo_token_losses, pack_groups,
                            policy_update, reduce_tokens)
 
 
@@ -49,39 +49,64 @@ def test_token_and_sequence_reductions_by_hand():
     assert reduce_tokens(values, mask, "sequence", 2).item() == pytest.approx((2.0 + 4.0) / 2)
 
 
-def test_completion_logprobs_match_full_forward_per_row():
-    model = make_tiny_model()
-    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
-    completions = [[10, 11], [12, 13, 14, 15], [16]]
-    ids, positions, tokens, mask = pack_sequences(prompts, completions, pad_id=0)
-    got = completion_logprobs(model, ids, positions, tokens)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+def full_forward_logprobs(model, prompts, completions):
+    """The independent reference: each prompt + completion row alone through model(), its completion log-probs."""
+    G = len(completions) // len(prompts)
+    width = max(len(c) for c in completions)
+    rows = []
+    for i, c in enumerate(completions):
+        p = prompts[i // G]
         logp = model(torch.tensor([p + c]))[0].log_softmax(-1)
-        expected = torch.stack([logp[len(p) - 1 + t, c[t]] for t in range(len(c))])
-        assert torch.allclose(got[i, :len(c)], expected, atol=1e-5)
-        assert mask[i].tolist() == [True] * len(c) + [False] * (4 - len(c))
+        row = torch.stack([logp[len(p) - 1 + t, c[t]] for t in range(len(c))])
+        rows.append(torch.cat([row, row.new_zeros(width - len(c))]))
+    return torch.stack(rows)
+
+
+# prompts of different lengths (left padding), completions of different lengths (right padding), G = 2
+PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+COMPLETIONS = [[10, 11], [12, 13, 14, 15], [16], [17, 18, 19], [20, 21, 22, 23], [24]]
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_full_forwards_of_every_row():
+    batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
+    mask = batch[3]
+    assert mask.sum(1).tolist() == [len(c) for c in COMPLETIONS]
+    model = make_tiny_model()
+    got = completion_logprobs(model, *batch[:3])
+    (got * mask).sum().backward()
+    reference = make_tiny_model()
+    expected = full_forward_logprobs(reference, PROMPTS, COMPLETIONS)
+    assert torch.allclose(got * mask, expected, atol=1e-5)
+    expected.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    # micro-batches of whole groups give the same numbers
+    assert torch.allclose(batch_logprobs(model, batch, rows_per_batch=2) * mask, expected, atol=1e-5)
+
+
+def test_pack_groups_rejects_completions_that_do_not_form_groups():
+    with pytest.raises(ValueError, match="groups"):
+        pack_groups(PROMPTS, COMPLETIONS[:5], pad_id=0)
 
 
 def test_one_pass_ratio_is_one_so_the_update_is_the_plain_policy_gradient():
-    prompts = [[1, 2, 3], [4, 5]] * 2
-    completions = [[6, 7, 8], [9], [10, 11], [12, 13, 14]]
-    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0])
-    batch = pack_sequences(prompts, completions, pad_id=0)
-    args = SimpleNamespace(num_iterations=1, device_batch_size=3, loss_type="token", clip_eps=0.2, beta=0.0,
-                           grad_clip=0.0)
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.5, -2.0])
+    batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
+    args = SimpleNamespace(num_iterations=1, device_batch_size=4, loss_type="token", clip_eps=0.2, beta=0.0,
+                           grad_clip=0.0, compile=False)
     n_tokens = int(batch[3].sum())
 
     model = make_tiny_model()
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = completion_logprobs(model, *batch[:3]).detach()
-    stats = policy_update(model, [sgd], batch, ref, advantages, args, num_sequences_global=4,
+    ref = batch_logprobs(model, batch, 4)
+    stats = policy_update(model, [sgd], batch, ref, advantages, args, num_sequences_global=6,
                           num_tokens_global=n_tokens)
     assert stats["clipped"] == 0.0 and stats["kl"] == 0.0
 
-    # the plain policy gradient: d/dtheta of -sum_t A * log pi(y_t) / N
+    # the plain policy gradient, from full forwards of every row: d/dtheta of -sum_t A * log pi(y_t) / N
     plain = make_tiny_model()
-    logp = completion_logprobs(plain, *batch[:3])
+    logp = full_forward_logprobs(plain, PROMPTS, COMPLETIONS)
     (-(advantages[:, None] * logp * batch[3]).sum() / n_tokens).backward()
     for name, p in plain.named_parameters():
         step = before[name] - model.state_dict()[name]
