@@ -4,7 +4,8 @@ GRPO (Shao et al., 2024): group-relative policy optimisation with a learned rewa
 One step:
 1. take P prompts (density-weighted or uniform; the caller samples them);
 2. sample G completions per prompt with the KV-cache engine;
-3. score each completion with the reward model on exactly the sampled ids (prompt + completion, no re-encoding);
+3. score each completion with the reward model on exactly the sampled ids (prompt + completion, no re-encoding;
+   each prompt's keys/values are computed once for its group, `group_rewards`);
 4. advantage of completion j of prompt i: A_ij = (r_ij - mean_i) / (std_i + eps)  (`scale_rewards="group"`),
    or r_ij - mean_i (`"none"`): a completion is judged only against its siblings, so no value network is needed;
 5. for `num_iterations` passes over the batch, minimise per completion token t
@@ -138,6 +139,28 @@ def batch_logprobs(model, batch, rows_per_batch, compile=False):
     """completion_logprobs of a whole pack_groups batch, without gradients (the frozen reference's)."""
     return torch.cat([completion_logprobs(model, *sub[:3], compile=compile)
                       for _, sub in micro_batches(batch, rows_per_batch)])
+
+
+@torch.no_grad()
+def group_rewards(rm, batch, rows_per_batch):
+    """
+    Rewards (P*G,) fp32 of a pack_groups batch, each read at its completion's last sampled token: the same numbers
+    as nanochat.rm.rewards_for_ids of every prompt + completion row, with each prompt run once per group.
+    """
+    lengths = batch[3].sum(1)
+    if (lengths == 0).any():
+        raise ValueError("every completion needs at least one token to be scored")
+    out = []
+    for rows, (prompt_ids, prompt_valid, completion_ids, _) in micro_batches(batch, rows_per_batch):
+        P, G = prompt_ids.size(0), completion_ids.size(0) // prompt_ids.size(0)
+        cache = PrefixKV(rm.config, P, prompt_ids.size(1) + completion_ids.size(1), prompt_ids.device)
+        with autocast_ctx(prompt_ids.device):
+            rm.backbone.hidden_states(prompt_ids, kv_cache=cache, valid=prompt_valid)
+            cache.repeat_rows(G)
+            hidden = rm.backbone.hidden_states(completion_ids, kv_cache=cache)
+        last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths[rows] - 1]
+        out.append(rm.head(last).squeeze(-1).float())
+    return torch.cat(out)
 
 
 def policy_update(model, optimizers, batch, ref_logprobs, advantages, args, num_sequences_global,

@@ -51,10 +51,10 @@ What is measured:
   grpo        seconds per GRPO step as scripts/kat_train_grpo.py takes it, in three timed parts. generate:
               `Engine.generate` of --grpo_samples completions of --grpo_new_tokens tokens for each of
               --grpo_prompts random --grpo_prompt_len-token prompts, temperature 1, no stop tokens, so every
-              completion runs to full length (the worst case). score: `rewards_for_ids` of every prompt +
-              completion by a random-init reward model of the same size. train: `group_advantages`,
-              `pack_groups`, the frozen reference's log-probs under no_grad and one `policy_update` pass (token
-              loss, clip 0.2, KL beta 0.04, grad clip 1, AdamW at 1e-4), both in batches of
+              completion runs to full length (the worst case). score: `pack_groups` and `group_rewards` of every
+              completion by a random-init reward model of the same size. train: `group_advantages`, the frozen
+              reference's log-probs under no_grad and one `policy_update` pass (token loss, clip 0.2, KL beta
+              0.04, grad clip 1, AdamW at 1e-4). Scoring and training run in batches of
               --grpo_device_batch_size rows. One untimed step, then the median of --grpo_steps timed steps, for the
               whole step and for each part.
   density     kNN (k = 10) plus density weights of --density_n random 256-dim unit vectors: blocked
@@ -90,8 +90,8 @@ from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import collate_targets, dpo_train_step
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
-from nanochat.grpo import batch_logprobs, group_advantages, pack_groups, policy_update
-from nanochat.rm import RewardModel, collate_right, rewards_for_ids, rm_train_step, setup_rm_optimizers
+from nanochat.grpo import batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
+from nanochat.rm import RewardModel, collate_right, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from nanochat.training import train_step
@@ -369,20 +369,20 @@ def bench_grpo(args, config, device):
     step_seconds = {part: [] for part in GRPO_PARTS}
     for step in range(1 + args.grpo_steps):  # the first step is the untimed warmup
         prompts = random_ids(gen, config.vocab_size, args.grpo_prompts, args.grpo_prompt_len)
-        repeated = [p for p in prompts for _ in range(args.grpo_samples)]
         policy.eval()
         completions, generate_s = timed(lambda: engine.generate(
             prompts, num_samples=args.grpo_samples, max_new_tokens=args.grpo_new_tokens, temperature=1.0,
             seed=args.seed + step).completions(), device)
         policy.train()
         assert all(len(c) == args.grpo_new_tokens for c in completions)  # a short one would make the step cheaper
-        rewards, score_s = timed(
-            lambda: rewards_for_ids(rm, [p + c for p, c in zip(repeated, completions)]).to(device), device)
+        # the pad id is never read: prompt_valid and the mask stop at each row's real tokens
+        batch, score_s = timed(lambda: tuple(t.to(device) for t in pack_groups(prompts, completions, pad_id=0)),
+                               device)
+        rewards, rewards_s = timed(lambda: group_rewards(rm, batch, batch_rows), device)
+        score_s += rewards_s
 
         def train():
             advantages = group_advantages(rewards.view(args.grpo_prompts, args.grpo_samples)).view(-1)
-            # the pad id is never read: prompt_valid and the mask stop at each row's real tokens
-            batch = tuple(t.to(device) for t in pack_groups(prompts, completions, pad_id=0))
             ref_logprobs = batch_logprobs(reference, batch, batch_rows, args.compile)
             return policy_update(policy, [optimizer], batch, ref_logprobs, advantages, update_args,
                                  num_sequences_global=rows, num_tokens_global=batch[3].sum().float())

@@ -30,7 +30,7 @@ from nanochat.common import (WandbLogger, add_common_flags, all_reduce_sum, dist
 from nanochat.density import compute_density, sample_indices
 from nanochat.engine import Engine
 from nanochat.gpt import lr_multiplier, set_lr
-from nanochat.grpo import batch_logprobs, group_advantages, pack_groups, policy_update
+from nanochat.grpo import batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
 from nanochat.pairs import extract_prompts, read_pairs
 from nanochat.report import write_report
 from nanochat.rm import load_reward_model, rewards_for_ids
@@ -193,11 +193,10 @@ def main(argv=None):
         completions = gen.completions()
         if any(len(c) == 0 for c in completions):
             raise RuntimeError("the engine returned an empty completion")
-        repeated = [p for p in prompt_batch for _ in range(args.num_generations)]
         # scored on exactly the sampled ids; a completion cut by max_new_tokens is scored at its last token
-        rewards = rewards_for_ids(rm, [p + c for p, c in zip(repeated, completions)]).to(device)
-        advantages = group_advantages(rewards.view(per_rank, args.num_generations), args.scale_rewards).view(-1)
         batch = tuple(t.to(device) for t in pack_groups(prompt_batch, completions, tok.bos_token_id))
+        rewards = group_rewards(rm, batch, args.device_batch_size)
+        advantages = group_advantages(rewards.view(per_rank, args.num_generations), args.scale_rewards).view(-1)
         ref_logprobs = batch_logprobs(reference, batch, args.device_batch_size, args.compile)
         num_tokens = all_reduce_sum(batch[3].sum().float())
         stats = policy_update(policy, optimizers, batch, ref_logprobs, advantages, args,

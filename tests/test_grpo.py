@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanochat.grpo import (batch_logprobs, completion_logprobs, group_advantages, grpo_token_losses, pack_groups,
-                           policy_update, reduce_tokens)
+from nanochat.grpo import (batch_logprobs, completion_logprobs, group_advantages, group_rewards, grpo_token_losses,
+                           pack_groups, policy_update, reduce_tokens)
+from nanochat.rm import RewardModel, rewards_for_ids
 
 
 def test_group_advantages_by_hand():
@@ -82,6 +83,19 @@ def test_shared_prompt_logprobs_and_gradients_equal_full_forwards_of_every_row()
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
     # micro-batches of whole groups give the same numbers
     assert torch.allclose(batch_logprobs(model, batch, rows_per_batch=2) * mask, expected, atol=1e-5)
+
+
+def test_group_rewards_equal_rewards_of_every_full_row():
+    rm = RewardModel(make_tiny_model(seed=1))
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
+    rows = [PROMPTS[i // 2] + c for i, c in enumerate(COMPLETIONS)]
+    expected = rewards_for_ids(rm, rows)
+    assert expected.std() > 0.1  # distinct rewards, so a mix-up of rows would show
+    assert torch.allclose(group_rewards(rm, batch, rows_per_batch=2), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one token"):
+        group_rewards(rm, pack_groups(PROMPTS[:1], [[1], []], pad_id=0), rows_per_batch=2)
 
 
 def test_pack_groups_rejects_completions_that_do_not_form_groups():
