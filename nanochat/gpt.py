@@ -11,9 +11,10 @@ Hidden states for other methods (reward model, density embeddings, AutoDeco head
 returns the final normed hidden states (B, T, n_embd), the exact tensor the LM head reads. `forward` is
 `lm_head(hidden_states(idx))`, so there is one copy of the model code.
 
-Incremental decoding: pass a `KVCache` (or, to train on completions that share a prompt, a `PrefixKV`). Prompts of different lengths are left-padded; `valid` marks their real
-tokens. Padding slots are masked out as keys and each row's rotary positions count only its real tokens, so a
-left-padded row computes the same function as the same prompt alone.
+Incremental decoding: pass a `KVCache` (or `PrefixKV`, to train on completions that share a prompt). Prompts of
+different lengths are left-padded; `valid` marks their real tokens. Padding slots are masked out as keys and each
+row's rotary positions count only its real tokens, so a left-padded row computes the same function as the same
+prompt alone.
 """
 
 from dataclasses import asdict, dataclass

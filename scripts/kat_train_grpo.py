@@ -64,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--warmup_steps", type=int, default=5)
     parser.add_argument("--grad_clip", type=float, default=1.0)
-    parser.add_argument("--device_batch_size", type=int, default=32, help="rows per forward/backward")
+    parser.add_argument("--device_batch_size", type=int, default=32,
+                        help="rows per forward/backward, in whole groups (at least one prompt's G rows)")
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="torch.compile the log-softmax tail of the policy and reference passes (about a third "
                              "off the training part of a step; needs a C++ compiler, ~20 s to compile)")

@@ -62,8 +62,8 @@ def main(argv=None):
     parser.add_argument("--density_aware", type=str2bool, default=False,
                         help="draw pairs by their prompt's density weight instead of uniformly")
     parser.add_argument("--compile", type=str2bool, default=False,
-                        help="torch.compile the training forward, dynamic shapes (~1.25x faster on CPU at the "
-                             "reference size; needs a C++ compiler, ~30 s to compile)")
+                        help="torch.compile the training forward, dynamic shapes (~1.4x faster on CPU at the "
+                             "speedrun's sizes; needs a C++ compiler, ~30 s to compile)")
     parser.add_argument("--out_path", type=str, default="outs/rm/ckpt.pt")
     add_pair_flags(parser)
     args = parse_flags(parser, argv)
