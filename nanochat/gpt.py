@@ -303,10 +303,7 @@ class GPT(nn.Module):
             optimizers = [torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)]
         else:
             raise ValueError(f"matrix_optimizer must be one of {sorted(MATRIX_LR)}, got {matrix_optimizer!r}")
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers
+        return remember_initial_lr(optimizers)
 
 
 def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_frac=0.0):
@@ -318,6 +315,14 @@ def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_frac=0.0)
         progress = (num_steps - step) / warmdown_steps
         return progress + (1 - progress) * final_frac
     return 1.0
+
+
+def remember_initial_lr(optimizers):
+    """Record each param group's learning rate as its `initial_lr`, the base that `set_lr` scales."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
 
 
 def set_lr(optimizers, multiplier):

@@ -39,7 +39,7 @@ from nanochat.checkpoint import CheckpointError, load_payload, load_weights
 from nanochat.common import (add_common_flags, all_reduce_grads, all_reduce_sum, autocast_ctx, get_rank,
                              get_world_size, print0, str2bool)
 from nanochat.density import density_rows, load_density, pair_weights, sample_indices
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, remember_initial_lr
 from nanochat.muon import Muon
 from nanochat.pairs import read_pairs
 
@@ -135,10 +135,7 @@ def setup_rm_optimizers(rm, matrix_lr, embedding_lr, head_lr, matrix_optimizer="
                                         weight_decay=0.0)]
     else:
         raise ValueError(f"matrix_optimizer must be muon or adamw, got {matrix_optimizer!r}")
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return optimizers
+    return remember_initial_lr(optimizers)
 
 
 def bt_losses(r_chosen, r_rejected, center_coef=0.0):

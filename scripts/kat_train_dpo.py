@@ -35,7 +35,7 @@ import torch
 from nanochat.checkpoint import CheckpointError, load_model, load_resume_state, load_tokenizer, save_checkpoint
 from nanochat.common import WandbLogger, dist_cleanup, dist_init, parse_flags, print0, seed_everything, str2bool
 from nanochat.dpo import LOSS_TYPES, collate_targets, dpo_train_step, pair_logprobs, preference_eval, world_eval
-from nanochat.gpt import lr_multiplier, set_lr
+from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.report import write_report
 from nanochat.rm import add_pair_flags, load_pair_data, micro_batches, pair_batch
 from nanochat.training import Progress
@@ -75,10 +75,8 @@ def main(argv=None):
     max_len = args.max_len or policy.config.sequence_len
     train, val, test, weights = load_pair_data(args, world_size)
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    optimizers = [optimizer]
+    adamw = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizers = remember_initial_lr([adamw])
 
     local_pairs = args.batch_size_pairs // world_size
     num_steps = args.max_steps

@@ -29,7 +29,7 @@ from nanochat.common import (WandbLogger, add_common_flags, all_reduce_sum, dist
                              get_rank, parse_flags, print0, seed_everything, str2bool)
 from nanochat.density import compute_density, sample_indices
 from nanochat.engine import Engine
-from nanochat.gpt import lr_multiplier, set_lr
+from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.grpo import batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
 from nanochat.pairs import extract_prompts, read_pairs
 from nanochat.report import write_report
@@ -120,10 +120,8 @@ def main(argv=None):
         flags = payload.get("flags", {})
         world = make_world(seed=flags.get("seed", 0), size=flags.get("synthetic_size", 1))
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    optimizers = [optimizer]
+    adamw = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizers = remember_initial_lr([adamw])
     start_step, history = 0, []
     if args.resume:
         start_step, extra = load_resume_state(args.out_dir, policy, optimizers, device)
