@@ -20,6 +20,8 @@ taken against the detached log-probs of the same forward: exactly 1, and the cli
 plain policy gradient. Later passes compare against those first-pass log-probs.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -97,9 +99,14 @@ def token_logprobs(model, hidden, tokens, with_entropy=False):
     return chosen, entropy
 
 
-# the vocabulary-sized elementwise work (soft-cap, log-softmax, entropy) is about a third of a small model's GRPO
-# training time on a CPU; torch.compile fuses it. Compiled on first use, with dynamic shapes.
-compiled_token_logprobs = torch.compile(token_logprobs, dynamic=True)
+@functools.cache
+def compiled_token_logprobs():
+    """
+    token_logprobs through torch.compile (dynamic shapes): the vocabulary-sized elementwise work (soft-cap,
+    log-softmax, entropy) is about a third of a small model's GRPO training time on a CPU, and compiling fuses it.
+    Built on first request, so importing this module does not pay for torch's compiler.
+    """
+    return torch.compile(token_logprobs, dynamic=True)
 
 
 def completion_logprobs(model, prompt_ids, prompt_valid, completion_ids, with_entropy=False, compile=False):
@@ -118,7 +125,8 @@ def completion_logprobs(model, prompt_ids, prompt_valid, completion_ids, with_en
         if completion_ids.size(1) > 1:  # the last completion token predicts nothing we score
             cache.repeat_rows(G)
             hidden = torch.cat([hidden, model.hidden_states(completion_ids[:, :-1], kv_cache=cache)], dim=1)
-    return (compiled_token_logprobs if compile else token_logprobs)(model, hidden, completion_ids, with_entropy)
+    tail = compiled_token_logprobs() if compile else token_logprobs
+    return tail(model, hidden, completion_ids, with_entropy)
 
 
 def micro_batches(batch, rows_per_batch):

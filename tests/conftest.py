@@ -17,6 +17,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2 = math.log(2)
 
 
+class Interrupted(Exception):
+    """Stands for a kill: raised by kill_after_checkpoint."""
+
+
+def kill_after_checkpoint(monkeypatch, script, step):
+    """Make `script`'s save_checkpoint raise Interrupted right after it has written the checkpoint of `step`."""
+    real_save = script.save_checkpoint
+
+    def save_then_die(out_dir, model, saved_step, *args, **kwargs):
+        real_save(out_dir, model, saved_step, *args, **kwargs)
+        if saved_step == step:
+            raise Interrupted
+    monkeypatch.setattr(script, "save_checkpoint", save_then_die)
+
+
 def make_tiny_model(seed=0, vocab_size=97, sequence_len=64, n_kv_head=2, randomize=True):
     torch.manual_seed(seed)
     config = config_from_depth(2, vocab_size, sequence_len, n_embd=64, n_head=4, n_kv_head=n_kv_head,

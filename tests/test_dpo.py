@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import LN2, ROOT, make_tiny_model
+from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dpo import (collate_targets, dpo_losses, dpo_train_step, pair_logprobs, preference_eval,
                           sequence_logprobs)
@@ -100,10 +100,6 @@ def test_fixed_batch_step_equals_hand_computation_and_is_ln2_at_step_0(tok, rows
 # -----------------------------------------------------------------------------
 # the script
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory, tok, world):
     """A random-weights tiny 'SFT' checkpoint of the world, its tokenizer, pairs files and density weights."""
@@ -133,16 +129,10 @@ def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(stage, tm
     flags = dpo_flags(stage)
     kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'straight'}"])
 
-    real_save = kat_train_dpo.save_checkpoint
-
-    def save_then_die(out_dir, model, step, *args, **kwargs):
-        real_save(out_dir, model, step, *args, **kwargs)
-        if step == 2:
-            raise Interrupted
-    monkeypatch.setattr(kat_train_dpo, "save_checkpoint", save_then_die)
+    kill_after_checkpoint(monkeypatch, kat_train_dpo, step=2)
     with pytest.raises(Interrupted):
         kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'killed'}"])
-    monkeypatch.setattr(kat_train_dpo, "save_checkpoint", real_save)
+    monkeypatch.undo()
     kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'killed'}", "--resume=true"])
 
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)

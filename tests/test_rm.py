@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import LN2, ROOT, make_tiny_model
+from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
 from nanochat.checkpoint import CheckpointError, save_checkpoint
 from nanochat.rm import (RewardModel, bt_losses, collate_right, load_reward_model, pair_batch, pair_margins,
                          preference_metrics, read_densities, render_pairs, render_reply, rewards_for_ids,
@@ -229,23 +229,13 @@ def test_loading_a_plain_gpt_as_a_reward_model_fails_clearly(stage):
         load_reward_model(stage / "sft")
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_after_a_checkpoint_ends_like_an_uninterrupted_run(stage, monkeypatch):
     flags = rm_flags(stage, "unused")[:-1] + ["--max_steps=4", "--save_every=2", "--eval_every=2"]
     kat_train_rm.main(flags + [f"--out_path={stage / 'straight'}"])
-    real_save = kat_train_rm.save_checkpoint
-
-    def save_then_die(out_dir, model, step, *args, **kwargs):
-        real_save(out_dir, model, step, *args, **kwargs)
-        if step == 2:
-            raise Interrupted
-    monkeypatch.setattr(kat_train_rm, "save_checkpoint", save_then_die)
+    kill_after_checkpoint(monkeypatch, kat_train_rm, step=2)
     with pytest.raises(Interrupted):
         kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}"])
-    monkeypatch.setattr(kat_train_rm, "save_checkpoint", real_save)
+    monkeypatch.undo()
     kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}", "--resume=true"])
     a = torch.load(stage / "straight" / "ckpt.pt", weights_only=False)
     b = torch.load(stage / "killed" / "ckpt.pt", weights_only=False)
