@@ -20,6 +20,16 @@ import torch.distributed as dist
 
 
 # -----------------------------------------------------------------------------
+# errors
+
+class InputError(ValueError):
+    """
+    A user's mistake or a broken input (a file, a flag, a checkpoint, a full disk): the message names the path, line
+    or flag and says what to do. Library code raises it; scripts print the message and exit 1 without a traceback.
+    """
+
+
+# -----------------------------------------------------------------------------
 # devices and dtypes
 
 def autodetect_device(override=None):
@@ -81,6 +91,19 @@ def dist_init(device_override=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return get_rank(), get_world_size(), device
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """
+    Rank 0 runs the block first (a download, a cache it writes) while the other ranks wait at a barrier; then they
+    run it and find rank 0's files in place. A no-op wrapper on one process.
+    """
+    if is_distributed() and not is_master():
+        dist.barrier()
+    yield
+    if is_distributed() and is_master():
+        dist.barrier()
 
 
 def dist_cleanup():
