@@ -1,28 +1,40 @@
 """
 Checkpoints: one directory per stage (`outs/<stage>/`).
 
-- `ckpt.pt`: model weights, model config, step, tokenizer location, kind ("gpt", or a method's own, e.g. "rm")
-- `meta.json`: the same facts, readable, plus the stage's flags and metrics
-- `optim.pt`: everything `--resume` needs (weights again, optimizer, RNG and data-loader state) in one file, so
-  a kill between two writes can never pair weights of one step with optimizer state of another
+- `ckpt.pt`: the finished model: weights, model config, step, kind ("gpt", or a method's own, e.g. "rm"), flags,
+  lineage (the checkpoints it descends from) and the fingerprint of its tokenizer. Written once, at the end of a
+  run: a directory without it holds no finished model, and a loader says so instead of loading a half-trained one.
+- `tokenizer/`: a copy of the tokenizer the model was trained with, so a checkpoint carries its own ids (a tokenizer
+  retrained later in outs/tokenizer cannot silently change them) and loads from any working directory.
+- `optim.pt`: the state of an unfinished run, everything `--resume` needs (weights, optimizer, RNG, data-loader
+  position, history) in one file, so a kill between two writes can never pair weights of one step with optimizer
+  state of another. It carries the run's identity (stage, model config, flags, tokenizer); the final save removes
+  it. A directory with an `optim.pt` is an interrupted run, even when an older `ckpt.pt` sits beside it.
+- `meta.json`: the same facts, readable, plus metrics; `"complete": false` while a run is in progress.
 
-Every file is written to a temp file and renamed, so a save interrupted at any point leaves the previous
-checkpoint loadable. Loading takes a directory (`outs/sft/`) or a file (`outs/sft/ckpt.pt`) and fails with a
-message naming the path when the checkpoint is missing, truncated or does not fit the model.
+Every file is written to a temp file and renamed, so a save interrupted at any point leaves the previous files
+intact. Files are read with `torch.load(weights_only=True)`: tensors and plain values only, so opening a checkpoint
+from elsewhere can never run code. Errors name the path and say what to do.
 """
 
+import hashlib
+import json
 import os
+import pickle
+import shutil
 import time
 
 import torch
 
-from nanochat.common import atomic_path, atomic_write_json, get_rng_state, set_rng_state
+from nanochat.common import (DivergedError, InputError, atomic_path, atomic_write_json, random_state,
+                             set_random_state)
 from nanochat.gpt import GPT, GPTConfig
 
-CKPT_NAME, META_NAME, OPTIM_NAME = "ckpt.pt", "meta.json", "optim.pt"
+CKPT_NAME, META_NAME, OPTIM_NAME, TOKENIZER_NAME = "ckpt.pt", "meta.json", "optim.pt", "tokenizer"
+FORMAT = 2  # the payload layout; a checkpoint of another format is refused with a clear message
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     pass
 
 
@@ -32,9 +44,27 @@ def resolve_path(path):
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) or not path.endswith(".pt") else path
 
 
+def stage_status(out_dir):
+    """'complete' (a finished ckpt.pt, no run in progress), 'partial' (an interrupted run: optim.pt) or 'empty'."""
+    if os.path.exists(os.path.join(out_dir, OPTIM_NAME)):
+        return "partial"
+    return "complete" if os.path.exists(os.path.join(out_dir, CKPT_NAME)) else "empty"
+
+
+# -----------------------------------------------------------------------------
+# writing
+
 def _atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            # a Python file object turns a failed write into an OSError with its errno (e.g. "No space left on
+            # device"), where torch's own writer reports only "file write failed"
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except (OSError, RuntimeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+            raise CheckpointError(f"could not write {path}: {reason} ({free:,.0f} MiB free on its disk)") from e
 
 
 def _state_dict(model):
@@ -42,43 +72,125 @@ def _state_dict(model):
     return {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(out_dir, model, step, tokenizer_dir, kind="gpt", flags=None, metrics=None, optimizers=None,
-                    extra_state=None, extra=None):
+def check_finite(model, step):
+    """Refuse to save a model with a NaN or inf weight (naming the step and the first bad tensor)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DivergedError(f"step {step}: weight {name.removeprefix('_orig_mod.')} is not finite; nothing saved")
+
+
+def tokenizer_fingerprint(directory):
+    """sha256 (first 16 hex digits) of a tokenizer directory's two files: equal iff the token ids are equal."""
+    from nanochat.tokenizer import META_FILE, MODEL_FILE
+    digest = hashlib.sha256()
+    for name in (MODEL_FILE, META_FILE):
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except OSError as e:
+            raise CheckpointError(f"cannot read tokenizer file {path}: {e.strerror or e}") from e
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _copy_tokenizer(tokenizer_dir, out_dir):
+    """Copy the tokenizer into out_dir/tokenizer (atomically, file by file); returns its fingerprint."""
+    from nanochat.tokenizer import META_FILE, MODEL_FILE
+    target = os.path.join(out_dir, TOKENIZER_NAME)
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if os.path.abspath(tokenizer_dir) != os.path.abspath(target):
+        for name in (MODEL_FILE, META_FILE):
+            with atomic_path(os.path.join(target, name)) as tmp:
+                shutil.copyfile(os.path.join(tokenizer_dir, name), tmp)
+    return fingerprint
+
+
+def lineage_of(payload):
+    """The chain of checkpoints a model descends from, oldest first, ending with `payload` itself."""
+    return payload.get("lineage", []) + [{"path": payload["path"], "kind": payload["kind"], "step": payload["step"]}]
+
+
+def save_checkpoint(out_dir, model, step, tokenizer_dir, kind="gpt", flags=None, metrics=None, extra=None,
+                    parents=()):
     """
-    Save a model (and, with `optimizers`, everything `--resume` needs). `extra` is stored in ckpt.pt for the
-    method that owns `kind` (e.g. a reward head's settings); `extra_state` (e.g. a data loader's position) goes
-    with the optimizer state.
+    Save a finished model: ckpt.pt (complete), a copy of its tokenizer and meta.json. `extra` is stored for the
+    method that owns `kind` (e.g. a reward head's settings); `parents` are the payloads it was trained from, whose
+    lineage it extends. Does not touch optim.pt: the stage skeleton removes it once this has succeeded.
     """
+    check_finite(model, step)
     os.makedirs(out_dir, exist_ok=True)
+    fingerprint = _copy_tokenizer(tokenizer_dir, out_dir)
+    lineage = lineage_of(parents[0]) if parents else []
+    lineage += [{"path": p["path"], "kind": p["kind"], "step": p["step"]} for p in parents[1:]]
     config = model.config.to_dict()
-    if optimizers is not None:
-        _atomic_torch_save({"step": step, "model": _state_dict(model),
-                            "optimizers": [o.state_dict() for o in optimizers],
-                            "rng": get_rng_state(), "extra_state": extra_state}, os.path.join(out_dir, OPTIM_NAME))
-    payload = {"kind": kind, "step": step, "config": config, "tokenizer_dir": tokenizer_dir,
-               "model": _state_dict(model), "flags": flags or {}, "extra": extra or {}}
+    payload = {"format": FORMAT, "complete": True, "kind": kind, "step": step, "config": config,
+               "model": _state_dict(model), "flags": flags or {}, "extra": extra or {},
+               "tokenizer_fingerprint": fingerprint, "lineage": lineage}
     _atomic_torch_save(payload, os.path.join(out_dir, CKPT_NAME))
-    meta = {"kind": kind, "step": step, "config": config, "tokenizer_dir": tokenizer_dir,
-            "num_params": sum(p.numel() for p in model.parameters()), "flags": flags or {},
-            "metrics": metrics or {}, "extra": extra or {}, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(os.path.join(out_dir, META_NAME), meta)
+    write_meta(out_dir, {"complete": True, "kind": kind, "step": step, "config": config,
+                         "num_params": sum(p.numel() for p in model.parameters()), "flags": flags or {},
+                         "metrics": metrics or {}, "extra": extra or {}, "tokenizer_fingerprint": fingerprint,
+                         "lineage": lineage})
+
+
+def write_meta(out_dir, meta):
+    atomic_write_json(os.path.join(out_dir, META_NAME), meta | {"saved_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def save_resume_state(out_dir, model, step, optimizers, identity, extra_state=None):
+    """optim.pt: everything `--resume` needs, with the run's `identity` (stage, config, flags, tokenizer)."""
+    check_finite(model, step)
+    rng = random_state()
+    _atomic_torch_save({"format": FORMAT, "identity": identity, "step": step, "model": _state_dict(model),
+                        "optimizers": [o.state_dict() for o in optimizers], "rng": rng, "extra_state": extra_state},
+                       os.path.join(out_dir, OPTIM_NAME))
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+def _torch_load(file, device, what):
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{what} {file} holds objects other than tensors and plain values (not a nanochat-kat "
+                              f"file, or one crafted to run code); refusing to open it") from e
+    except Exception as e:
+        raise CheckpointError(f"{what} {file} is truncated or corrupt ({type(e).__name__}: {e}); re-run the stage "
+                              f"that writes it") from e
 
 
 def load_payload(path, device="cpu"):
-    """Read ckpt.pt (given a directory or the file) with clear errors."""
+    """Read a finished ckpt.pt (given a directory or the file) with clear errors."""
     file = resolve_path(path)
+    directory = os.path.dirname(file)
+    if os.path.exists(os.path.join(directory, OPTIM_NAME)):
+        step = _meta_step(directory)
+        raise CheckpointError(f"{directory} holds an unfinished run (stopped at step {step}); finish it by running "
+                              f"its stage again with --resume=True (or remove {OPTIM_NAME} to use the earlier "
+                              f"{CKPT_NAME}, if any)")
     if not os.path.exists(file):
         raise CheckpointError(f"checkpoint not found: {file} (run the stage that writes it, or pass the right "
                               f"--*_path / --ckpt_path)")
-    try:
-        payload = torch.load(file, map_location=device, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {file} is truncated or corrupt ({type(e).__name__}: {e}); "
-                              f"re-run the stage that writes it") from e
+    payload = _torch_load(file, device, "checkpoint")
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"{file} is not a nanochat-kat checkpoint (no model/config entries)")
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{file} was written by another version of nanochat-kat (format "
+                              f"{payload.get('format', 1)}, this one reads {FORMAT}); re-run the stage that writes it")
+    if payload.get("complete") is not True:
+        raise CheckpointError(f"{file} is not a finished checkpoint; re-run its stage with --resume=True")
     payload["path"] = file
     return payload
+
+
+def _meta_step(directory):
+    try:
+        with open(os.path.join(directory, META_NAME), encoding="utf-8") as f:
+            return json.load(f).get("step", "?")
+    except (OSError, ValueError):
+        return "?"
 
 
 def load_weights(model, payload):
@@ -105,36 +217,67 @@ def load_model(path, device="cpu", kind="gpt"):
     return model, payload
 
 
+def tokenizer_dir(payload):
+    """The directory of the tokenizer copy that travels with a checkpoint."""
+    return os.path.join(os.path.dirname(payload["path"]), TOKENIZER_NAME)
+
+
 def load_tokenizer(payload):
-    """The tokenizer a checkpoint was trained with."""
+    """The tokenizer a checkpoint was trained with (its own copy, checked against the stored fingerprint)."""
     from nanochat.tokenizer import Tokenizer
-    directory = payload.get("tokenizer_dir")
-    if not directory or not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint {payload['path']} names tokenizer directory {directory!r}, which does "
-                              f"not exist (run scripts.tok_train, or run from the repository root)")
-    return Tokenizer.load(directory)
+    directory = tokenizer_dir(payload)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint {payload['path']} has no tokenizer beside it ({directory} is missing); "
+                              f"re-run the stage that wrote it")
+    found = tokenizer_fingerprint(directory)
+    if found != payload["tokenizer_fingerprint"]:
+        raise CheckpointError(f"the tokenizer in {directory} (fingerprint {found}) is not the one "
+                              f"{payload['path']} was trained with ({payload['tokenizer_fingerprint']})")
+    try:
+        return Tokenizer.load(directory)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from e
 
 
-def load_resume_state(out_dir, model, optimizers, device="cpu"):
+def check_same_tokenizer(a, b):
+    """Two checkpoints used together (a policy and its reward model, say) must share their token ids."""
+    if a["tokenizer_fingerprint"] != b["tokenizer_fingerprint"]:
+        raise CheckpointError(f"{a['path']} (tokenizer {a['tokenizer_fingerprint']}) and {b['path']} (tokenizer "
+                              f"{b['tokenizer_fingerprint']}) were trained with different tokenizers; train both from "
+                              f"the same tokenizer")
+
+
+def identity_differences(saved, current):
+    """Readable differences between two run identities (nested dicts), e.g. ['flags.seq_len: 256 -> 512']."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in identity_differences(a, b)]
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def load_resume_state(out_dir, model, optimizers, identity, device="cpu"):
     """
-    Restore weights, optimizer and RNG state from `out_dir/optim.pt` for `--resume`. Returns (step,
-    extra_state), or (0, None) when there is nothing to resume from.
+    Restore weights, optimizer and RNG state from `out_dir/optim.pt` for `--resume`. Returns (step, extra_state),
+    or (0, None) when there is nothing to resume from. Refuses a state of another stage, model config, tokenizer or
+    flags (`identity`), naming the differences.
     """
     optim_file = os.path.join(out_dir, OPTIM_NAME)
     if not os.path.exists(optim_file):
-        if os.path.exists(os.path.join(out_dir, CKPT_NAME)):
-            raise CheckpointError(f"--resume: {out_dir} has a {CKPT_NAME} but no {OPTIM_NAME} (it was saved "
-                                  f"without optimizer state); rerun without --resume to start over")
         return 0, None
-    try:
-        state = torch.load(optim_file, map_location=device, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"--resume: {optim_file} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    state = _torch_load(optim_file, device, "--resume: the run state")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"--resume: {optim_file} was written by another version of nanochat-kat; rerun "
+                              f"without --resume to start over")
+    differences = identity_differences(state["identity"], identity)
+    if differences:
+        raise CheckpointError(f"--resume: {optim_file} belongs to another run: " + "; ".join(differences) +
+                              ". Resume with the same flags, or rerun without --resume to start over")
     load_weights(model, {"model": state["model"], "path": optim_file})
-    if len(state["optimizers"]) != len(optimizers):
-        raise CheckpointError(f"--resume: {optim_file} holds {len(state['optimizers'])} optimizers, "
-                              f"this run has {len(optimizers)} (was --matrix_optimizer changed?)")
     for opt, opt_state in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(opt_state)
-    set_rng_state(state["rng"])
+    set_random_state(state["rng"])
     return state["step"], state["extra_state"]

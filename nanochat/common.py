@@ -29,6 +29,30 @@ class InputError(ValueError):
     """
 
 
+class DivergedError(RuntimeError):
+    """A NaN or inf loss, gradient or weight: the run stops before anything non-finite is saved."""
+
+
+def run_script(main):
+    """
+    The entry point of every script: an InputError, a DivergedError or an OSError (a missing file, a full disk,
+    no permission) prints one line naming what went wrong and exits 1; everything else is a bug and keeps its
+    traceback. NANOCHAT_TRACEBACK=1 shows the traceback of the user errors too.
+    """
+    try:
+        main()
+    except (InputError, DivergedError, OSError) as e:
+        if os.environ.get("NANOCHAT_TRACEBACK"):
+            raise
+        if isinstance(e, OSError) and e.filename is not None:
+            message = f"{e.strerror or e}: {e.filename}"
+        else:
+            message = str(e)
+        prefix = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
+        print(f"{prefix}{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 # -----------------------------------------------------------------------------
 # devices and dtypes
 
@@ -84,6 +108,7 @@ def dist_init(device_override=None):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_distributed():
         return 0, 1, device
     if not is_distributed():
+        _die_with_parent()
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -103,6 +128,29 @@ def rank0_first():
         dist.barrier()
     yield
     if is_distributed() and is_master():
+        dist.barrier()
+
+
+def _die_with_parent():
+    """
+    A torchrun worker dies with its agent: killing the agent (kill -9, a closed terminal) must not leave workers
+    training on, where a resume started meanwhile would become a second writer. Linux only (prctl); elsewhere the
+    agent's own teardown is all there is.
+    """
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dist_barrier():
+    if is_distributed():
         dist.barrier()
 
 
@@ -145,16 +193,25 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def get_rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def random_state():
+    """
+    The Python, NumPy, torch (and CUDA) generators' states as tensors and plain values, so a resume file loads
+    with torch.load(weights_only=True); set_random_state restores them.
+    """
+    version, python, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python_version": version, "python": torch.tensor(python, dtype=torch.int64), "python_gauss": gauss,
+             "numpy_kind": kind, "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_random_state(state):
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state((state["numpy_kind"], state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -210,6 +267,29 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {value!r}")
 
 
+def _number(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not np.isfinite(value)) or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+# argparse types that validate when flags are parsed: a bad value exits 2 with "argument --flag: expected ..."
+positive_int = _number(int, lambda v: v > 0, "an integer > 0")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+open_fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
 def parse_flags(parser, argv=None):
     """Parse with the project's conventions: a bare `--` separator (torchrun passes it through) is dropped."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -223,32 +303,3 @@ def add_common_flags(parser):
     parser.add_argument("--run", type=str, default=os.environ.get("WANDB_RUN"),
                         help="wandb run name; no logging to wandb when unset (default: $WANDB_RUN)")
     return parser
-
-
-class WandbLogger:
-    """wandb only when a run is named; offline when there is no network; never fatal."""
-
-    def __init__(self, run_name, project, config):
-        self.run = None
-        if not run_name or not is_master():
-            return
-        try:
-            import wandb
-            self.run = wandb.init(project=project, name=run_name, config=config)
-        except Exception as e:  # a missing login or network must not stop training
-            print0(f"wandb disabled ({type(e).__name__}: {e}); set WANDB_MODE=offline to log locally")
-
-    def log(self, metrics, step):
-        if self.run is not None:
-            self.run.log(metrics, step=step)
-
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()
-
-
-def format_eta(seconds):
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

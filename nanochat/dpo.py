@@ -26,10 +26,11 @@ accuracy and, for DPO, the implicit-reward accuracy are reported beside it.
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx, get_rank, get_world_size
+from nanochat.common import all_reduce_sum, autocast_ctx, get_rank, get_world_size
 from nanochat.evaluate import evaluate_task
 from nanochat.rm import pair_correct, render_pairs
 from nanochat.tasks import world as world_task
+from nanochat.training import optimizer_step
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 IGNORE = -1
@@ -94,15 +95,11 @@ def dpo_train_step(policy, reference, optimizers, micro_batches, global_pairs, b
         margins = chosen - rejected
         sums += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), margins.sum(),
                              pair_correct(margins).sum(), pi[:n].detach().sum(), pi[n:].detach().sum()])
-    all_reduce_grads(policy)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    for opt in optimizers:
-        opt.step()
-    policy.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(policy, optimizers, grad_clip)
     means = (all_reduce_sum(sums) / global_pairs).tolist()
     names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
              "logps/rejected")
-    return {**dict(zip(names, means)), "grad_norm": grad_norm.item()}
+    return {**dict(zip(names, means)), "grad_norm": grad_norm}
 
 
 @torch.no_grad()

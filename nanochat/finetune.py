@@ -14,55 +14,64 @@ import math
 
 import torch
 
-from nanochat.checkpoint import load_model, load_resume_state, load_tokenizer, save_checkpoint
-from nanochat.common import (WandbLogger, add_common_flags, dist_cleanup, dist_init, print0, seed_everything,
+from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
+from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, print0, rank0_first, seed_everything,
                              str2bool)
 from nanochat.data import chat_conversations
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
-from nanochat.report import write_report
-from nanochat.training import Progress, evaluate_loss, train_step
+from nanochat.stage import Stage
+from nanochat.training import evaluate_loss, train_step
 
 
 def add_finetune_flags(parser, init_ckpt, out_dir, num_conversations, stream, artifact_rate):
     parser.add_argument("--init_ckpt", type=str, default=init_ckpt, help="checkpoint to start from")
     parser.add_argument("--source", type=str, default="synthetic", choices=["synthetic", "smoltalk"])
     parser.add_argument("--from_dir", type=str, default=None, help="local copy of the hub data set (smoltalk)")
-    parser.add_argument("--num_conversations", type=int, default=num_conversations, help="training conversations")
-    parser.add_argument("--val_conversations", type=int, default=200)
-    parser.add_argument("--synthetic_size", type=int, default=1)
-    parser.add_argument("--stream", type=int, default=stream, help="which sample of synthetic conversations")
-    parser.add_argument("--artifact_rate", type=float, default=artifact_rate,
+    parser.add_argument("--num_conversations", type=positive_int, default=num_conversations,
+                        help="training conversations")
+    parser.add_argument("--val_conversations", type=positive_int, default=200)
+    parser.add_argument("--synthetic_size", type=positive_int, default=1)
+    parser.add_argument("--stream", type=nonnegative_int, default=stream,
+                        help="which sample of synthetic conversations")
+    parser.add_argument("--artifact_rate", type=fraction, default=artifact_rate,
                         help="share of synthetic answers with planted mode-collapse artifacts")
-    parser.add_argument("--batch_rows", type=int, default=16, help="global rows (conversations) per step")
-    parser.add_argument("--device_batch_size", type=int, default=8)
-    parser.add_argument("--max_len", type=int, default=512, help="tokens per row")
-    parser.add_argument("--num_epochs", type=float, default=1.0, help="length of the run when --num_steps is -1")
-    parser.add_argument("--num_steps", type=int, default=-1)
+    parser.add_argument("--batch_rows", type=positive_int, default=16, help="global rows (conversations) per step")
+    parser.add_argument("--device_batch_size", type=positive_int, default=8)
+    parser.add_argument("--max_len", type=positive_int, default=512, help="tokens per row")
+    parser.add_argument("--num_epochs", type=positive_float, default=1.0,
+                        help="length of the run when --num_steps is not given")
+    parser.add_argument("--num_steps", type=positive_int, default=None, help="optimizer steps (default: from "
+                        "--num_epochs)")
     parser.add_argument("--matrix_optimizer", type=str, default="adamw", choices=["adamw", "muon"])
-    parser.add_argument("--matrix_lr", type=float, default=None,
+    parser.add_argument("--matrix_lr", type=nonnegative_float, default=None,
                         help="learning rate of the transformer's matrices (default: 0.002 adamw, 0.02 muon)")
-    parser.add_argument("--embedding_lr", type=float, default=0.2)
-    parser.add_argument("--unembedding_lr", type=float, default=0.004)
-    parser.add_argument("--lr_frac", type=float, default=0.5, help="multiplies every learning rate")
-    parser.add_argument("--warmdown_ratio", type=float, default=1.0, help="1.0: linear decay over the whole run")
-    parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--embedding_lr", type=nonnegative_float, default=0.2)
+    parser.add_argument("--unembedding_lr", type=nonnegative_float, default=0.004)
+    parser.add_argument("--lr_frac", type=nonnegative_float, default=0.5, help="multiplies every learning rate")
+    parser.add_argument("--warmdown_ratio", type=fraction, default=1.0, help="1.0: linear decay over the whole run")
+    parser.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="0 disables clipping")
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="torch.compile the training forward (pays off when rows have one fixed length)")
-    parser.add_argument("--eval_every", type=int, default=50)
-    parser.add_argument("--save_every", type=int, default=100)
-    parser.add_argument("--log_every", type=int, default=10)
+    parser.add_argument("--eval_every", type=nonnegative_int, default=50, help="validation every N steps (0: at the "
+                        "end only)")
+    parser.add_argument("--save_every", type=nonnegative_int, default=100, help="resume state every N steps (0: never)")
+    parser.add_argument("--log_every", type=positive_int, default=10)
     parser.add_argument("--resume", type=str2bool, default=False)
     parser.add_argument("--out_dir", type=str, default=out_dir)
     add_common_flags(parser)
     return parser
 
 
-def finetune(args, make_loader, tokens_per_conversation_hint=None):
+def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
     """
     Run a chat stage. `make_loader(conversations, tok, global_rows, rank, world_size, train)` returns a resumable
     loader of (inputs, targets).
     """
     rank, world_size, device = dist_init(args.device)
+    stage = Stage(args.out_dir, args, script=script)
+    if stage.finished:
+        return dist_cleanup()
     seed_everything(args.seed)
     model, payload = load_model(args.init_ckpt, device)
     model.train()
@@ -73,7 +82,7 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
                                         matrix_optimizer=args.matrix_optimizer)
     rows_per_micro = args.device_batch_size * world_size
     if args.batch_rows % rows_per_micro:
-        raise SystemExit(f"--batch_rows={args.batch_rows} must be a multiple of --device_batch_size x world size "
+        raise InputError(f"--batch_rows={args.batch_rows} must be a multiple of --device_batch_size x world size "
                          f"= {rows_per_micro}")
     grad_accum = args.batch_rows // rows_per_micro
 
@@ -82,10 +91,11 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
                                   synthetic_size=args.synthetic_size, stream=args.stream,
                                   artifact_rate=args.artifact_rate)
 
-    train_convs = conversations("train", args.num_conversations)
-    val_convs = conversations("val", args.val_conversations)
+    with rank0_first():  # a hub data set is downloaded once, by rank 0
+        train_convs = conversations("train", args.num_conversations)
+        val_convs = conversations("val", args.val_conversations)
     loader = make_loader(train_convs, tok, rows_per_micro, rank, world_size, True)
-    if args.num_steps > 0:
+    if args.num_steps is not None:
         num_steps = args.num_steps
     else:  # rows per epoch: one per conversation, or fewer when several are packed into a row
         rows_per_epoch = len(train_convs) / (tokens_per_conversation_hint(train_convs, tok)
@@ -93,13 +103,9 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
         num_steps = max(1, math.ceil(args.num_epochs * rows_per_epoch / args.batch_rows))
     print0(f"{len(train_convs)} training conversations, {num_steps} steps of {args.batch_rows} rows")
 
-    start_step, history = 0, []
-    if args.resume:
-        start_step, extra = load_resume_state(args.out_dir, model, optimizers, device)
-        if extra is not None:
-            loader.load_state_dict(extra["loader"])
-            history = extra["history"]
-            print0(f"resumed from {args.out_dir} at step {start_step}")
+    start_step, loader_state = stage.resume(model, optimizers, num_steps, tokenizer_dir(payload), device)
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
     train_iter = iter(loader)
     train_model = torch.compile(model) if args.compile else model
 
@@ -111,35 +117,22 @@ def finetune(args, make_loader, tokens_per_conversation_hint=None):
         model.train()
         return loss
 
-    def save(step, metrics=None):
-        save_checkpoint(args.out_dir, model, step, payload["tokenizer_dir"], flags=vars(args),
-                        metrics=metrics or {"val_loss_history": history}, optimizers=optimizers,
-                        extra_state={"loader": loader.state_dict(), "history": history})
-
-    wandb = WandbLogger(args.run, "nanochat-kat-chat", vars(args))
-    progress = Progress(num_steps, start_step)
     loss = float("nan")
     for step in range(start_step, num_steps):
         if args.eval_every > 0 and step % args.eval_every == 0:
-            history.append((step, val_loss()))
-            print0(f"step {step:5d}/{num_steps} | val loss {history[-1][1]:.4f}")
-            wandb.log({"val/loss": history[-1][1]}, step)
-        set_lr(optimizers, lr_multiplier(step, num_steps, 0, args.warmdown_ratio))
+            stage.log_eval(step, {"loss": val_loss()})
+        lr = lr_multiplier(step, num_steps, 0, args.warmdown_ratio)
+        set_lr(optimizers, lr)
         micro = [tuple(t.to(device) for t in next(train_iter)) for _ in range(grad_accum)]
         loss, grad_norm = train_step(train_model, optimizers, micro, args.grad_clip)
-        if step % args.log_every == 0 or step == num_steps - 1:
-            print0(f"step {step + 1:5d}/{num_steps} | loss {loss:.4f} | grad norm {grad_norm:.3f} | "
-                   f"ETA {progress.eta(step)}")
-            wandb.log({"train/loss": loss, "train/grad_norm": grad_norm}, step)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < num_steps and rank == 0:
-            save(step + 1)
-    history.append((num_steps, val_loss()))
-    print0(f"step {num_steps:5d}/{num_steps} | val loss {history[-1][1]:.4f}")
-    if rank == 0:
-        metrics = {"final_train_loss": loss, "val_loss_first": history[0][1], "val_loss_final": history[-1][1],
-                   "val_loss_history": [f"{s}:{v:.4f}" for s, v in history], "steps": num_steps,
-                   "train_conversations": len(train_convs)}
-        save(num_steps, metrics)
-        write_report(args.out_dir, metrics, {"train_seconds": progress.elapsed()}, vars(args), device)
-    wandb.finish()
+        stage.log(step + 1, {"loss": loss, "grad_norm": grad_norm, "lr_multiplier": lr},
+                  f"loss {loss:.4f} | grad norm {grad_norm:.3f}")
+        stage.maybe_save(step + 1, model, optimizers, loader.state_dict())
+    stage.log_eval(num_steps, {"loss": val_loss()})
+    history = stage.series("val/loss")
+    metrics = {"final_train_loss": loss, "val_loss_first": history[0][1], "val_loss_final": history[-1][1],
+               "val_loss_history": [f"{s}:{v:.4f}" for s, v in history], "steps": num_steps,
+               "train_conversations": len(train_convs)}
+    stage.finish(model, tokenizer_dir(payload), metrics, {"train_seconds": stage.elapsed()}, parents=[payload],
+                 device=device)
     dist_cleanup()

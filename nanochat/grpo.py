@@ -25,8 +25,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx
+from nanochat.common import all_reduce_sum, autocast_ctx
 from nanochat.gpt import PrefixKV
+from nanochat.training import optimizer_step
 
 
 def group_advantages(rewards, scale_rewards="group", eps=1e-4):
@@ -198,11 +199,6 @@ def policy_update(model, optimizers, batch, ref_logprobs, advantages, args, num_
                     totals[name] += reduce_tokens(values, mask, "token", num_tokens_global)
         if old_logprobs is None:
             old_logprobs = torch.cat(first_pass)
-        all_reduce_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   args.grad_clip if args.grad_clip > 0 else float("inf"))
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizers, args.grad_clip)
     return {name: all_reduce_sum(t).item() / args.num_iterations for name, t in totals.items()} | \
-        {"grad_norm": grad_norm.item()}
+        {"grad_norm": grad_norm}

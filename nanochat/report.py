@@ -53,10 +53,11 @@ def _table(rows):
     return "\n".join(lines) + "\n"
 
 
-def render_section(stage, metrics, timings, flags, device=None, notes=None):
+def render_section(stage, metrics, timings, flags, device=None, notes=None, charts=(), chart_dir=""):
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     command = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
     parts = [f"## {stage}\n", f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
+    parts += [f"![{os.path.splitext(name)[0]}]({chart_dir}{name})\n" for name in charts]
     if notes:
         parts.append(notes.strip() + "\n")
     parts += ["### Metrics\n", _table(metrics), "### Timings\n", _table(timings),
@@ -64,19 +65,21 @@ def render_section(stage, metrics, timings, flags, device=None, notes=None):
     return "\n".join(parts)
 
 
-def write_report(stage_dir, metrics, timings=None, flags=None, device=None, notes=None):
+def write_report(stage_dir, metrics, timings=None, flags=None, device=None, notes=None, charts=()):
     """
     Write `<stage_dir>/report.md` and replace or append the stage's section in the report beside it
-    (`outs/sft/` -> `outs/report.md`). The stage's name is the directory's name.
+    (`outs/sft/` -> `outs/report.md`). The stage's name is the directory's name. `charts` are image files in
+    stage_dir, shown at the top of both (linked relative to each file).
     """
     if not is_master():
         return None
     stage_dir = os.path.abspath(stage_dir)
     stage, out_root = os.path.basename(stage_dir), os.path.dirname(stage_dir)
-    section = render_section(stage, metrics, timings or {}, flags or {}, device, notes)
+    section = render_section(stage, metrics, timings or {}, flags or {}, device, notes, charts)
     atomic_write(os.path.join(stage_dir, "report.md"), section)
     begin, end = f"<!-- stage:{stage} -->", f"<!-- /stage:{stage} -->"
-    block = f"{begin}\n{section}{end}\n"
+    whole_section = render_section(stage, metrics, timings or {}, flags or {}, device, notes, charts, f"{stage}/")
+    block = f"{begin}\n{whole_section}{end}\n"
     whole_path = os.path.join(out_root, "report.md")
     whole = open(whole_path, encoding="utf-8").read() if os.path.exists(whole_path) else "# nanochat-kat report\n\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n", re.S)

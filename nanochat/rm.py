@@ -36,12 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.checkpoint import CheckpointError, load_payload, load_weights
-from nanochat.common import (add_common_flags, all_reduce_grads, all_reduce_sum, autocast_ctx, get_rank,
-                             get_world_size, print0, str2bool)
+from nanochat.common import (InputError, add_common_flags, all_reduce_sum, autocast_ctx, fraction, get_rank,
+                             get_world_size, nonnegative_float, nonnegative_int, positive_int, print0, str2bool)
 from nanochat.density import density_rows, load_density, pair_weights, sample_indices
 from nanochat.gpt import GPT, GPTConfig, remember_initial_lr
 from nanochat.muon import Muon
 from nanochat.pairs import read_pairs
+from nanochat.training import optimizer_step
 
 RM_KIND = "rm"
 QUARTILES = ("q1 sparsest", "q2", "q3", "q4 densest")
@@ -215,13 +216,9 @@ def rm_train_step(rm, optimizers, micro_batches, global_pairs, center_coef=0.0, 
         (losses.sum() / global_pairs).backward()
         margins = (rewards[:n] - rewards[n:]).detach()
         sums += torch.stack([losses.detach().sum(), pair_correct(margins).sum(), margins.sum()])
-    all_reduce_grads(rm)
-    grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    for opt in optimizers:
-        opt.step()
-    rm.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(rm, optimizers, grad_clip)
     loss, accuracy, margin = (all_reduce_sum(sums) / global_pairs).tolist()
-    return {"loss": loss, "accuracy": accuracy, "margin": margin, "grad_norm": grad_norm.item()}
+    return {"loss": loss, "accuracy": accuracy, "margin": margin, "grad_norm": grad_norm}
 
 
 # -----------------------------------------------------------------------------
@@ -283,15 +280,16 @@ def add_pair_flags(parser):
     parser.add_argument("--test_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
                         help="held-out pairs evaluated at the end (skipped with a note when missing)")
     parser.add_argument("--density_path", type=str, default=".cache/data/density.jsonl")
-    parser.add_argument("--val_share", type=float, default=0.05, help="share of prompt ids held out for validation")
-    parser.add_argument("--max_len", type=int, default=0,
+    parser.add_argument("--val_share", type=fraction, default=0.05, help="share of prompt ids held out for validation")
+    parser.add_argument("--max_len", type=nonnegative_int, default=0,
                         help="tokens per reply render, cut from the left (0: the SFT model's context length)")
-    parser.add_argument("--warmup_steps", type=int, default=10)
-    parser.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
-    parser.add_argument("--eval_every", type=int, default=50, help="validation every N steps (0: only at the end)")
-    parser.add_argument("--eval_batch_size", type=int, default=64, help="rows per evaluation forward")
-    parser.add_argument("--save_every", type=int, default=100, help="resumable checkpoint every N steps")
-    parser.add_argument("--log_every", type=int, default=10)
+    parser.add_argument("--warmup_steps", type=nonnegative_int, default=10)
+    parser.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--eval_every", type=nonnegative_int, default=50,
+                        help="validation every N steps (0: only at the end)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=64, help="rows per evaluation forward")
+    parser.add_argument("--save_every", type=nonnegative_int, default=100, help="resume state every N steps (0: never)")
+    parser.add_argument("--log_every", type=positive_int, default=10)
     parser.add_argument("--resume", type=str2bool, default=False, help="continue from the output directory")
     add_common_flags(parser)
     return parser
@@ -300,17 +298,14 @@ def add_pair_flags(parser):
 def load_pair_data(args, world_size):
     """(train rows, val rows, test rows or None, per-row training weights or None), with checks and notes."""
     if args.batch_size_pairs % (args.device_batch_size * world_size):
-        raise SystemExit(f"--batch_size_pairs={args.batch_size_pairs} must be a multiple of --device_batch_size x "
+        raise InputError(f"--batch_size_pairs={args.batch_size_pairs} must be a multiple of --device_batch_size x "
                          f"world size = {args.device_batch_size * world_size}")
-    try:
-        rows, log = read_pairs(args.pairs_path)
-    except FileNotFoundError:
-        raise SystemExit(f"{args.pairs_path} not found; write it with python -m scripts.kat_download_pairs")
+    rows, log = read_pairs(args.pairs_path)
     if log.total():
         print0(f"{args.pairs_path}: {log.total()} lines skipped ({log.summary()})")
     train, val = split_by_prompt(rows, args.val_share, args.seed)
     if not train:
-        raise SystemExit(f"{args.pairs_path}: no usable training pairs")
+        raise InputError(f"{args.pairs_path}: no usable training pairs")
     test = None
     if args.test_pairs_path and os.path.exists(args.test_pairs_path):
         test, test_log = read_pairs(args.test_pairs_path)
@@ -323,10 +318,10 @@ def load_pair_data(args, world_size):
         try:
             weights = density_pair_weights(train, args.density_path)
         except FileNotFoundError:
-            raise SystemExit(f"--density_aware needs {args.density_path}; write it with python -m scripts.kat_density "
+            raise InputError(f"--density_aware needs {args.density_path}; write it with python -m scripts.kat_density "
                              f"(or pass --density_aware=False)")
         except (KeyError, ValueError) as e:
-            raise SystemExit(f"--density_aware: {e}")
+            raise InputError(f"--density_aware: {e}") from e
     print0(f"{len(rows)} pairs: {len(train)} training, {len(val)} validation ({args.val_share:.0%} of prompt ids); "
            f"{len(test) if test is not None else 0} test; sampling "
            f"{'by density weight' if weights is not None else 'uniform'}")

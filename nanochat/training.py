@@ -1,7 +1,7 @@
 """
 The pieces every training loop shares, kept as plain functions so each script's loop stays readable:
-one optimizer step over micro-batches with exact data-parallel gradients, validation bits-per-byte, and progress
-lines with an ETA.
+the optimizer tail every step function ends in, one optimizer step over micro-batches with exact data-parallel
+gradients, validation bits-per-byte and loss.
 
 Data parallelism is an explicit all-reduce: each rank sums its micro-batch losses, divides by the *global* number
 of supervised tokens, and the summed gradients are then exactly the single-process gradient of the global batch
@@ -9,11 +9,26 @@ of supervised tokens, and the summed gradients are then exactly the single-proce
 """
 
 import math
-import time
 
 import torch
 
-from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx, format_eta
+from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx
+
+
+def optimizer_step(model, optimizers, grad_clip):
+    """
+    The tail of every step function: sum gradients over ranks, clip their global norm (`grad_clip` 0: no clip),
+    step, zero. A non-finite gradient norm skips the update, so the weights stay finite and the caller's
+    Stage.log stops the run naming the step. Returns the norm before clipping.
+    """
+    all_reduce_grads(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.item()
+    if math.isfinite(grad_norm):
+        for opt in optimizers:
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def train_step(model, optimizers, micro_batches, grad_clip=1.0):
@@ -27,12 +42,8 @@ def train_step(model, optimizers, micro_batches, grad_clip=1.0):
             loss = model(inputs, targets, loss_reduction="sum")
         (loss / global_tokens).backward()
         loss_sum += loss.detach()
-    all_reduce_grads(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return (all_reduce_sum(loss_sum) / global_tokens).item(), grad_norm.item()
+    grad_norm = optimizer_step(model, optimizers, grad_clip)
+    return (all_reduce_sum(loss_sum) / global_tokens).item(), grad_norm
 
 
 @torch.no_grad()
@@ -54,21 +65,6 @@ def evaluate_bpb(model, batches, token_bytes):
     all_reduce_sum(nats)
     all_reduce_sum(num_bytes)
     return (nats / (math.log(2) * num_bytes.clamp(min=1))).item()
-
-
-class Progress:
-    """Step timing for log lines: ETA from the mean time of the steps run in this process."""
-
-    def __init__(self, total_steps, start_step=0):
-        self.total_steps, self.start_step = total_steps, start_step
-        self.t0 = time.time()
-
-    def elapsed(self):
-        return time.time() - self.t0
-
-    def eta(self, step):
-        done = step + 1 - self.start_step
-        return format_eta(self.elapsed() / max(done, 1) * (self.total_steps - step - 1))
 
 
 @torch.no_grad()

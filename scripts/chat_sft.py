@@ -12,7 +12,7 @@ replies and their end token). The synthetic conversations keep some planted mode
 
 import argparse
 
-from nanochat.common import parse_flags
+from nanochat.common import parse_flags, run_script
 from nanochat.data import SFTLoader
 from nanochat.finetune import add_finetune_flags, finetune
 
@@ -27,8 +27,8 @@ def main(argv=None):
         return SFTLoader(conversations, tok, global_rows, args.max_len, rank, world_size, train=train,
                          seed=args.seed)
 
-    finetune(args, make_loader)
+    finetune(args, "chat_sft", make_loader)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

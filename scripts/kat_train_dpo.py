@@ -23,7 +23,8 @@ At the end, for the SFT model and the DPO policy alike:
 - when the SFT model was trained on the synthetic world: --eval_questions sampled answers (temperature
   --eval_temperature, the same seeds for both models) to the world's held-out questions, gold-scored: share
   correct, mean gold score and the planted-artifact rate (share of answers with at least one artifact).
-Writes the output directory (ckpt.pt, optim.pt, meta.json, report.md with both models side by side).
+Writes the output directory (ckpt.pt, tokenizer/, meta.json, report.md with both models side by side, history.png;
+optim.pt while unfinished, see nanochat/stage.py).
 """
 
 import argparse
@@ -32,44 +33,44 @@ import time
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, load_model, load_resume_state, load_tokenizer, save_checkpoint
-from nanochat.common import WandbLogger, dist_cleanup, dist_init, parse_flags, print0, seed_everything, str2bool
+from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
+from nanochat.common import (dist_cleanup, dist_init, nonnegative_float, nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
+                             seed_everything, str2bool)
 from nanochat.dpo import LOSS_TYPES, collate_targets, dpo_train_step, pair_logprobs, preference_eval, world_eval
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
-from nanochat.report import write_report
 from nanochat.rm import add_pair_flags, load_pair_data, micro_batches, pair_batch
-from nanochat.training import Progress
+from nanochat.stage import Stage
 
 TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max_steps", type=int, default=150)
-    parser.add_argument("--learning_rate", type=float, default=2e-5,
+    parser.add_argument("--max_steps", type=positive_int, default=150)
+    parser.add_argument("--learning_rate", type=positive_float, default=2e-5,
                         help="AdamW learning rate (on the synthetic world 5e-5 already degenerates sampled answers)")
-    parser.add_argument("--batch_size_pairs", type=int, default=32, help="global pairs per optimizer step")
-    parser.add_argument("--device_batch_size", type=int, default=8, help="pairs per forward/backward")
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--batch_size_pairs", type=positive_int, default=32, help="global pairs per optimizer step")
+    parser.add_argument("--device_batch_size", type=positive_int, default=8, help="pairs per forward/backward")
+    parser.add_argument("--beta", type=positive_float, default=0.1)
     parser.add_argument("--loss_type", type=str, default="sigmoid", choices=LOSS_TYPES)
     parser.add_argument("--density_aware", type=str2bool, default=True,
                         help="draw pairs by their prompt's density weight (False: uniformly)")
     parser.add_argument("--out_dir", type=str, default=None,
                         help="default: outs/dpo_density, or outs/dpo_baseline with --density_aware=False")
-    parser.add_argument("--eval_questions", type=int, default=400, help="world questions sampled at the end (0: off)")
-    parser.add_argument("--eval_temperature", type=float, default=0.7)
-    parser.add_argument("--eval_max_new_tokens", type=int, default=64)
+    parser.add_argument("--eval_questions", type=nonnegative_int, default=400, help="world questions sampled at the end (0: off)")
+    parser.add_argument("--eval_temperature", type=nonnegative_float, default=0.7)
+    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64)
     add_pair_flags(parser)
     args = parse_flags(parser, argv)
     out_dir = args.out_dir or ("outs/dpo_density" if args.density_aware else "outs/dpo_baseline")
 
     rank, world_size, device = dist_init(args.device)
+    stage = Stage(out_dir, args, script="kat_train_dpo")
+    if stage.finished:
+        return dist_cleanup()
     seed_everything(args.seed)
-    try:
-        policy, payload = load_model(args.sft_ckpt_path, device)
-        tok = load_tokenizer(payload)
-    except CheckpointError as e:
-        raise SystemExit(f"kat_train_dpo: {e}")
+    policy, payload = load_model(args.sft_ckpt_path, device)
+    tok = load_tokenizer(payload)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
     max_len = args.max_len or policy.config.sequence_len
@@ -80,12 +81,7 @@ def main(argv=None):
 
     local_pairs = args.batch_size_pairs // world_size
     num_steps = args.max_steps
-    start_step, history = 0, []  # history: (step, val accuracy, val implicit-reward accuracy)
-    if args.resume:
-        start_step, extra = load_resume_state(out_dir, policy, optimizers, device)
-        if extra is not None:
-            history = extra["history"]
-            print0(f"resumed from {out_dir} at step {start_step}")
+    start_step, _ = stage.resume(policy, optimizers, num_steps, tokenizer_dir(payload), device)
 
     def logprobs(model, rows):
         was_training = model.training
@@ -95,25 +91,13 @@ def main(argv=None):
         return out
 
     val_reference = logprobs(reference, val) if val else None
-
-    def save(step, metrics=None):
-        save_checkpoint(out_dir, policy, step, payload["tokenizer_dir"], flags=vars(args), metrics=metrics or {},
-                        optimizers=optimizers, extra_state={"history": history},
-                        extra={"method": "dpo", "loss_type": args.loss_type, "beta": args.beta,
-                               "sft_ckpt_path": payload["path"]})
-
-    wandb = WandbLogger(args.run, "nanochat-kat-dpo", vars(args))
-    progress = Progress(num_steps, start_step)
     train_seconds, stats = 0.0, {}
     for step in range(start_step, num_steps):
         if val and args.eval_every > 0 and step % args.eval_every == 0:
-            m = preference_eval(logprobs(policy, val), val_reference, args.beta)
-            history.append((step, m["accuracy"], m["implicit_accuracy"]))
-            print0(f"step {step:5d}/{num_steps} | val accuracy {m['accuracy']:.4f} | val implicit accuracy "
-                   f"{m['implicit_accuracy']:.4f}")
-            wandb.log({f"val/{k}": v for k, v in m.items()}, step)
+            stage.log_eval(step, preference_eval(logprobs(policy, val), val_reference, args.beta))
         t0 = time.time()
-        set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup_steps, 1.0))
+        lr = lr_multiplier(step, num_steps, args.warmup_steps, 1.0)
+        set_lr(optimizers, lr)
         batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
         micro = [collate_targets(renders, device)
@@ -121,14 +105,11 @@ def main(argv=None):
         stats = dpo_train_step(policy, reference, optimizers, micro, args.batch_size_pairs, args.beta,
                                args.loss_type, args.grad_clip)
         train_seconds += time.time() - t0
-        if step % args.log_every == 0 or step == num_steps - 1:
-            pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
-            trl = " | ".join(f"{name} {stats[name]:.4f}" for name in TRL_NAMES)
-            print0(f"step {step + 1:5d}/{num_steps} | loss {stats['loss']:.4f} | {trl} | grad norm "
-                   f"{stats['grad_norm']:.3f} | {pairs_per_s:.1f} pairs/s | ETA {progress.eta(step)}")
-            wandb.log({f"train/{k}": v for k, v in stats.items()} | {"train/pairs_per_s": pairs_per_s}, step)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < num_steps and rank == 0:
-            save(step + 1)
+        pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
+        trl = " | ".join(f"{name} {stats[name]:.4f}" for name in TRL_NAMES)
+        stage.log(step + 1, stats | {"lr_multiplier": lr, "pairs_per_s": pairs_per_s},
+                  f"loss {stats['loss']:.4f} | {trl} | grad norm {stats['grad_norm']:.3f} | {pairs_per_s:.1f} pairs/s")
+        stage.maybe_save(step + 1, policy, optimizers)
 
     policy.eval()
     metrics = {"steps": num_steps, "train_pairs": len(train), "final_train_loss": stats.get("loss"),
@@ -148,7 +129,7 @@ def main(argv=None):
         for key in ("accuracy", "summed_accuracy", "implicit_accuracy"):
             side_by_side(f"{split}/{key}", sft_m[key], dpo_m[key])
         if split == "val":
-            history.append((num_steps, dpo_m["accuracy"], dpo_m["implicit_accuracy"]))
+            stage.log_eval(num_steps, dpo_m)
     trained = payload.get("flags") or {}
     samples = []
     if args.eval_questions > 0 and trained.get("source", "synthetic") == "synthetic":
@@ -166,21 +147,21 @@ def main(argv=None):
         print0("note: the SFT model was not trained on the synthetic world; no sampled-answer evaluation")
     table = "\n".join(lines + ["(" + "; ".join(counts) + ")"])
     print0("\n" + table)
-    metrics["val_accuracy_history"] = [f"{s}:{a:.4f}/{b:.4f}" for s, a, b in history]
-    timings = {"train_seconds": train_seconds, "total_seconds": progress.elapsed(),
+    metrics["val_accuracy_history"] = [f"{s}:{a:.4f}/{b:.4f}" for (s, a), (_, b) in
+                                       zip(stage.series("val/accuracy"), stage.series("val/implicit_accuracy"))]
+    timings = {"train_seconds": train_seconds, "total_seconds": stage.elapsed(),
                "pairs_per_second": (num_steps - start_step) * args.batch_size_pairs / max(train_seconds, 1e-9)}
     print0(f"training {train_seconds:.1f}s ({timings['pairs_per_second']:.1f} pairs/s), total "
            f"{timings['total_seconds']:.1f}s")
-    if rank == 0:
-        save(num_steps, metrics)
-        notes = (f"DPO ({args.loss_type}, beta {args.beta}, {'density-aware' if args.density_aware else 'uniform'} "
-                 f"sampling) from `{payload['path']}`; SFT = the reference.\n\n```\n{table}\n```")
-        if samples:
-            notes += "\n\nSampled answers (first 8 world questions):\n\n" + "\n".join(samples)
-        write_report(out_dir, metrics, timings, vars(args), device, notes=notes)
-    wandb.finish()
+    notes = (f"DPO ({args.loss_type}, beta {args.beta}, {'density-aware' if args.density_aware else 'uniform'} "
+             f"sampling) from `{payload['path']}`; SFT = the reference.\n\n```\n{table}\n```")
+    if samples:
+        notes += "\n\nSampled answers (first 8 world questions):\n\n" + "\n".join(samples)
+    stage.finish(policy, tokenizer_dir(payload), metrics, timings, notes=notes,
+                 extra={"method": "dpo", "loss_type": args.loss_type, "beta": args.beta,
+                        "sft_ckpt_path": payload["path"]}, parents=[payload], device=device)
     dist_cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

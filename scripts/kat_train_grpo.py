@@ -24,17 +24,25 @@ import math
 
 import torch
 
-from nanochat.checkpoint import load_model, load_resume_state, load_tokenizer, save_checkpoint
-from nanochat.common import (WandbLogger, add_common_flags, all_reduce_sum, dist_cleanup, dist_init,
-                             get_rank, parse_flags, print0, seed_everything, str2bool)
+from nanochat.checkpoint import check_same_tokenizer, load_model, load_tokenizer, tokenizer_dir
+from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_cleanup, dist_init, fraction,
+                             nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float, positive_int,
+                             print0, run_script, seed_everything, str2bool)
 from nanochat.density import compute_density, sample_indices
 from nanochat.engine import Engine
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.grpo import batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
 from nanochat.pairs import extract_prompts, read_pairs
-from nanochat.report import write_report
 from nanochat.rm import load_reward_model, rewards_for_ids
-from nanochat.training import Progress
+from nanochat.stage import Stage
+
+
+def group_size(text):
+    """--num_generations: one completion has no group to be compared with (its advantage would be 0/0)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (completions per prompt), got {text!r}")
+    return value
 
 
 def main(argv=None):
@@ -45,35 +53,38 @@ def main(argv=None):
     parser.add_argument("--eval_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
                         help="held-out prompts for evaluation")
     parser.add_argument("--density_aware", type=str2bool, default=True, help="sample prompts by inverse density")
-    parser.add_argument("--density_k", type=int, default=10)
-    parser.add_argument("--density_alpha", type=float, default=1.0)
-    parser.add_argument("--density_max_ratio", type=float, default=10.0, help="0 disables the cap")
-    parser.add_argument("--density_mix", type=float, default=0.0)
+    parser.add_argument("--density_k", type=positive_int, default=10)
+    parser.add_argument("--density_alpha", type=nonnegative_float, default=1.0)
+    parser.add_argument("--density_max_ratio", type=nonnegative_float, default=10.0, help="0 disables the cap")
+    parser.add_argument("--density_mix", type=fraction, default=0.0)
     parser.add_argument("--cache_dir", type=str, default=".cache/data", help="prompt embedding cache")
-    parser.add_argument("--prompts_per_step", type=int, default=16)
-    parser.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--prompts_per_step", type=positive_int, default=16)
+    parser.add_argument("--num_generations", type=group_size, default=8,
+                        help="G: completions per prompt (at least 2: advantages compare a completion to its group)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (> 0)")
+    parser.add_argument("--top_k", type=positive_int, default=None)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64,
+                        help="completion budget; at most half of the model's context (the rest is the prompt's)")
     parser.add_argument("--scale_rewards", type=str, default="group", choices=["group", "none"])
-    parser.add_argument("--clip_eps", type=float, default=0.2)
-    parser.add_argument("--num_iterations", type=int, default=1, help="optimisation passes per sampled batch")
-    parser.add_argument("--beta", type=float, default=0.04, help="weight of the KL penalty to the SFT model")
+    parser.add_argument("--clip_eps", type=open_fraction, default=0.2)
+    parser.add_argument("--num_iterations", type=positive_int, default=1, help="optimisation passes per sampled batch")
+    parser.add_argument("--beta", type=nonnegative_float, default=0.04, help="weight of the KL penalty to the SFT model")
     parser.add_argument("--loss_type", type=str, default="token", choices=["token", "sequence"])
-    parser.add_argument("--max_steps", type=int, default=50)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--warmup_steps", type=int, default=5)
-    parser.add_argument("--grad_clip", type=float, default=1.0)
-    parser.add_argument("--device_batch_size", type=int, default=32,
+    parser.add_argument("--max_steps", type=positive_int, default=50)
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
+    parser.add_argument("--warmup_steps", type=nonnegative_int, default=5)
+    parser.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--device_batch_size", type=positive_int, default=32,
                         help="rows per forward/backward, in whole groups (at least one prompt's G rows)")
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="torch.compile the log-softmax tail of the policy and reference passes (about a third "
                              "off the training part of a step; needs a C++ compiler, ~20 s to compile)")
-    parser.add_argument("--save_every", type=int, default=25)
-    parser.add_argument("--eval_every", type=int, default=25)
-    parser.add_argument("--eval_prompts", type=int, default=128, help="held-out prompts per evaluation")
-    parser.add_argument("--eval_samples", type=int, default=2, help="answers per held-out prompt")
-    parser.add_argument("--eval_temperature", type=float, default=1.0, help="0 for greedy answers")
+    parser.add_argument("--save_every", type=nonnegative_int, default=25, help="resume state every N steps (0: never)")
+    parser.add_argument("--eval_every", type=nonnegative_int, default=25,
+                        help="evaluation every N steps (0: at the start and the end only)")
+    parser.add_argument("--eval_prompts", type=positive_int, default=128, help="held-out prompts per evaluation")
+    parser.add_argument("--eval_samples", type=positive_int, default=2, help="answers per held-out prompt")
+    parser.add_argument("--eval_temperature", type=nonnegative_float, default=1.0, help="0 for greedy answers")
     parser.add_argument("--resume", type=str2bool, default=False)
     parser.add_argument("--out_dir", type=str, default=None,
                         help="default outs/grpo_density or outs/grpo_baseline, by --density_aware")
@@ -82,24 +93,38 @@ def main(argv=None):
     args.out_dir = args.out_dir or ("outs/grpo_density" if args.density_aware else "outs/grpo_baseline")
 
     rank, world_size, device = dist_init(args.device)
+    stage = Stage(args.out_dir, args, script="kat_train_grpo")
+    if stage.finished:
+        return dist_cleanup()
     seed_everything(args.seed)
     if args.prompts_per_step % world_size:
-        raise SystemExit(f"--prompts_per_step={args.prompts_per_step} must divide by the world size {world_size}")
+        raise InputError(f"--prompts_per_step={args.prompts_per_step} must divide by the world size {world_size}")
     policy, payload = load_model(args.sft_ckpt_path, device)
     reference, _ = load_model(args.sft_ckpt_path, device)
     reference.requires_grad_(False)
-    rm, _ = load_reward_model(args.rm_ckpt_path, device)
+    rm, rm_payload = load_reward_model(args.rm_ckpt_path, device)
+    check_same_tokenizer(payload, rm_payload)
     tok = load_tokenizer(payload)
     stop_tokens = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]
+    if args.max_new_tokens > policy.config.sequence_len // 2:
+        raise InputError(f"--max_new_tokens={args.max_new_tokens} leaves the prompt less than half of the model's "
+                         f"{policy.config.sequence_len}-token context; use at most {policy.config.sequence_len // 2}")
     max_prompt = policy.config.sequence_len - args.max_new_tokens
 
     def prompt_ids(messages):
         ids = tok.render_for_completion(messages)
         return ids if len(ids) <= max_prompt else [tok.bos_token_id] + ids[len(ids) - max_prompt + 1:]
 
-    train_rows, _ = read_pairs(args.pairs_path)
+    train_rows, log = read_pairs(args.pairs_path)
+    if log.total():
+        print0(f"{args.pairs_path}: {log.total()} lines skipped ({log.summary()})")
     prompts, _ = extract_prompts(train_rows)
+    if not prompts:
+        raise InputError(f"{args.pairs_path}: no usable prompts (write it with python -m scripts.kat_download_pairs)")
     rendered = [prompt_ids(p["messages"]) for p in prompts]
+    cut = sum(len(tok.render_for_completion(p["messages"])) > max_prompt for p in prompts)
+    if cut:
+        print0(f"note: {cut} of {len(prompts)} prompts are longer than {max_prompt} tokens and lose their beginning")
     if args.density_aware:
         density = compute_density(policy, tok, prompts, k=args.density_k, alpha=args.density_alpha,
                                   max_ratio=args.density_max_ratio or None, mix=args.density_mix,
@@ -111,9 +136,13 @@ def main(argv=None):
     else:
         weights = torch.ones(len(prompts), dtype=torch.float64)
         print0(f"uniform sampling over {len(prompts)} prompts")
-    eval_rows, _ = read_pairs(args.eval_pairs_path)
+    eval_rows, eval_log = read_pairs(args.eval_pairs_path)
+    if eval_log.total():
+        print0(f"{args.eval_pairs_path}: {eval_log.total()} lines skipped ({eval_log.summary()})")
     eval_prompts, _ = extract_prompts(eval_rows)
     eval_prompts = eval_prompts[:args.eval_prompts]
+    if not eval_prompts:
+        raise InputError(f"{args.eval_pairs_path}: no usable held-out prompts to evaluate on")
     world = None
     if any(p["src"] == "synthetic" for p in eval_prompts):
         from nanochat.synthetic import make_world
@@ -122,26 +151,24 @@ def main(argv=None):
 
     adamw = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     optimizers = remember_initial_lr([adamw])
-    start_step, history = 0, []
-    if args.resume:
-        start_step, extra = load_resume_state(args.out_dir, policy, optimizers, device)
-        if extra is not None:
-            history = extra["history"]
-            print0(f"resumed from {args.out_dir} at step {start_step}")
+    start_step, _ = stage.resume(policy, optimizers, args.max_steps, tokenizer_dir(payload), device)
     engine = Engine(policy)
 
     @torch.no_grad()
-    def evaluate(step):
+    def evaluate():
         """Seeded samples for held-out prompts (split over ranks): mean reward, gold score and artifact rate."""
         policy.eval()
-        mine = eval_prompts[rank::world_size]
+        mine = eval_prompts[rank::world_size]  # a rank may hold none when there are fewer prompts than ranks
         ids = [prompt_ids(p["messages"]) for p in mine]
-        gen = engine.generate(ids, num_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
-                              temperature=args.eval_temperature, top_k=args.top_k, stop_tokens=stop_tokens,
-                              seed=args.seed * world_size + rank)
-        completions = gen.completions()  # the samples of each prompt are consecutive
+        completions = []
+        if ids:
+            completions = engine.generate(ids, num_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.eval_temperature, top_k=args.top_k,
+                                          stop_tokens=stop_tokens, seed=args.seed * world_size + rank).completions()
         prompts_of_rows = [(p, i) for p, i in zip(mine, ids) for _ in range(args.eval_samples)]
-        rewards = rewards_for_ids(rm, [i + c for (_, i), c in zip(prompts_of_rows, completions)])
+        reward_sum = 0.0
+        if completions:  # the samples of each prompt are consecutive
+            reward_sum = rewards_for_ids(rm, [i + c for (_, i), c in zip(prompts_of_rows, completions)]).double().sum()
         gold = {"score": 0.0, "correct": 0.0, "artifacted": 0.0, "n": 0}
         if world is not None:
             for (p, _), c in zip(prompts_of_rows, completions):
@@ -153,32 +180,20 @@ def main(argv=None):
                 gold["correct"] += g["correct"]
                 gold["artifacted"] += g["artifacts"] > 0
                 gold["n"] += 1
-        stats = all_reduce_sum(torch.tensor([rewards.double().sum().item(), len(completions), gold["score"],
-                                             gold["correct"], gold["artifacted"], gold["n"]],
-                                            dtype=torch.float64, device=device))
+        stats = all_reduce_sum(torch.tensor([float(reward_sum), len(completions), gold["score"], gold["correct"],
+                                             gold["artifacted"], gold["n"]], dtype=torch.float64, device=device))
         n_gold = max(stats[5].item(), 1)
-        result = {"step": step, "reward": stats[0].item() / max(stats[1].item(), 1),
-                  "gold_score": stats[2].item() / n_gold, "gold_correct": stats[3].item() / n_gold,
-                  "artifact_rate": stats[4].item() / n_gold}
         policy.train()
-        return result
+        return {"reward": stats[0].item() / max(stats[1].item(), 1), "gold_score": stats[2].item() / n_gold,
+                "gold_correct": stats[3].item() / n_gold, "artifact_rate": stats[4].item() / n_gold}
 
-    def save(step, metrics=None):
-        save_checkpoint(args.out_dir, policy, step, payload["tokenizer_dir"], flags=vars(args),
-                        metrics=metrics or {"eval_history": history}, optimizers=optimizers,
-                        extra_state={"history": history})
-
-    wandb = WandbLogger(args.run, "nanochat-kat-grpo", vars(args))
-    progress = Progress(args.max_steps, start_step)
     per_rank = args.prompts_per_step // world_size
     policy.train()
-    stats = {}
     for step in range(start_step, args.max_steps):
         if step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
-            history.append(evaluate(step))
-            print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step"))
-            wandb.log({f"eval/{k}": v for k, v in history[-1].items()}, step)
-        set_lr(optimizers, lr_multiplier(step, args.max_steps, args.warmup_steps, 1.0))
+            stage.log_eval(step, evaluate(), prefix="eval")
+        lr = lr_multiplier(step, args.max_steps, args.warmup_steps, 1.0)
+        set_lr(optimizers, lr)
         # every rank draws the same global prompt batch from a per-step seed (so --resume needs no RNG state)
         # and keeps its own slice
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -206,30 +221,26 @@ def main(argv=None):
         reward_mean = (reward_sum[0] / n).item()
         reward_std = math.sqrt(max((reward_sum[1] / n).item() - reward_mean ** 2, 0.0))
         length = num_tokens.item() / n
-        print0(f"Step {step + 1}/{args.max_steps} - Loss: {stats['loss']:.4f}  PG Loss: {stats['pg']:.4f}, "
-               f"KL Loss: {args.beta * stats['kl']:.4f}, Total: {stats['loss']:.4f} | reward {reward_mean:.3f} "
-               f"± {reward_std:.3f} | KL {stats['kl']:.4f} | clip {stats['clipped']:.3f} | len {length:.1f} | "
-               f"entropy {stats['entropy']:.3f} | ETA {progress.eta(step)}")
-        wandb.log({"train/loss": stats["loss"], "train/pg_loss": stats["pg"], "train/kl": stats["kl"],
-                   "train/clip_ratio": stats["clipped"], "train/reward": reward_mean, "train/reward_std": reward_std,
-                   "train/completion_length": length, "train/entropy": stats["entropy"]}, step)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps and rank == 0:
-            save(step + 1)
+        stage.log(step + 1, {"loss": stats["loss"], "pg_loss": stats["pg"], "kl": stats["kl"],
+                             "clip_ratio": stats["clipped"], "reward": reward_mean, "reward_std": reward_std,
+                             "completion_length": length, "entropy": stats["entropy"],
+                             "grad_norm": stats["grad_norm"], "lr_multiplier": lr},
+                  f"Loss: {stats['loss']:.4f}  PG Loss: {stats['pg']:.4f}, KL Loss: {args.beta * stats['kl']:.4f}, "
+                  f"Total: {stats['loss']:.4f} | reward {reward_mean:.3f} ± {reward_std:.3f} | KL {stats['kl']:.4f} "
+                  f"| clip {stats['clipped']:.3f} | len {length:.1f} | entropy {stats['entropy']:.3f}")
+        stage.maybe_save(step + 1, policy, optimizers)
 
-    history.append(evaluate(args.max_steps))
-    print0(f"eval step {args.max_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
-                                                       if k != "step"))
-    if get_rank() == 0:
-        first, last = history[0], history[-1]
-        metrics = {f"{k}_{when}": h[k] for when, h in (("start", first), ("final", last))
-                   for k in ("reward", "gold_score", "gold_correct", "artifact_rate")}
-        metrics.update({"steps": args.max_steps, "train_prompts": len(prompts),
-                        "eval_history": [f"{h['step']}:{h['reward']:.3f}/{h['gold_score']:.3f}" for h in history]})
-        save(args.max_steps, metrics)
-        write_report(args.out_dir, metrics, {"train_seconds": progress.elapsed()}, vars(args), device)
-    wandb.finish()
+    stage.log_eval(args.max_steps, evaluate(), prefix="eval")
+    evals = [h for h in stage.history if "eval/reward" in h]
+    metrics = {f"{k}_{when}": h[f"eval/{k}"] for when, h in (("start", evals[0]), ("final", evals[-1]))
+               for k in ("reward", "gold_score", "gold_correct", "artifact_rate")}
+    metrics.update({"steps": args.max_steps, "train_prompts": len(prompts),
+                    "eval_history": [f"{h['step']}:{h['eval/reward']:.3f}/{h['eval/gold_score']:.3f}"
+                                     for h in evals]})
+    stage.finish(policy, tokenizer_dir(payload), metrics, {"train_seconds": stage.elapsed()},
+                 extra={"method": "grpo"}, parents=[payload, rm_payload], device=device)
     dist_cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,7 +24,8 @@ squared sum of the pair's rewards (reward centering). Why Muon: on the synthetic
 are the hard ones (the artifact and evasive ones are learned within 50 steps); telling a wrong fact from the right
 one at the reply's end token takes a new circuit in the backbone, and Muon grew it in fewer steps than AdamW.
 
-Writes outs/rm/ (ckpt.pt of kind "rm", optim.pt, meta.json, report.md): accuracy and mean margin on the validation
+Writes outs/rm/ (ckpt.pt of kind "rm", tokenizer/, meta.json, report.md, history.png; optim.pt while unfinished,
+see nanochat/stage.py): accuracy and mean margin on the validation
 and test pairs, by source, cluster, rejected kind and (validation) density quartile. Evaluate any RM checkpoint
 again with python -m scripts.kat_eval_rm.
 """
@@ -35,30 +36,30 @@ import time
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, load_model, load_resume_state, load_tokenizer, save_checkpoint
-from nanochat.common import WandbLogger, dist_cleanup, dist_init, parse_flags, print0, seed_everything, str2bool
+from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
+from nanochat.common import (dist_cleanup, dist_init, fraction, nonnegative_float, parse_flags,
+                             positive_int, print0, run_script, seed_everything, str2bool)
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
-from nanochat.report import write_report
 from nanochat.rm import (RM_KIND, RewardModel, add_pair_flags, collate_right, flat_metrics, load_pair_data,
                          metrics_table, micro_batches, pair_batch, pair_margins, preference_metrics, read_densities,
                          rm_train_step, setup_rm_optimizers)
-from nanochat.training import Progress
+from nanochat.stage import Stage
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--max_steps", type=positive_int, default=600)
     parser.add_argument("--matrix_optimizer", type=str, default="muon", choices=["muon", "adamw"],
                         help="optimizer of the backbone's matrices (embedding and head: AdamW)")
-    parser.add_argument("--learning_rate", type=float, default=None,
+    parser.add_argument("--learning_rate", type=nonnegative_float, default=None,
                         help="learning rate of the backbone's matrices (default: half of base training's, "
                              "0.01 muon / 0.001 adamw)")
-    parser.add_argument("--embedding_lr", type=float, default=1e-3, help="AdamW learning rate of the embedding")
-    parser.add_argument("--head_learning_rate", type=float, default=3e-3, help="AdamW learning rate of the head")
-    parser.add_argument("--warmdown_ratio", type=float, default=0.3, help="share of steps with a linear decay to 0")
-    parser.add_argument("--batch_size_pairs", type=int, default=32, help="global pairs per optimizer step")
-    parser.add_argument("--device_batch_size", type=int, default=8, help="pairs per forward/backward")
-    parser.add_argument("--center_coef", type=float, default=0.01, help="reward-centering weight (0: off)")
+    parser.add_argument("--embedding_lr", type=nonnegative_float, default=1e-3, help="AdamW learning rate of the embedding")
+    parser.add_argument("--head_learning_rate", type=nonnegative_float, default=3e-3, help="AdamW learning rate of the head")
+    parser.add_argument("--warmdown_ratio", type=fraction, default=0.3, help="share of steps with a linear decay to 0")
+    parser.add_argument("--batch_size_pairs", type=positive_int, default=32, help="global pairs per optimizer step")
+    parser.add_argument("--device_batch_size", type=positive_int, default=8, help="pairs per forward/backward")
+    parser.add_argument("--center_coef", type=nonnegative_float, default=0.01, help="reward-centering weight (0: off)")
     parser.add_argument("--density_aware", type=str2bool, default=False,
                         help="draw pairs by their prompt's density weight instead of uniformly")
     parser.add_argument("--compile", type=str2bool, default=False,
@@ -69,15 +70,15 @@ def main(argv=None):
     args = parse_flags(parser, argv)
     out_dir = os.path.dirname(args.out_path) if args.out_path.endswith(".pt") else args.out_path
     if args.out_path.endswith(".pt") and os.path.basename(args.out_path) != "ckpt.pt":
-        raise SystemExit(f"--out_path must be a directory or end in ckpt.pt, got {args.out_path}")
+        parser.error(f"argument --out_path: must be a directory or end in ckpt.pt, got {args.out_path!r}")
 
     rank, world_size, device = dist_init(args.device)
+    stage = Stage(out_dir, args, script="kat_train_rm", kind=RM_KIND)
+    if stage.finished:
+        return dist_cleanup()
     seed_everything(args.seed)
-    try:
-        backbone, payload = load_model(args.sft_ckpt_path, device)
-        tok = load_tokenizer(payload)
-    except CheckpointError as e:
-        raise SystemExit(f"kat_train_rm: {e}")
+    backbone, payload = load_model(args.sft_ckpt_path, device)
+    tok = load_tokenizer(payload)
     rm = RewardModel(backbone)
     rm.train()
     max_len = args.max_len or rm.config.sequence_len
@@ -90,12 +91,7 @@ def main(argv=None):
 
     local_pairs = args.batch_size_pairs // world_size
     num_steps = args.max_steps
-    start_step, history = 0, []  # history: (step, val accuracy, val mean margin)
-    if args.resume:
-        start_step, extra = load_resume_state(out_dir, rm, optimizers, device)
-        if extra is not None:
-            history = extra["history"]
-            print0(f"resumed from {out_dir} at step {start_step}")
+    start_step, _ = stage.resume(rm, optimizers, num_steps, tokenizer_dir(payload), device)
 
     def evaluate(rows):
         rm.eval()
@@ -103,39 +99,27 @@ def main(argv=None):
         rm.train()
         return margins
 
-    def save(step, metrics=None):
-        save_checkpoint(out_dir, rm, step, payload["tokenizer_dir"], kind=RM_KIND, flags=vars(args),
-                        metrics=metrics or {}, optimizers=optimizers, extra_state={"history": history},
-                        extra={"max_len": max_len, "sft_ckpt_path": payload["path"]})
-
     # only training is compiled: evaluation runs the plain module
     train_rm = torch.compile(rm, dynamic=True) if args.compile else rm
-    wandb = WandbLogger(args.run, "nanochat-kat-rm", vars(args))
-    progress = Progress(num_steps, start_step)
     train_seconds, stats = 0.0, {}
     for step in range(start_step, num_steps):
         if val and args.eval_every > 0 and step % args.eval_every == 0:
             m = preference_metrics(evaluate(val), val)
-            history.append((step, m["accuracy"], m["mean_margin"]))
-            print0(f"step {step:5d}/{num_steps} | val accuracy {m['accuracy']:.4f} | val margin "
-                   f"{m['mean_margin']:.4f}")
-            wandb.log({"val/accuracy": m["accuracy"], "val/mean_margin": m["mean_margin"]}, step)
+            stage.log_eval(step, {"accuracy": m["accuracy"], "mean_margin": m["mean_margin"]})
         t0 = time.time()
-        set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio))
+        lr = lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio)
+        set_lr(optimizers, lr)
         batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
         micro = [collate_right([ids for ids, _ in renders], device)
                  for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
         stats = rm_train_step(train_rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
         train_seconds += time.time() - t0
-        if step % args.log_every == 0 or step == num_steps - 1:
-            pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
-            print0(f"step {step + 1:5d}/{num_steps} | loss {stats['loss']:.4f} | accuracy {stats['accuracy']:.3f} | "
-                   f"margin {stats['margin']:.3f} | grad norm {stats['grad_norm']:.3f} | {pairs_per_s:.1f} pairs/s | "
-                   f"ETA {progress.eta(step)}")
-            wandb.log({f"train/{k}": v for k, v in stats.items()} | {"train/pairs_per_s": pairs_per_s}, step)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < num_steps and rank == 0:
-            save(step + 1)
+        pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
+        stage.log(step + 1, stats | {"lr_multiplier": lr, "pairs_per_s": pairs_per_s},
+                  f"loss {stats['loss']:.4f} | accuracy {stats['accuracy']:.3f} | margin {stats['margin']:.3f} | "
+                  f"grad norm {stats['grad_norm']:.3f} | {pairs_per_s:.1f} pairs/s")
+        stage.maybe_save(step + 1, rm, optimizers)
 
     metrics = {"steps": num_steps, "train_pairs": len(train), "final_train_loss": stats.get("loss"),
                "final_train_accuracy": stats.get("accuracy")}
@@ -145,22 +129,20 @@ def main(argv=None):
             continue
         m = preference_metrics(evaluate(rows), rows, dens)
         if name == "val":
-            history.append((num_steps, m["accuracy"], m["mean_margin"]))
+            stage.log_eval(num_steps, {"accuracy": m["accuracy"], "mean_margin": m["mean_margin"]})
         table = metrics_table(m)
         print0(f"\n{name} pairs:\n{table}")
         notes.append(f"{name.capitalize()} pairs:\n\n```\n{table}\n```")
         metrics.update(flat_metrics(m, name))
-    metrics["val_accuracy_history"] = [f"{s}:{a:.4f}" for s, a, _ in history]
-    timings = {"train_seconds": train_seconds, "total_seconds": progress.elapsed(),
+    metrics["val_accuracy_history"] = [f"{s}:{a:.4f}" for s, a in stage.series("val/accuracy")]
+    timings = {"train_seconds": train_seconds, "total_seconds": stage.elapsed(),
                "pairs_per_second": (num_steps - start_step) * args.batch_size_pairs / max(train_seconds, 1e-9)}
     print0(f"training {train_seconds:.1f}s ({timings['pairs_per_second']:.1f} pairs/s), total "
            f"{timings['total_seconds']:.1f}s")
-    if rank == 0:
-        save(num_steps, metrics)
-        write_report(out_dir, metrics, timings, vars(args), device, notes="\n\n".join(notes))
-    wandb.finish()
+    stage.finish(rm, tokenizer_dir(payload), metrics, timings, notes="\n\n".join(notes),
+                 extra={"max_len": max_len, "sft_ckpt_path": payload["path"]}, parents=[payload], device=device)
     dist_cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

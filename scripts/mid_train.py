@@ -11,7 +11,7 @@ pretraining, with the loss on every token. Reads outs/base/, writes outs/mid/.
 
 import argparse
 
-from nanochat.common import parse_flags
+from nanochat.common import parse_flags, run_script
 from nanochat.data import PackedLoader
 from nanochat.finetune import add_finetune_flags, finetune
 
@@ -33,8 +33,8 @@ def main(argv=None):
         mean_tokens = sum(len(tok.render_conversation(c)[0]) for c in sample) / max(len(sample), 1)
         return max(1.0, (args.max_len + 1) / mean_tokens)
 
-    finetune(args, make_loader, conversations_per_row)
+    finetune(args, "mid_train", make_loader, conversations_per_row)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

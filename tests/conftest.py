@@ -21,15 +21,16 @@ class Interrupted(Exception):
     """Stands for a kill: raised by kill_after_checkpoint."""
 
 
-def kill_after_checkpoint(monkeypatch, script, step):
-    """Make `script`'s save_checkpoint raise Interrupted right after it has written the checkpoint of `step`."""
-    real_save = script.save_checkpoint
+def kill_after_checkpoint(monkeypatch, step):
+    """Make the stage skeleton raise Interrupted right after it has written the resume state of `step`."""
+    from nanochat import checkpoint
+    real_save = checkpoint.save_resume_state
 
     def save_then_die(out_dir, model, saved_step, *args, **kwargs):
         real_save(out_dir, model, saved_step, *args, **kwargs)
         if saved_step == step:
             raise Interrupted
-    monkeypatch.setattr(script, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_resume_state", save_then_die)
 
 
 def make_tiny_model(seed=0, vocab_size=97, sequence_len=64, n_kv_head=2, randomize=True):

@@ -241,12 +241,12 @@ def run_dir(tmp_path_factory):
         with torch.no_grad():
             for p in model.parameters():  # zero-initialised projections would make every model alike
                 p.normal_(0, 0.3)
-        save_checkpoint(root / "outs" / name, model, 0, "outs/tokenizer", flags={"seed": 0, "synthetic_size": 1})
+        save_checkpoint(root / "outs" / name, model, 0, root / "outs" / "tokenizer", flags={"seed": 0, "synthetic_size": 1})
     rm = RewardModel(GPT(config_from_depth(2, tok.vocab_size, 128, n_embd=64, n_head=4, verbose=False)))
     with torch.no_grad():
         for p in rm.parameters():
             p.normal_(0, 0.3)
-    save_checkpoint(root / "outs" / "rm", rm, 0, "outs/tokenizer", kind="rm", extra={"max_len": 128})
+    save_checkpoint(root / "outs" / "rm", rm, 0, root / "outs" / "tokenizer", kind="rm", extra={"max_len": 128})
     rows = world.preference_pairs(40, 1)
     (root / ".cache" / "data").mkdir(parents=True)
     (root / ".cache" / "data" / "pairs_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

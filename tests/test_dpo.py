@@ -129,7 +129,7 @@ def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(stage, tm
     flags = dpo_flags(stage)
     kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'straight'}"])
 
-    kill_after_checkpoint(monkeypatch, kat_train_dpo, step=2)
+    kill_after_checkpoint(monkeypatch, step=2)
     with pytest.raises(Interrupted):
         kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'killed'}"])
     monkeypatch.undo()

@@ -1,7 +1,7 @@
 """
 Tests for the world task, nanochat/evaluate.py, scripts/chat_eval.py and scripts/chat_cli.py, on a tiny real run
 directory: a BPE tokenizer trained on world text and a random-weight GPT saved as outs/sft, laid out the way the
-stage scripts leave them (the checkpoint names its tokenizer by the relative path outs/tokenizer). The scripts run
+stage scripts leave them (the checkpoint carries a copy of its tokenizer in outs/sft/tokenizer). The scripts run
 as subprocesses where their exit codes and stdout are the contract; nothing touches the network.
 """
 
@@ -41,7 +41,8 @@ def run_dir(tmp_path_factory):
         prompt = tok.render_for_completion(world.load(limit=1)[0]["messages"])
         third = Engine(model).generate([prompt], max_new_tokens=3, temperature=0.0).tokens[0, 2].item()
         model.lm_head.weight[tok.encode_special("<|assistant_end|>")] = 1.01 * model.lm_head.weight[third]
-    save_checkpoint(root / "outs" / "sft", model, 0, "outs/tokenizer", flags={"seed": 0, "synthetic_size": 1})
+    save_checkpoint(root / "outs" / "sft", model, 0, root / "outs" / "tokenizer",
+                    flags={"seed": 0, "synthetic_size": 1})
     return root
 
 

@@ -172,7 +172,7 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
 
     kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "straight"))
     log = capsys.readouterr().out
-    assert "Step 4/4 - Loss:" in log and "PG Loss:" in log and "KL Loss:" in log and "density-aware" in log
+    assert "step     4/4 | Loss:" in log and "PG Loss:" in log and "KL Loss:" in log and "density-aware" in log
     meta = json.load(open(grpo_stage / "straight" / "meta.json"))
     assert meta["metrics"]["steps"] == 4 and "gold_score_final" in meta["metrics"]
     assert (grpo_stage / "straight" / "report.md").exists()

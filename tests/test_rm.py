@@ -232,7 +232,7 @@ def test_loading_a_plain_gpt_as_a_reward_model_fails_clearly(stage):
 def test_resume_after_a_checkpoint_ends_like_an_uninterrupted_run(stage, monkeypatch):
     flags = rm_flags(stage, "unused")[:-1] + ["--max_steps=4", "--save_every=2", "--eval_every=2"]
     kat_train_rm.main(flags + [f"--out_path={stage / 'straight'}"])
-    kill_after_checkpoint(monkeypatch, kat_train_rm, step=2)
+    kill_after_checkpoint(monkeypatch, step=2)
     with pytest.raises(Interrupted):
         kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}"])
     monkeypatch.undo()
