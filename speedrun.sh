@@ -9,8 +9,9 @@
 #   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 DPO=1 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
 #
-# Stages whose outputs exist are skipped unless FORCE=1. Everything is logged to outs/speedrun.log; stage times
-# go to outs/speedrun_times.tsv and the results of every stage to outs/report.md.
+# Stages whose outputs exist are skipped unless FORCE=1; an interrupted training stage is resumed. Everything is
+# logged to outs/speedrun.log; stage times go to outs/speedrun_times.tsv and the results of every stage to
+# outs/report.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p outs
@@ -36,10 +37,14 @@ fi
 .venv/bin/pip install -q -e .
 PY=.venv/bin/python
 
-# run_stage NAME OUTPUT CMD...: skip when OUTPUT exists (unless FORCE=1), time it otherwise
+# run_stage NAME OUTPUT CMD...: skip when OUTPUT exists (unless FORCE=1), time it otherwise. A training stage that
+# was interrupted (its directory holds optim.pt, the resume state; ckpt.pt appears only when it finishes) is resumed.
 run_stage() {
     local name=$1 output=$2; shift 2
-    if [ -e "$output" ] && [ "${FORCE:-0}" != 1 ]; then
+    if [ -e "$(dirname "$output")/optim.pt" ] && [ "${FORCE:-0}" != 1 ]; then
+        echo "--- $name: resuming the interrupted run in $(dirname "$output")"
+        set -- "$@" --resume=True
+    elif [ -e "$output" ] && [ "${FORCE:-0}" != 1 ]; then
         echo "--- $name: $output exists, skipping (FORCE=1 reruns)"
         return
     fi

@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer
-from nanochat.common import autodetect_device, parse_flags
+from nanochat.common import autodetect_device, parse_flags, run_script
 from nanochat.engine import Engine
 from nanochat.evaluate import generate_responses
 
@@ -138,4 +138,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

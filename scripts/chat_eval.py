@@ -25,7 +25,7 @@ import time
 from datasets.exceptions import DatasetsError
 
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer
-from nanochat.common import atomic_write_json, dist_cleanup, dist_init, is_master, parse_flags, print0
+from nanochat.common import atomic_write_json, dist_cleanup, dist_init, is_master, parse_flags, print0, run_script
 from nanochat.evaluate import evaluate_task
 from nanochat.report import write_report
 from nanochat.tasks import TASKS, world
@@ -133,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,7 +21,7 @@ import argparse
 import os
 
 from nanochat.checkpoint import CheckpointError, load_tokenizer
-from nanochat.common import atomic_write_json, dist_cleanup, dist_init, is_master, parse_flags, print0
+from nanochat.common import atomic_write_json, dist_cleanup, dist_init, is_master, parse_flags, print0, run_script
 from nanochat.pairs import read_pairs
 from nanochat.report import write_report
 from nanochat.rm import flat_metrics, load_reward_model, metrics_table, pair_margins, preference_metrics, \
@@ -83,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

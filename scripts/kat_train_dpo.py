@@ -34,8 +34,8 @@ import time
 import torch
 
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
-from nanochat.common import (dist_cleanup, dist_init, nonnegative_float, nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
-                             seed_everything, str2bool)
+from nanochat.common import (dist_cleanup, dist_init, nonnegative_float, nonnegative_int, parse_flags, positive_float,
+                             positive_int, print0, run_script, seed_everything, str2bool)
 from nanochat.dpo import LOSS_TYPES, collate_targets, dpo_train_step, pair_logprobs, preference_eval, world_eval
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.rm import add_pair_flags, load_pair_data, micro_batches, pair_batch
@@ -57,7 +57,8 @@ def main(argv=None):
                         help="draw pairs by their prompt's density weight (False: uniformly)")
     parser.add_argument("--out_dir", type=str, default=None,
                         help="default: outs/dpo_density, or outs/dpo_baseline with --density_aware=False")
-    parser.add_argument("--eval_questions", type=nonnegative_int, default=400, help="world questions sampled at the end (0: off)")
+    parser.add_argument("--eval_questions", type=nonnegative_int, default=400,
+                        help="world questions sampled at the end (0: off)")
     parser.add_argument("--eval_temperature", type=nonnegative_float, default=0.7)
     parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64)
     add_pair_flags(parser)

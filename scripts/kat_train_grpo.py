@@ -26,8 +26,8 @@ import torch
 
 from nanochat.checkpoint import check_same_tokenizer, load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_cleanup, dist_init, fraction,
-                             nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float, positive_int,
-                             print0, run_script, seed_everything, str2bool)
+                             nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float,
+                             positive_int, print0, run_script, seed_everything, str2bool)
 from nanochat.density import compute_density, sample_indices
 from nanochat.engine import Engine
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
@@ -68,7 +68,8 @@ def main(argv=None):
     parser.add_argument("--scale_rewards", type=str, default="group", choices=["group", "none"])
     parser.add_argument("--clip_eps", type=open_fraction, default=0.2)
     parser.add_argument("--num_iterations", type=positive_int, default=1, help="optimisation passes per sampled batch")
-    parser.add_argument("--beta", type=nonnegative_float, default=0.04, help="weight of the KL penalty to the SFT model")
+    parser.add_argument("--beta", type=nonnegative_float, default=0.04,
+                        help="weight of the KL penalty to the SFT model")
     parser.add_argument("--loss_type", type=str, default="token", choices=["token", "sequence"])
     parser.add_argument("--max_steps", type=positive_int, default=50)
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4)

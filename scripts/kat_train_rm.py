@@ -54,8 +54,10 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=nonnegative_float, default=None,
                         help="learning rate of the backbone's matrices (default: half of base training's, "
                              "0.01 muon / 0.001 adamw)")
-    parser.add_argument("--embedding_lr", type=nonnegative_float, default=1e-3, help="AdamW learning rate of the embedding")
-    parser.add_argument("--head_learning_rate", type=nonnegative_float, default=3e-3, help="AdamW learning rate of the head")
+    parser.add_argument("--embedding_lr", type=nonnegative_float, default=1e-3,
+                        help="AdamW learning rate of the embedding")
+    parser.add_argument("--head_learning_rate", type=nonnegative_float, default=3e-3,
+                        help="AdamW learning rate of the head")
     parser.add_argument("--warmdown_ratio", type=fraction, default=0.3, help="share of steps with a linear decay to 0")
     parser.add_argument("--batch_size_pairs", type=positive_int, default=32, help="global pairs per optimizer step")
     parser.add_argument("--device_batch_size", type=positive_int, default=8, help="pairs per forward/backward")

@@ -11,7 +11,7 @@ Writes outs/tokenizer/ (tokenizer.model, tokenizer.json, report.md).
 import argparse
 import time
 
-from nanochat.common import add_common_flags, parse_flags, print0
+from nanochat.common import add_common_flags, parse_flags, print0, run_script
 from nanochat.data import pretrain_documents
 from nanochat.report import write_report
 from nanochat.tokenizer import train_tokenizer
@@ -61,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
