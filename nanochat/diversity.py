@@ -59,7 +59,9 @@ import re
 from collections import Counter
 
 import numpy as np
+from matplotlib.figure import Figure
 
+from nanochat.charts import save_png
 from nanochat.synthetic import count_artifacts
 
 EM_DASH, EN_DASH = "\u2014", "\u2013"
@@ -570,17 +572,13 @@ def render_report(results, header="", examples=(), notes=()):
 
 
 def write_charts(results, prefix):
-    """PNG bar charts `<prefix>_summary.png` and `<prefix>_quantiles.png` when matplotlib imports; their paths."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    """PNG bar charts `<prefix>_summary.png` (every metric with a direction) and, when there are density quantiles,
+    `<prefix>_quantiles.png` (the headline metric per quantile), each written atomically; their paths."""
     models, metrics = results["models"], [m for m in results["metrics"] if m["direction"] != 0]
     cols = 4
     rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         ax.bar([MODEL_LABELS[m] for m in models], [results["values"]["all"][metric["key"]][m] for m in models],
                color=[f"C{i}" for i in range(len(models))])
@@ -589,13 +587,12 @@ def write_charts(results, prefix):
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    paths = [f"{prefix}_summary.png"]
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
+    paths = [save_png(fig, f"{prefix}_summary.png")]
     quantiles = [name for name in results["subsets"] if name != "all"]
     if quantiles:
         key = results["headline"]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.subplots()
         width = 0.8 / len(models)
         for i, m in enumerate(models):
             ax.bar(np.arange(len(quantiles)) + i * width, [results["values"][q][key][m] for q in quantiles], width,
@@ -603,9 +600,7 @@ def write_charts(results, prefix):
         ax.set_xticks(np.arange(len(quantiles)) + width * (len(models) - 1) / 2,
                       [results["subsets"][q]["label"] for q in quantiles])
         ax.set_title(next(m["label"] for m in results["metrics"] if m["key"] == key) + " by density quantile")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: inside, it covers bars near 1
         fig.tight_layout()
-        paths.append(f"{prefix}_quantiles.png")
-        fig.savefig(paths[1], dpi=100)
-        plt.close(fig)
+        paths.append(save_png(fig, f"{prefix}_quantiles.png"))
     return paths

@@ -24,9 +24,9 @@ its gold score and correctness (the world rebuilt from the SFT checkpoint's --se
 --world_seed / --synthetic_size).
 
 Writes --output_report (markdown: summary table, rare-vs-dense answer with CIs, per-quantile tables, sample
-responses), a JSON sidecar beside it (same name, .json: every number, the prompts, densities and responses) and,
-when matplotlib is installed, PNG bar charts <report name>_summary.png and <report name>_quantiles.png. One
-process; no torchrun.
+responses), a JSON sidecar beside it (same name, .json: every number, the prompts, densities and responses) and
+PNG bar charts beside it: <report name>_summary.png (every metric with a direction) and <report name>_quantiles.png
+(the headline metric per density quantile). One process; no torchrun.
 """
 
 import argparse
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_path
-from nanochat.common import atomic_write, atomic_write_json, autodetect_device, parse_flags, print0
+from nanochat.common import atomic_write, atomic_write_json, autodetect_device, parse_flags, print0, run_script
 from nanochat.density import compute_density
 from nanochat.diversity import METRICS, MODEL_LABELS, collect_metrics, render_report, write_charts
 from nanochat.evaluate import generate_responses
@@ -285,8 +285,10 @@ def main(argv=None):
                           for name, (_, _, payload) in models.items()]
                        + ["", f"Prompts: `{args.prompts_path}`; sampling: temperature {args.temperature}, top_k "
                               f"{args.top_k}, max_new_tokens {args.max_new_tokens}, seed {args.seed}."])
-    report = render_report(results, header, examples, notes)
     stem = os.path.splitext(args.output_report)[0]
+    charts = write_charts(results, stem)
+    report = render_report(results, header, examples, notes)
+    report += "\n## Charts\n\n" + "\n".join(f"![{os.path.basename(c)}]({os.path.basename(c)})" for c in charts) + "\n"
     atomic_write(args.output_report, report)
     atomic_write_json(stem + ".json", json_ready({
         **results, "flags": vars(args), "notes": notes, "timings": timings,
@@ -299,14 +301,12 @@ def main(argv=None):
         "responses": responses,
         "scores": {name: {key: v.tolist() for key, v in s.items()}
                    for name, s in scores.items()}}))
-    charts = write_charts(results, stem)
     print0("\n".join(f"note: {note}" for note in notes))
     if results["rare_vs_dense"] is not None:
         print0("\n" + results["rare_vs_dense"]["answer"])
-    print0(f"\nwrote {args.output_report} and {stem}.json"
-           + (f" and {', '.join(charts)}" if charts else " (no charts: matplotlib is not installed)")
-           + f"; metrics took {timings['metrics_seconds']:.1f}s")
+    print0(f"\nwrote {args.output_report} and {stem}.json; metrics took {timings['metrics_seconds']:.1f}s")
+    print0(f"charts: {', '.join(charts)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

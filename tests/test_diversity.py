@@ -7,6 +7,7 @@ contain their parts, verdict signs per direction, the bootstrap, and the script 
 
 import json
 import math
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -226,6 +227,19 @@ def test_collect_metrics_is_deterministic_and_needs_aligned_models():
         dv.collect_metrics({"sft": responses["sft"], "density": responses["density"]}, num_resamples=10)
 
 
+def test_write_charts_draws_both_charts_as_pngs(tmp_path):
+    # catches charts skipped silently (the old "no matplotlib" path) and a save that is not a PNG or leaves temp files
+    quantile = np.repeat([0, 1, 2, 3], 10)
+    results = dv.collect_metrics(planted_responses(), quantile=quantile, num_resamples=20, seed=0)
+    paths = dv.write_charts(results, str(tmp_path / "report"))
+    assert paths == [str(tmp_path / "report_summary.png"), str(tmp_path / "report_quantiles.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report_quantiles.png", "report_summary.png"]
+    for path in tmp_path.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_quantiles = dv.collect_metrics(planted_responses(n=8, k=2), num_resamples=10)
+    assert dv.write_charts(no_quantiles, str(tmp_path / "x")) == [str(tmp_path / "x_summary.png")]
+
+
 # -----------------------------------------------------------------------------
 # the script on tiny random models
 
@@ -329,9 +343,9 @@ def test_script_never_evaluates_training_prompts(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
     rows = (run_dir / ".cache" / "data" / "pairs_test.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "train_pairs.jsonl").write_text("".join(rows[:3]))
-    payload = torch.load(run_dir / "outs" / "grpo_density" / "ckpt.pt", weights_only=False)
+    payload = torch.load(run_dir / "outs" / "grpo_density" / "ckpt.pt", weights_only=True)
     payload["flags"]["pairs_path"] = "train_pairs.jsonl"
-    (run_dir / "outs" / "grpo_trained").mkdir()
+    shutil.copytree(run_dir / "outs" / "grpo_density" / "tokenizer", run_dir / "outs" / "grpo_trained" / "tokenizer")
     torch.save(payload, run_dir / "outs" / "grpo_trained" / "ckpt.pt")
     kat_eval_diversity.main(FLAGS + ["--sft_model_path", "", "--rm_ckpt_path", "", "--density_model_path",
                                      "outs/grpo_trained", "--output_report", "trained/report.md"])
@@ -339,3 +353,12 @@ def test_script_never_evaluates_training_prompts(run_dir, monkeypatch):
     trained = {json.loads(row)["prompt_id"] for row in rows[:3]}
     assert len(data["prompts"]) == 8 and not trained & {p["id"] for p in data["prompts"]}
     assert f"{len(trained)} prompts skipped: a compared model trained on them (its --pairs_path)" in data["notes"]
+
+
+def test_script_says_where_the_charts_are(run_dir, monkeypatch, capsys):
+    # catches charts written somewhere the printout (and so the user) does not point to
+    monkeypatch.chdir(run_dir)
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--output_report", "charts/report.md"])
+    assert "charts: charts/report_summary.png, charts/report_quantiles.png" in capsys.readouterr().out
+    assert (run_dir / "charts" / "report_summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "charts" / "report_quantiles.png").read_bytes()[:4] == b"\x89PNG"
