@@ -6,13 +6,15 @@ Pretraining sources (`pretrain_documents`), each giving a list of document strin
   local      a directory of .txt (one document per file), .jsonl (a "text" field per line) and .parquet (a "text"
              column) files, read in sorted path order. Every 100th document, counting from the first, is held out
              as val: this is independent of how the text is split into files, and one file still gives a val split.
-  fineweb    FineWeb-Edu parquet shards downloaded into .cache/data/fineweb (resumable, with retries), read by the
-             same parquet reader. The last shard is val, as in nanochat: shards are large and already shuffled.
+  fineweb    FineWeb-Edu parquet shards downloaded into .cache/data/fineweb (resumable, with retries; $HF_ENDPOINT
+             picks a mirror), read by the same parquet reader. The last shard is val, as in nanochat: shards are
+             large and already shuffled. Missing shards and an unreachable host fail within seconds (InputError),
+             not after minutes of retries. Under torchrun rank 0 downloads while the other ranks wait.
 
 Chat sources (`chat_conversations`): the synthetic world, or SmolTalk (`HuggingFaceTB/smol-smoltalk`, from the hub
-or from a local copy of the hub repo in parquet or jsonl). Every row is validated; a bad one raises ValueError
+or from a local copy of the hub repo in parquet or jsonl). Every row is validated; a bad one raises InputError
 naming the file, the line (jsonl, counted from 1) or row (parquet, counted from 0, as datasets indexes it) and
-the field.
+the field. So do bytes that are not UTF-8, in every text file read here.
 
 Loaders:
   PackedLoader  pretraining rows of seq_len + 1 tokens, each starting at a document's BOS (see the class).
@@ -30,12 +32,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
+from nanochat.common import InputError, rank0_first
+
+FINEWEB_PATH = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"  # on HF_ENDPOINT
 FINEWEB_DIR = Path(".cache/data/fineweb")
 SMOLTALK_ID = "HuggingFaceTB/smol-smoltalk"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -62,21 +67,36 @@ def _split_seed(seed, split):
 # -----------------------------------------------------------------------------
 # reading text files
 
+def _not_utf8(path, data, error, lineno=None):
+    """InputError for bytes that are not UTF-8: the file, the line (counted in `data` unless given) and the byte."""
+    if lineno is None:
+        lineno = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1)
+    else:
+        column = error.start
+    return InputError(f"{path} line {lineno}: byte {column + 1} of the line (0x{data[error.start]:02x}) is not UTF-8; "
+                      f"re-encode the file as UTF-8")
+
+
 def jsonl_rows(path):
     """
-    Yield (line number from 1, parsed object) for each non-blank line; a line that is not JSON or not an object
-    raises ValueError naming the file and line.
+    Yield (line number from 1, parsed object) for each non-blank line; a line that is not UTF-8, not JSON or not an
+    object raises InputError naming the file and line. Lines are decoded one by one, so the error has its line.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, raw, e, lineno) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
 
 
@@ -84,7 +104,7 @@ def _parquet_column(path, column):
     """Yield (row number from 0, value) of one column, decoding a record batch at a time so num_docs stops early."""
     pf = pq.ParquetFile(path)
     if column not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: column '{column}' missing (columns: {', '.join(pf.schema_arrow.names)})")
+        raise InputError(f"{path}: column '{column}' missing (columns: {', '.join(pf.schema_arrow.names)})")
     row = 0
     for batch in pf.iter_batches(columns=[column], batch_size=1024):
         for value in batch.column(0).to_pylist():
@@ -96,19 +116,24 @@ def read_documents(path):
     """Yield the documents of one .txt, .jsonl or .parquet file, checking that every one is a string."""
     path = Path(path)
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, data, e) from None
+        yield text
         return
     if path.suffix == ".jsonl":
         rows = ((f"line {n}", row.get("text", _MISSING)) for n, row in jsonl_rows(path))
     elif path.suffix == ".parquet":
         rows = ((f"row {n}", value) for n, value in _parquet_column(path, "text"))
     else:
-        raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
+        raise InputError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
     for where, text in rows:
         if text is _MISSING:
-            raise ValueError(f"{path} {where}: field 'text' missing")
+            raise InputError(f"{path} {where}: field 'text' missing")
         if not isinstance(text, str):
-            raise ValueError(f"{path} {where}: field 'text' is not a string (got {type(text).__name__})")
+            raise InputError(f"{path} {where}: field 'text' is not a string (got {type(text).__name__})")
         yield text
 
 
@@ -116,11 +141,43 @@ def text_files(data_dir):
     """The .txt/.jsonl/.parquet files under data_dir (recursively), in sorted path order."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ValueError(f"data dir {data_dir} does not exist or is not a directory")
+        raise InputError(f"data dir {data_dir} does not exist or is not a directory")
     files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise ValueError(f"data dir {data_dir} has no {', '.join(TEXT_SUFFIXES)} files")
+        raise InputError(f"data dir {data_dir} has no {', '.join(TEXT_SUFFIXES)} files")
     return files
+
+
+# -----------------------------------------------------------------------------
+# the network: fail fast when it is not there
+
+def hf_endpoint():
+    """The Hugging Face hub's address: $HF_ENDPOINT (a mirror) or huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hf_offline():
+    """Why the Hugging Face hub must not be used ("HF_HUB_OFFLINE is set"), or None."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name} is set"
+    return None
+
+
+def host_unreachable(url, timeout=4.0):
+    """
+    None when the server of `url` answers a HEAD request for its root (with any status), else why not. A few
+    seconds at most offline, where a download's retries would take minutes to give up.
+    """
+    parts = urlsplit(url)
+    root = f"{parts.scheme}://{parts.netloc}/"
+    try:
+        urllib.request.urlopen(urllib.request.Request(root, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status: the network is there
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        return f"cannot reach {root}: {getattr(e, 'reason', e)}"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -176,14 +233,24 @@ def _expected_size(response, have):
     return have + int(length) if length is not None else None
 
 
-def download_shards(num_shards, dest_dir=FINEWEB_DIR, base_url=FINEWEB_URL, retries=6):
-    """Make sure shards 0..num_shards-1 are in dest_dir (downloading the missing ones); returns their paths."""
+def download_shards(num_shards, dest_dir=FINEWEB_DIR, base_url=None, retries=6):
+    """
+    Make sure shards 0..num_shards-1 are in dest_dir (downloading the missing ones from base_url, by default
+    FineWeb-Edu on the hub); returns their paths. Missing shards and no way to fetch them (offline, or the host
+    does not answer) raise InputError within seconds.
+    """
     paths = [Path(dest_dir) / f"shard_{i:05d}.parquet" for i in range(num_shards)]
     missing = [p for p in paths if not p.exists()]
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if missing and offline and "huggingface.co" in base_url:
-        raise RuntimeError(f"HF_HUB_OFFLINE is set and {len(missing)} shard(s) are missing from {dest_dir}, "
-                           f"e.g. {missing[0].name}")
+    if not missing:
+        return paths
+    reason = hf_offline() if base_url is None else None  # the offline switches are about the hub only
+    base_url = base_url or hf_endpoint() + FINEWEB_PATH
+    reason = reason or host_unreachable(base_url)
+    if reason is not None:
+        raise InputError(f"cannot download {len(missing)} missing FineWeb-Edu shard(s) into {dest_dir} (e.g. "
+                         f"{missing[0].name}): {reason}. To work offline, train on --source=synthetic, or on your own "
+                         f".txt/.jsonl/.parquet files with --source=local --data_dir DIR, or copy the shards into "
+                         f"{dest_dir}")
     for i, p in enumerate(paths):
         download_file(base_url.format(index=i), p, retries=retries)
     return paths
@@ -207,17 +274,18 @@ def pretrain_documents(source, split, data_dir=None, num_docs=None, seed=0, synt
         return make_world(seed=seed, size=synthetic_size).pretrain_documents(n, seed=_split_seed(seed, split))
     if source == "local":
         if data_dir is None:
-            raise ValueError("source 'local' needs data_dir")
+            raise InputError("source 'local' needs a directory of text files: pass --data_dir DIR")
         files = text_files(data_dir)
         docs = _local_split(files, split, num_docs)
         if not docs:
-            raise ValueError(f"data dir {data_dir}: no {split} documents (every {VAL_EVERY}th document, from the "
+            raise InputError(f"data dir {data_dir}: no {split} documents (every {VAL_EVERY}th document, from the "
                              f"first, is val, so train needs at least 2 documents)")
         return docs
     if source == "fineweb":
         if num_shards < 2:
-            raise ValueError("fineweb needs num_shards >= 2: the last shard is the val split")
-        paths = download_shards(num_shards, data_dir if data_dir is not None else FINEWEB_DIR)
+            raise InputError(f"fineweb needs --num_shards >= 2 (got {num_shards}): the last shard is the val split")
+        with rank0_first():  # under torchrun rank 0 downloads while the others wait, then they find the shards
+            paths = download_shards(num_shards, data_dir if data_dir is not None else FINEWEB_DIR)
         return _take(paths[:-1] if split == "train" else paths[-1:], num_docs)
     raise ValueError(f"unknown pretraining source {source!r} (expected synthetic, local or fineweb)")
 
@@ -289,7 +357,7 @@ def smoltalk_files(from_dir, hub_split):
     files = sorted(p for p in root.rglob(f"{hub_split}*") if p.is_file() and p.suffix in (".parquet", ".jsonl")
                    and p.stem.split("-")[0] == hub_split)
     if not files:
-        raise ValueError(f"no SmolTalk {hub_split} files ({hub_split}-*.parquet or .jsonl) under {from_dir}")
+        raise InputError(f"no SmolTalk {hub_split} files ({hub_split}-*.parquet or .jsonl) under {from_dir}")
     return files
 
 
@@ -305,7 +373,8 @@ def _chat_file_rows(path):
 
 def _smoltalk_hub_rows(hub_split):
     import datasets  # slow to import, and only this path needs it
-    ds = datasets.load_dataset(SMOLTALK_ID, split=hub_split)
+    with rank0_first():  # under torchrun rank 0 downloads into the datasets cache, then the others read it there
+        ds = datasets.load_dataset(SMOLTALK_ID, split=hub_split)
     for n, messages in enumerate(ds["messages"]):
         yield f"{SMOLTALK_ID}[{hub_split}] row {n}", messages
 
@@ -317,23 +386,23 @@ def validate_messages(messages, where):
     Returns it as a list of plain {"role", "content"} dicts.
     """
     if messages is _MISSING:
-        raise ValueError(f"{where}: field 'messages' missing")
+        raise InputError(f"{where}: field 'messages' missing")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: field 'messages' must be a non-empty list")
+        raise InputError(f"{where}: field 'messages' must be a non-empty list")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"{where}: field 'messages[{i}]' is not an object")
+            raise InputError(f"{where}: field 'messages[{i}]' is not an object")
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
-            raise ValueError(f"{where}: field 'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, "
+            raise InputError(f"{where}: field 'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, "
                              f"got {role!r}")
         if not isinstance(content, str):
-            raise ValueError(f"{where}: field 'messages[{i}].content' is not a string")
+            raise InputError(f"{where}: field 'messages[{i}].content' is not a string")
         turn = i - (messages[0].get("role") == "system")
         expected = "system" if turn < 0 else ("user", "assistant")[turn % 2]
         if role != expected:
-            raise ValueError(f"{where}: field 'messages[{i}].role' is {role!r}, expected {expected!r} (an optional "
+            raise InputError(f"{where}: field 'messages[{i}].role' is {role!r}, expected {expected!r} (an optional "
                              f"system message first, then user and assistant alternating)")
         clean.append({"role": role, "content": content})
     return clean

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from nanochat.common import atomic_path, print0
+from nanochat.common import InputError, atomic_path, print0
 from nanochat.data import jsonl_rows
 
 # Exact duplicates sit at mean distance 0: eps makes their density a finite 1/eps instead of inf, so alpha > 0 gives
@@ -251,47 +251,81 @@ def compute_density(model, tok, prompts, k=10, alpha=1.0, max_ratio=None, mix=0.
 # -----------------------------------------------------------------------------
 # reading the weights back (RM, DPO, GRPO)
 
+DENSITY_WRITER = "python -m scripts.kat_density"
+
+
 def density_rows(path):
     """
     Yield (line number, row) of a density.jsonl written by scripts.kat_density, each row with a unique prompt_id
-    and a finite weight >= 0; errors name the file, line and field.
+    and a finite weight >= 0. A missing or empty file, or a bad line (not UTF-8, not JSON, a missing or bad
+    field), raises InputError naming the file, line and field.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; write it with python -m scripts.kat_density")
+    if not os.path.isfile(path):
+        raise InputError(f"{path} not found; write it with {DENSITY_WRITER} (or sample uniformly: "
+                         f"--density_aware=False)")
     seen = set()
     for lineno, row in jsonl_rows(path):
         for field in ("prompt_id", "weight"):
             if field not in row:
-                raise ValueError(f"{path} line {lineno}: missing field {field!r}")
+                raise InputError(f"{path} line {lineno}: missing field {field!r}; write the file again with "
+                                 f"{DENSITY_WRITER}")
         weight = row["weight"]
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
                 or not math.isfinite(weight):
-            raise ValueError(f"{path} line {lineno}: field 'weight' must be a finite number >= 0, got {weight!r}")
+            raise InputError(f"{path} line {lineno}: field 'weight' must be a finite number >= 0, got {weight!r}")
         if row["prompt_id"] in seen:
-            raise ValueError(f"{path} line {lineno}: prompt_id {row['prompt_id']!r} appears twice")
+            raise InputError(f"{path} line {lineno}: prompt_id {row['prompt_id']!r} appears twice")
         seen.add(row["prompt_id"])
         yield lineno, row
+    if not seen:
+        raise InputError(f"{path} has no rows; write it again with {DENSITY_WRITER}")
+
+
+class DensityWeights(dict):
+    """{prompt_id: weight} read from the file `path`, which errors about these weights name."""
+
+    def __init__(self, path, weights):
+        super().__init__(weights)
+        self.path = path
 
 
 def load_density(path):
-    """{prompt_id: weight} of a density.jsonl written by scripts.kat_density; errors name the file, line and field."""
-    return {row["prompt_id"]: float(row["weight"]) for _, row in density_rows(path)}
+    """
+    {prompt_id: weight} (a DensityWeights) of a density.jsonl written by scripts.kat_density; errors name the
+    file, line and field, and a file whose weights are all 0 (nothing could be sampled) is an error too.
+    """
+    weights = DensityWeights(path, ((row["prompt_id"], float(row["weight"])) for _, row in density_rows(path)))
+    if not any(weights.values()):
+        raise InputError(f"{path}: all {len(weights)} weights are 0, so no prompt can be sampled; write it again "
+                         f"with {DENSITY_WRITER}")
+    return weights
 
 
 def pair_weights(prompt_ids, weight_by_id):
     """
     Per-row weights (float64) for rows keyed by prompt id (e.g. preference pairs), split evenly among the rows of
     a prompt, so sampling rows gives each prompt its own density weight however many rows it has.
-    A row whose prompt has no weight is an error, not a silent drop.
+    A row whose prompt has no weight is an error, not a silent drop; so are rows whose weights are all 0. Errors
+    name the density file when weight_by_id comes from load_density.
     """
-    missing = sorted({p for p in prompt_ids if p not in weight_by_id})
+    source = getattr(weight_by_id, "path", "the density weights")
+    rerun = f"rerun python -m scripts.kat_make_prompts and {DENSITY_WRITER} on the pairs these rows come from"
+    distinct = set(prompt_ids)
+    missing = sorted(p for p in distinct if p not in weight_by_id)
+    if missing and len(missing) == len(distinct):
+        raise InputError(f"{source} has a weight for none of the {len(distinct)} prompts of these rows (it was "
+                         f"computed for other prompts); {rerun}")
     if missing:
-        raise KeyError(f"{len(missing)} prompt ids have no density weight (first: {missing[:3]}); rerun "
-                       f"scripts.kat_density on the prompts these rows come from")
+        raise InputError(f"{source} has no weight for {len(missing)} of the {len(distinct)} prompts of these rows "
+                         f"(first: {', '.join(missing[:3])}); {rerun}")
     counts = {}
     for p in prompt_ids:
         counts[p] = counts.get(p, 0) + 1
-    return torch.tensor([weight_by_id[p] / counts[p] for p in prompt_ids], dtype=torch.float64)
+    weights = torch.tensor([weight_by_id[p] / counts[p] for p in prompt_ids], dtype=torch.float64)
+    if len(weights) and not weights.sum() > 0:
+        raise InputError(f"{source}: the {len(distinct)} prompt(s) of these rows all have weight 0, so none can be "
+                         f"sampled; {rerun}")
+    return weights
 
 
 def sample_indices(weights, n, generator=None):

@@ -16,11 +16,17 @@ One row per pair (one JSON object per line of pairs_all.jsonl / pairs_test.jsonl
 
 The hashes are the ones nanochat/synthetic.py defines, so ids agree across sources, runs and machines.
 
-Sources (`*_stream` functions) go through `datasets.load_dataset` in streaming mode, given a hub id or a local copy
-of the hub repository (`--from_dir`): one code path, nothing cached, and SE (about 20 GB) is read only as far as
-the cap. Each stream yields (where, pair) or (where, SkipRow); `write_pairs` checks every pair with `check_pair`,
-drops duplicates, routes it to the train or test file, and counts everything it skips, by source and reason, with
-the first few places (file and line, or row) of each reason.
+Sources (`*_stream` functions) read a hub id or a local copy of the hub repository (`--from_dir`) by one code path,
+streaming, nothing cached: uf and SE through `datasets.load_dataset` (SE, about 20 GB, is read only as far as the
+cap), hh's gzipped jsonl line by line through fsspec (`hf://` or a local path), so that a line that is not UTF-8
+or not JSON is one counted skip with its line number instead of the end of the whole source. A local hh copy may
+lack some subsets: those present are read, `hh_missing` names the others. Each stream yields (where, pair) or
+(where, SkipRow); `write_pairs` checks every pair with `check_pair`, drops duplicates, routes it to the train or
+test file, and counts everything it skips, by source and reason, with the first few places (file and line, or row)
+of each reason.
+
+Readers of the files (`read_pairs`, `iter_pairs`) apply `check_pair` again and raise InputError for a missing file
+or one without a usable row, naming the path and the command that writes it.
 
 Held-out rule: the official test splits (hh `test`, uf `test_prefs`) go to the test file, and so does a seeded
 hash share of the prompts of the sources without one (SE, synthetic). A training pair whose conversation is in the
@@ -36,13 +42,14 @@ import re
 from collections import Counter, defaultdict, namedtuple
 from html.parser import HTMLParser
 
-from nanochat.data import validate_messages
+from nanochat.common import InputError
+from nanochat.data import hf_endpoint, hf_offline, host_unreachable, validate_messages
 from nanochat.synthetic import conversation_id, pair_id
 
 HH_ID = "Anthropic/hh-rlhf"
 UF_ID = "HuggingFaceH4/ultrafeedback_binarized"
 SE_ID = "HuggingFaceH4/stack-exchange-preferences"
-# red-team-attempts is left out: its files hold rated transcripts, not pairs
+# red-team-attempts is left out: its files hold rated transcripts, not pairs (so a copy without it lacks nothing)
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 # explicit, because the repo root also holds stack_exchanges.json, which the default "**" pattern would pick up
 SE_FILES = "data/**/*.parquet"
@@ -51,6 +58,7 @@ SRC_NAMES = {"hh": "hh-rlhf", "uf": "ultrafeedback-binarized", "se": "stack-exch
              "synthetic": "synthetic"}
 HUB_IDS = {"hh": HH_ID, "uf": UF_ID, "se": SE_ID}
 REQUIRED_FIELDS = ("id", "prompt", "messages", "chosen", "rejected", "src", "prompt_id")
+PAIRS_WRITER = "python -m scripts.kat_download_pairs"
 PLACES_PER_REASON = 20  # skipped rows listed by place in the report, per reason; the rest are only counted
 
 
@@ -88,6 +96,17 @@ class SkipLog:
     def summary(self):
         """'reason=n, ...', most frequent first; '-' when nothing was skipped."""
         return ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+
+    def first(self):
+        """The place of the first row skipped (the first of its reason's places), or None."""
+        return next((places[0] for places in self.places.values() if places), None)
+
+    def note(self, what):
+        """'what: N lines skipped (reasons), first at <place>' for a log line; '' when nothing was skipped."""
+        if not self.counts:
+            return ""
+        first = self.first()
+        return f"{what}: {self.total()} lines skipped ({self.summary()})" + (f", first at {first}" if first else "")
 
     def markdown(self, title):
         if not self.counts:
@@ -201,26 +220,58 @@ def _round_robin(iterators):
                 iterators.remove(it)
 
 
+def _hh_file(subset, split):
+    return f"{subset}/{split}.jsonl.gz"
+
+
+def hh_missing(location):
+    """The subset files ("helpful-online/test.jsonl.gz", ...) a local copy lacks; [] for the hub, which has all."""
+    if not os.path.isdir(location):
+        return []
+    return [_hh_file(subset, split) for subset in HH_SUBSETS for split in ("train", "test")
+            if not os.path.isfile(os.path.join(location, _hh_file(subset, split)))]
+
+
+def hh_rows(location, path):
+    """
+    (where, row dict or SkipRow) per non-blank line of one gzipped jsonl of the hub repo or of a local copy of it.
+    Read line by line, not through datasets' json loader, which gives up on the whole file at its first bad line.
+    """
+    import fsspec  # ships with datasets; hf:// streams from the hub like datasets does
+
+    url = os.path.join(location, path) if os.path.isdir(location) else f"hf://datasets/{location}/{path}"
+    with fsspec.open(url, "rb", compression="gzip") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{location}/{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, SkipRow("invalid_utf8", f"byte {e.start} is not UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, SkipRow("invalid_json", f"{e.msg} (column {e.colno})")
+                continue
+            yield where, row if isinstance(row, dict) else SkipRow("not_an_object", f"a JSON {type(row).__name__}")
+
+
 def hh_stream(location, split):
-    """(where, pair or SkipRow) for hh split 'train' or 'test', the four subsets interleaved."""
-    import datasets  # slow to import, and only the hub sources need it
+    """(where, pair or SkipRow) for hh split 'train' or 'test', the subsets present (see hh_missing) interleaved."""
+    missing = set(hh_missing(location))
 
-    # explicit features: no type inference from a first batch (which fails on an empty file) and a clear cast
-    # error for a file of another schema
-    features = datasets.Features({"chosen": datasets.Value("string"), "rejected": datasets.Value("string")})
+    def pairs_of(subset):
+        for where, row in hh_rows(location, _hh_file(subset, split)):
+            if not isinstance(row, SkipRow):
+                try:
+                    row = hh_pair(row, subset)
+                except SkipRow as skip:
+                    row = skip
+            yield where, row
 
-    def rows(subset):
-        path = f"{subset}/{split}.jsonl.gz"
-        ds = datasets.load_dataset(location, data_files={split: [path]}, split=split, streaming=True,
-                                   features=features)
-        for line, row in enumerate(ds, 1):
-            yield f"{location}/{path} line {line}", row, subset
-
-    for where, row, subset in _round_robin(rows(s) for s in HH_SUBSETS):
-        try:
-            yield where, hh_pair(row, subset)
-        except SkipRow as skip:
-            yield where, skip
+    yield from _round_robin(pairs_of(s) for s in HH_SUBSETS if _hh_file(s, split) not in missing)
 
 
 # -----------------------------------------------------------------------------
@@ -497,11 +548,14 @@ def source_table(stats):
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def iter_pairs(path, log):
+def iter_pairs(path, log, what="pairs file"):
     """
     Yield the usable rows of a pairs jsonl in file order; each line left out goes into the SkipLog `log` as
-    "<path> line N". Blank lines are ignored. Raises FileNotFoundError for a missing file.
+    "<path> line N". Blank lines are ignored. A missing file raises InputError naming `what` (the file's role or
+    flag, e.g. "--pairs_path"), the path and the command that writes it.
     """
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} not found; write it with {PAIRS_WRITER}")
     seen = set()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -516,7 +570,7 @@ def iter_pairs(path, log):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                log.add("invalid_json", where, f"{e.msg} at column {e.colno}")
+                log.add("invalid_json", where, f"{e.msg} (column {e.colno})")
                 continue
             problem = None
             if _SURROGATE_ESCAPE.search(line):  # a lone "\ud800" escape is legal JSON, but no hash or file holds it
@@ -534,10 +588,26 @@ def iter_pairs(path, log):
             yield row
 
 
-def read_pairs(path):
-    """(rows, SkipLog) of a pairs jsonl: iter_pairs for stages that want the rows in memory."""
+def no_pairs_error(path, log, what="pairs file"):
+    """The InputError for a pairs file that gave no usable row: empty, or every line skipped (with the first ones)."""
+    if not log.counts:
+        return InputError(f"{what} {path} is empty; write it again with {PAIRS_WRITER}")
+    firsts = "; ".join(places[0] for places in log.places.values() if places)
+    return InputError(f"{what} {path} has no usable pair: {log.total()} lines skipped ({log.summary()}); first "
+                      f"problems: {firsts}. Fix the file or write it again with {PAIRS_WRITER}")
+
+
+def read_pairs(path, what="pairs file"):
+    """
+    (rows, SkipLog) of a pairs jsonl: iter_pairs for stages that want the rows in memory. Every stage reads its
+    pairs here, so all share one rule: a missing or empty file, or one whose every line is skipped, raises
+    InputError naming `what` and the path; skipped lines are the caller's to report (`log.note(path)`).
+    """
     log = SkipLog()
-    return list(iter_pairs(path, log)), log
+    rows = list(iter_pairs(path, log, what))
+    if not rows:
+        raise no_pairs_error(path, log, what)
+    return rows, log
 
 
 def extract_prompts(rows):
@@ -564,27 +634,46 @@ def escape_tsv(text):
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+def prompt_set_id(ids):
+    """A fingerprint of a list of prompt ids, in order: the three prompt files of one kat_make_prompts run share it."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def prompts_stats(prompts, per_src, log):
-    """stats.txt's entries: totals, pairs per source, and dropped lines per reason."""
-    stats = {"total_pairs": sum(per_src.values()), "unique_prompts": len(prompts)}
+    """stats.txt's entries: totals, the prompt set's fingerprint, pairs per source, and dropped lines per reason."""
+    stats = {"total_pairs": sum(per_src.values()), "unique_prompts": len(prompts),
+             "prompt_set": prompt_set_id([p["id"] for p in prompts])}
     stats.update({f"src_{src}": n for src, n in sorted(per_src.items())})
     stats["dropped_total"] = log.total()
     stats.update({f"dropped_{reason}": n for reason, n in sorted(log.counts.items())})
     return stats
 
 
+def prompt_set_mismatch(prompts_path, ids):
+    """
+    None when the stats.txt and prompt_id_map.tsv beside a prompts_all.jsonl (those present) describe the prompt
+    set `ids` read from it, else what differs. kat_make_prompts renames the three into place one after the other,
+    so a kill between two renames leaves files of two runs; readers check this instead of trusting the mix.
+    """
+    folder = os.path.dirname(os.fspath(prompts_path))
+    want = prompt_set_id(ids)
+    stats_path, map_path = os.path.join(folder, "stats.txt"), os.path.join(folder, "prompt_id_map.tsv")
+    found = []  # (file, its prompt set) where it differs
+    if os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8", errors="replace") as f:
+            stats = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
+        if stats.get("prompt_set", want) != want:  # a stats.txt from before fingerprints has none to compare
+            found.append((stats_path, stats["prompt_set"]))
+    if os.path.isfile(map_path):
+        with open(map_path, "rb") as f:
+            got = prompt_set_id([line.split(b"\t", 1)[0].decode("utf-8", "replace") for line in f if line.strip()])
+        if got != want:
+            found.append((map_path, got))
+    if not found:
+        return None
+    return ", ".join(f"{path} is of prompt set {got}" for path, got in found) + f", but {prompts_path} is of {want}"
+
+
 def hub_unreachable(timeout=4.0):
     """None when the hub answers, else why not (offline mode set, or the connection failed)."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{name} is set"
-    import urllib.error
-    import urllib.request
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered, if only with an error status: the network is there
-    except (OSError, ValueError) as e:
-        return f"cannot reach {endpoint}: {getattr(e, 'reason', e)}"
-    return None
+    return hf_offline() or host_unreachable(hf_endpoint(), timeout)

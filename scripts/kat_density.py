@@ -25,16 +25,21 @@ import time
 import torch
 
 from nanochat.checkpoint import load_model, load_tokenizer
-from nanochat.common import atomic_path, autodetect_device, parse_flags
+from nanochat.common import InputError, atomic_path, autodetect_device, parse_flags
 from nanochat.data import jsonl_rows
 from nanochat.density import DENSITY_EPS, compute_density, weight_histogram
+from nanochat.pairs import prompt_set_mismatch
 from nanochat.report import write_report
 
 
 def read_prompts(path):
-    """The prompt rows of a prompts_all.jsonl; a bad line stops the stage with its line and field."""
+    """
+    The prompt rows of a prompts_all.jsonl; a bad line stops the stage with its line and field, and so do a
+    stats.txt or prompt_id_map.tsv beside it that belong to another prompt set (an interrupted kat_make_prompts).
+    """
+    writer = "python -m scripts.kat_make_prompts"
     if not os.path.exists(path):
-        raise SystemExit(f"kat_density: {path} not found; write it with python -m scripts.kat_make_prompts")
+        raise SystemExit(f"kat_density: {path} not found; write it with {writer}")
     prompts, first_line = [], {}
     try:
         for lineno, row in jsonl_rows(path):
@@ -47,8 +52,14 @@ def read_prompts(path):
                 raise SystemExit(f"{where}: id {row['id']} already on line {first_line[row['id']]}")
             first_line[row["id"]] = lineno
             prompts.append(row)
-    except ValueError as e:  # jsonl_rows: a line that is not JSON or not an object
+    except InputError as e:  # jsonl_rows: a line that is not UTF-8, not JSON or not an object
         raise SystemExit(f"kat_density: {e}") from None
+    if not prompts:
+        raise SystemExit(f"kat_density: {path} has no prompts; write it again with {writer}")
+    mismatch = prompt_set_mismatch(path, [p["id"] for p in prompts])
+    if mismatch:
+        raise SystemExit(f"kat_density: the prompt files disagree: {mismatch} (kat_make_prompts was interrupted "
+                         f"while replacing them?); write them again with {writer}")
     return prompts
 
 

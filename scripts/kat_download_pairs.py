@@ -15,17 +15,23 @@ more names (repeated or comma-separated); the default is the three hub sources.
 is make_world(seed=<their --seed>), so a pair about a different world would ask about people they never met.
 
 Writes .cache/data/pairs_all.jsonl (train) and .cache/data/pairs_test.jsonl (held out: hh `test`, uf `test_prefs`,
-and a --test_share of SE and synthetic conversations; no conversation is in both), each atomically, and
-outs/pairs/report.md with the per-source table of kept and skipped rows. The row format is in nanochat/pairs.py.
+and a --test_share of SE and synthetic conversations; no conversation is in both), and outs/pairs/report.md with
+the per-source table of kept and skipped rows. The row format is in nanochat/pairs.py.
+
+All or nothing: both files are written to temporary files and renamed into place only when every source has
+given at least one pair and there is at least one training pair. Otherwise (a local copy of another schema, a
+source whose every row is skipped, an interrupted read) the run exits 1 naming the source and its first skipped
+rows, and the previous pairs_all.jsonl and pairs_test.jsonl are left as they were. A local hh copy that lacks some
+of the four subsets is read as far as it goes, with a note naming the missing files.
 """
 
 import argparse
 import os
 import time
 
-from nanochat.common import atomic_path, parse_flags, str2bool
-from nanochat.pairs import (HUB_IDS, SRC_NAMES, SourceError, Stream, hh_stream, hub_unreachable, se_stream,
-                            source_table, synthetic_stream, uf_stream, write_pairs)
+from nanochat.common import InputError, atomic_path, parse_flags, str2bool
+from nanochat.pairs import (HUB_IDS, SRC_NAMES, SourceError, Stream, hh_missing, hh_stream, hub_unreachable,
+                            se_stream, source_table, synthetic_stream, uf_stream, write_pairs)
 from nanochat.report import write_report
 
 SYNTHETIC_PAIRS = 6000  # without --max_per_source: enough for a reward model on CPU, a second to generate
@@ -63,6 +69,21 @@ def build_streams(args, sources):
         n = cap if cap is not None else SYNTHETIC_PAIRS
         streams.append(Stream(SRC_NAMES["synthetic"], "hashed", n, synthetic_stream(args.seed, args.synthetic_size, n)))
     return streams
+
+
+def check_kept(stats, out):
+    """InputError unless every source kept a pair and some pair is for training: the files are not replaced then."""
+    problems = []
+    for src, st in stats.items():
+        if st["train"] + st["test"] == 0:
+            log = st["skips"]
+            problems.append(f"{src} gave no pair ({log.total()} rows skipped: {log.summary()}"
+                            + (f"; first: {log.first()})" if log.first() else ")"))
+    if not problems and sum(st["train"] for st in stats.values()) == 0:
+        problems.append("no pair went to the training file (every conversation is held out)")
+    if problems:
+        raise InputError("; ".join(problems) + f". Check the sources (the table above); {out} and its test file "
+                         f"are left as they were")
 
 
 def main(argv=None):
@@ -106,28 +127,39 @@ def main(argv=None):
             raise SystemExit(f"--from_dir: {os.path.join(args.from_dir, hub_id)} is not a directory; expected a copy "
                              f"of the hub repo made by huggingface-cli download {hub_id} --repo-type dataset "
                              f"--local-dir {os.path.join(args.from_dir, hub_id)}")
+    notes = []
+    if "hh" in sources and args.from_dir:
+        location = os.path.join(args.from_dir, HUB_IDS["hh"])
+        missing = hh_missing(location)
+        if missing:
+            notes.append(f"note: {location} lacks {len(missing)} hh-rlhf subset file(s): {', '.join(missing)}; "
+                         f"the pairs come from the files present")
+            print(notes[-1])
 
     t0 = time.time()
     try:
-        # the test file is renamed into place first, so a pairs_all.jsonl that exists always has its test file
+        # the test file is renamed into place first, so a pairs_all.jsonl that exists always has its test file;
+        # an exception inside the block (check_kept's too) renames neither
         with atomic_path(args.out) as train_tmp, atomic_path(args.test_out) as test_tmp:
             with open(train_tmp, "wb") as train_file, open(test_tmp, "wb") as test_file:
                 stats = write_pairs(build_streams(args, sources), train_file, test_file, args.seed, args.test_share)
-    except SourceError as e:
+            table = source_table(stats)
+            print(table, end="")
+            check_kept(stats, args.out)
+    except (SourceError, InputError) as e:
         raise SystemExit(f"kat_download_pairs: {e}") from None
     seconds = time.time() - t0
 
     n_train = sum(st["train"] for st in stats.values())
     n_test = sum(st["test"] for st in stats.values())
-    table = source_table(stats)
-    print(table, end="")
     print(f"Wrote {args.out} with {n_train} pairs")
     print(f"Wrote {args.test_out} with {n_test} held-out pairs")
     metrics = {"pairs_train": n_train, "pairs_test": n_test}
     for src, st in stats.items():
         metrics.update({f"{src}_train": st["train"], f"{src}_test": st["test"], f"{src}_skipped": st["skips"].total()})
     places = "\n".join(st["skips"].markdown(f"Skipped rows: {src}") for src, st in stats.items())
-    write_report(args.report_dir, metrics, {"seconds": seconds}, vars(args), notes=table + "\n" + places)
+    write_report(args.report_dir, metrics, {"seconds": seconds}, vars(args),
+                 notes="".join(n + "\n\n" for n in notes) + table + "\n" + places)
 
 
 if __name__ == "__main__":

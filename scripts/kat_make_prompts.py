@@ -5,14 +5,20 @@ RLHF stage 2: the deduplicated prompts of the training pairs.
     python -m scripts.kat_make_prompts --pairs=my_pairs.jsonl --out_dir=my_data
 
 Reads the pairs file line by line (a bad line is skipped and listed with its line number in outs/prompts/report.md)
-and writes, each atomically, into --out_dir:
+and writes into --out_dir:
     prompts_all.jsonl   {"id", "prompt", "messages", "src", "n_pairs"} per distinct conversation, in order of first
                         appearance; id is the pairs' prompt_id, a hash of the whole whitespace-normalised
                         conversation, so it is the same on every run and machine
     prompt_id_map.tsv   id <TAB> prompt, with backslash, tab, newline and CR escaped as \\\\ \\t \\n \\r; no header
-    stats.txt           "key: value" lines: total_pairs, unique_prompts, src_<name> (pairs per source),
-                        dropped_total and dropped_<reason>
-prompts_all.jsonl is written last, so when it exists the other two are complete.
+    stats.txt           "key: value" lines: total_pairs, unique_prompts, prompt_set (the fingerprint below),
+                        src_<name> (pairs per source), dropped_total and dropped_<reason>
+
+The three files describe one prompt set and are committed together: all three are written to temporary files in
+--out_dir and synced first, so a full disk or a kill while writing leaves the previous three untouched; then they
+are renamed into place, stats.txt, prompt_id_map.tsv and prompts_all.jsonl last. A kill between two renames (a
+window of microseconds) is caught by the readers: the prompt set's fingerprint (nanochat.pairs.prompt_set_id, a
+hash of the ordered prompt ids) is recorded in stats.txt and recomputed from the ids of the other two files, and
+kat_density refuses files whose fingerprints differ (nanochat.pairs.prompt_set_mismatch).
 """
 
 import argparse
@@ -20,9 +26,17 @@ import json
 import os
 import time
 
-from nanochat.common import atomic_path, atomic_write, parse_flags
-from nanochat.pairs import SkipLog, escape_tsv, extract_prompts, iter_pairs, prompts_stats
+from nanochat.common import InputError, atomic_path, parse_flags
+from nanochat.pairs import SkipLog, escape_tsv, extract_prompts, iter_pairs, no_pairs_error, prompts_stats
 from nanochat.report import write_report
+
+
+def write_synced(path, lines):
+    """Write the strings `lines` to path and sync it to disk, so a full disk shows here, before any rename."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def main(argv=None):
@@ -35,25 +49,23 @@ def main(argv=None):
     t0 = time.time()
     log = SkipLog()
     try:
-        prompts, per_src = extract_prompts(iter_pairs(args.pairs, log))
-    except FileNotFoundError:
-        raise SystemExit(f"kat_make_prompts: {args.pairs} not found; write it with python -m "
-                         f"scripts.kat_download_pairs") from None
-    if not prompts:
-        raise SystemExit(f"kat_make_prompts: {args.pairs} has no usable pair ({log.summary()}); first problems: "
-                         + "; ".join(p for places in log.places.values() for p in places[:1]))
+        prompts, per_src = extract_prompts(iter_pairs(args.pairs, log, "--pairs"))
+        if not prompts:
+            raise no_pairs_error(args.pairs, log, "--pairs")
+    except InputError as e:
+        raise SystemExit(f"kat_make_prompts: {e}") from None
     stats = prompts_stats(prompts, per_src, log)
 
     paths = [os.path.join(args.out_dir, name) for name in ("prompts_all.jsonl", "prompt_id_map.tsv", "stats.txt")]
-    atomic_write(paths[2], "".join(f"{k}: {v}\n" for k, v in stats.items()))
-    atomic_write(paths[1], "".join(f"{p['id']}\t{escape_tsv(p['prompt'])}\n" for p in prompts))
-    with atomic_path(paths[0]) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts)
+    # atomic_path renames on leaving its block, innermost first: stats.txt, then the map, then prompts_all.jsonl
+    with atomic_path(paths[0]) as prompts_tmp, atomic_path(paths[1]) as map_tmp, atomic_path(paths[2]) as stats_tmp:
+        write_synced(stats_tmp, (f"{k}: {v}\n" for k, v in stats.items()))
+        write_synced(map_tmp, (f"{p['id']}\t{escape_tsv(p['prompt'])}\n" for p in prompts))
+        write_synced(prompts_tmp, (json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
     seconds = time.time() - t0
 
     if log.counts:
-        print(f"Skipped {log.total()} lines of {args.pairs}: {log.summary()} (places in {args.report_dir}/report.md)")
+        print(f"{log.note(args.pairs)} (all places in {args.report_dir}/report.md)")
     print(f"Wrote {paths[0]}, {paths[1]}, and {paths[2]}")
     write_report(args.report_dir, stats, {"seconds": seconds}, vars(args),
                  notes=log.markdown(f"Skipped lines of {args.pairs}"))

@@ -6,6 +6,7 @@ masking, and the resumable shard download against a local HTTP server. Nothing h
 import http.server
 import json
 import threading
+import time
 import urllib.error
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from nanochat import data
+from nanochat.common import InputError
 from nanochat.data import PackedLoader, SFTLoader, chat_conversations, pretrain_documents
 from nanochat.tokenizer import train_tokenizer
 
@@ -137,8 +139,33 @@ def test_fineweb_reads_cached_shards_last_is_val(tmp_path, monkeypatch):
     assert pretrain_documents("fineweb", "val", data_dir=tmp_path, num_shards=3) == [f"shard 2 doc {j}" for j in range(4)]
     assert pretrain_documents("fineweb", "train", data_dir=tmp_path, num_shards=3, num_docs=5) == train[:5]
     # a missing shard while offline fails at once instead of retrying a download for minutes
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE is set.*--source=synthetic"):
         pretrain_documents("fineweb", "train", data_dir=tmp_path, num_shards=4)
+
+
+@pytest.mark.parametrize("name, content, line, read", [
+    ("docs.jsonl", b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n', 3,
+     lambda d: pretrain_documents("local", "train", data_dir=d)),
+    ("doc.txt", b"first line\nsecond caf\xe9\n", 2, lambda d: pretrain_documents("local", "train", data_dir=d)),
+    ("train-0.jsonl", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', 1,
+     lambda d: chat_conversations("smoltalk", "train", from_dir=d)),
+])
+def test_bytes_that_are_not_utf8_are_named_with_file_and_line(tmp_path, name, content, line, read):
+    # catches: decoding a whole file at once, whose UnicodeDecodeError names neither the file nor the line
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=f"^{tmp_path / name} line {line}: byte .* \\(0xe9\\) is not UTF-8; "
+                                         f"re-encode the file as UTF-8$"):
+        read(tmp_path)
+
+
+def test_an_unreachable_download_host_fails_fast(tmp_path, capsys):
+    # catches: downloading without first checking the host, which retries for ~2 minutes before giving up
+    start = time.time()
+    with pytest.raises(InputError, match="cannot download 2 missing FineWeb-Edu shard.*: cannot reach "
+                                         "http://127.0.0.1:9/: .*--source=synthetic.*--source=local --data_dir DIR"):
+        data.download_shards(2, tmp_path, base_url="http://127.0.0.1:9/shard_{index:05d}.parquet")
+    assert time.time() - start < 10 and "retry" not in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
 
 
 def test_synthetic_sources_are_deterministic_with_disjoint_splits(tok):
@@ -250,6 +277,7 @@ def test_download_does_not_retry_a_404(server, tmp_path):
 
 def test_download_shards_names_files_by_index(server, tmp_path):
     handler, url = server
+    assert data.host_unreachable(url) is None  # it answers HEAD with 501: reachable all the same
     with pytest.raises(urllib.error.HTTPError, match="404"):
         data.download_shards(1, tmp_path, base_url=url + "/shard_{index:05d}.parquet")
     assert handler.requests == [None]

@@ -10,6 +10,7 @@ import torch
 from conftest import make_tiny_model
 from nanochat import density
 from nanochat.checkpoint import save_checkpoint
+from nanochat.common import InputError
 from nanochat.tokenizer import train_tokenizer
 from scripts import kat_density
 
@@ -151,7 +152,7 @@ def test_sample_indices_and_pair_weights():
     assert (a == 2).float().mean().item() == pytest.approx(0.75, abs=0.02)
     pw = density.pair_weights(["p", "q", "p"], {"p": 2.0, "q": 1.0})
     assert torch.equal(pw, torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
-    with pytest.raises(KeyError, match="no density weight"):
+    with pytest.raises(InputError, match="no weight for 1 of the 2 prompts of these rows .first: r."):
         density.pair_weights(["p", "r"], {"p": 1.0})
 
 
@@ -163,10 +164,33 @@ def test_load_density_names_the_bad_line(tmp_path):
     path.write_text('{"prompt_id": "a", "weight": 0.5}\n["b", 1.5]\n')
     with pytest.raises(ValueError, match=r"line 2: expected a JSON object"):
         density.load_density(path)
-    with pytest.raises(FileNotFoundError, match="not found; write it with python -m scripts.kat_density"):
+    with pytest.raises(InputError, match="not found; write it with python -m scripts.kat_density"):
         density.load_density(tmp_path / "missing.jsonl")
     path.write_text('{"prompt_id": "a", "weight": 0.5}\n{"prompt_id": "b", "weight": 1.5}\n')
     assert density.load_density(path) == {"a": 0.5, "b": 1.5}
+
+
+def test_density_file_problems_name_the_file_and_line(tmp_path):
+    # catches: a UnicodeDecodeError without a place, and weights that cannot be sampled reaching torch.multinomial
+    path = tmp_path / "density.jsonl"
+    path.write_bytes(b'{"prompt_id": "a", "weight": 1.0}\n{"prompt_id": "b\xff", "weight": 1.0}\n')
+    with pytest.raises(InputError, match=f"^{path} line 2: byte 17 of the line .0xff. is not UTF-8"):
+        density.load_density(path)
+    path.write_text("\n")
+    with pytest.raises(InputError, match=f"^{path} has no rows; write it again with python -m scripts.kat_density"):
+        density.load_density(path)
+    path.write_text('{"prompt_id": "a", "weight": 0}\n{"prompt_id": "b", "weight": 0.0}\n')
+    with pytest.raises(InputError, match=f"^{path}: all 2 weights are 0, so no prompt can be sampled"):
+        density.load_density(path)
+
+    path.write_text('{"prompt_id": "a", "weight": 0}\n{"prompt_id": "b", "weight": 2.0}\n')
+    weights = density.load_density(path)
+    with pytest.raises(InputError, match=f"^{path} has a weight for none of the 2 prompts of these rows .it was "
+                                         f"computed for other prompts.; rerun python -m scripts.kat_make_prompts"):
+        density.pair_weights(["x", "y", "x"], weights)
+    with pytest.raises(InputError, match=f"^{path}: the 1 prompt.s. of these rows all have weight 0"):
+        density.pair_weights(["a", "a"], weights)
+    assert density.pair_weights(["a", "b"], weights).tolist() == [0.0, 2.0]
 
 
 # -----------------------------------------------------------------------------
@@ -267,4 +291,7 @@ def test_script_errors_name_the_line(tmp_path):
         kat_density.main([f"--prompts_path={path}"])
     path.write_text(json.dumps({"id": "a", "messages": user("x")}) + "\n{\"id\": \n")
     with pytest.raises(SystemExit, match="kat_density: .* line 2: invalid JSON"):
+        kat_density.main([f"--prompts_path={path}"])
+    path.write_bytes(json.dumps({"id": "a", "messages": user("x")}).encode() + b"\n\xff\n")
+    with pytest.raises(SystemExit, match=f"kat_density: {path} line 2: byte 1 of the line .0xff. is not UTF-8"):
         kat_density.main([f"--prompts_path={path}"])

@@ -6,6 +6,7 @@ call as the hub, and checked against rows written out by hand. Nothing here touc
 """
 
 import argparse
+import errno
 import gzip
 import json
 import os
@@ -15,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import pairs
+from nanochat.common import InputError
 from nanochat.pairs import (check_pair, escape_tsv, extract_prompts, html_to_text, parse_hh_transcript, read_pairs,
                             SkipRow)
 from nanochat.synthetic import conversation_id, pair_id
-from scripts import kat_download_pairs, kat_make_prompts
+from scripts import kat_density, kat_download_pairs, kat_make_prompts
 from scripts.kat_download_pairs import selected_sources
 
 HH = "Anthropic/hh-rlhf"
@@ -299,6 +301,7 @@ def test_only_synthetic_end_to_end_through_both_stages(tmp_path, capsys):
     assert sum(p["n_pairs"] for p in prompts) == len(train)
     stats = dict(line.split(": ") for line in (data / "stats.txt").read_text().splitlines())
     assert stats == {"total_pairs": str(len(train)), "unique_prompts": str(len(prompts)),
+                     "prompt_set": pairs.prompt_set_id([p["id"] for p in prompts]),
                      "src_synthetic": str(len(train)), "dropped_total": "0"}
     assert os.path.exists(tmp_path / "outs" / "prompts" / "report.md")
 
@@ -410,7 +413,9 @@ def test_prompts_dedup_on_the_whole_conversation(tmp_path):
         f"{conversation_id(first)}\tWhy?", f"{conversation_id(other)}\tWho's there?",
         f"{rows[3]['prompt_id']}\tTab\\there,\\nnewline and \\\\ backslash"]
     stats = (tmp_path / "data" / "stats.txt").read_text()
-    assert "total_pairs: 4\nunique_prompts: 3\nsrc_hh-rlhf: 3\nsrc_synthetic: 1\ndropped_total: 0\n" == stats
+    fingerprint = pairs.prompt_set_id([p["id"] for p in prompts])
+    assert f"total_pairs: 4\nunique_prompts: 3\nprompt_set: {fingerprint}\nsrc_hh-rlhf: 3\nsrc_synthetic: 1\n" \
+           "dropped_total: 0\n" == stats
 
 
 def test_check_pair_and_escape_tsv_edge_cases():
@@ -421,3 +426,141 @@ def test_check_pair_and_escape_tsv_edge_cases():
     assert check_pair({**row, "messages": []})[0] == "bad_messages"
     assert escape_tsv("a\\tb\t\r\n") == "a\\\\tb\\t\\r\\n"
     assert extract_prompts([]) == ([], {})
+
+
+# -----------------------------------------------------------------------------
+# broken inputs: all-or-nothing outputs, hh lines and subsets, missing and unusable pairs files
+
+def test_a_source_without_a_kept_pair_stops_the_run_and_keeps_the_previous_files(tmp_path):
+    # catches: judging only the total, so a uf copy of another schema silently drops out of a mixed download
+    write_hh(tmp_path, {"helpful-base/train": [hh_line("\n\nHuman: Hi", "Hello.", "Go away.")]})
+    (tmp_path / UF / "data").mkdir(parents=True)
+    for split in ("train_prefs", "test_prefs"):
+        pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["x", "y"]}),
+                       tmp_path / UF / "data" / f"{split}-00000-of-00001.parquet")
+    download(tmp_path, "--only=synthetic", "--max_per_source=20")
+    before = {name: (tmp_path / "data" / name).read_bytes() for name in ("pairs_all.jsonl", "pairs_test.jsonl")}
+    with pytest.raises(SystemExit) as e:
+        download(tmp_path, "--only=hh,uf", f"--from_dir={tmp_path}")
+    assert "ultrafeedback-binarized gave no pair (4 rows skipped: bad_messages=4; first: " in str(e.value)
+    assert "hh-rlhf" not in str(e.value) and "left as they were" in str(e.value)
+    assert {name: (tmp_path / "data" / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path / "data")) == sorted(before)
+
+
+def test_hh_bad_lines_are_counted_skips_with_file_and_line(tmp_path, capsys):
+    # catches: reading hh through datasets' json loader, which ends the whole source at the first bad line
+    write_hh(tmp_path, {"helpful-base/train": [hh_line("\n\nHuman: One?", "1.", "2."), "{not json", "[1, 2]",
+                                               hh_line("\n\nHuman: Two?", "2.", "3.")]})
+    path = tmp_path / HH / "helpful-base" / "train.jsonl.gz"
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    lines.insert(1, b'{"chosen": "caf\xe9"}')  # Latin-1, not UTF-8
+    path.write_bytes(gzip.compress(b"\n".join(lines).replace(b'"{not json"', b"{not json")
+                                   .replace(b'"[1, 2]"', b"[1, 2]")))
+    train, _ = download(tmp_path, "--only=hh", f"--from_dir={tmp_path}")
+    assert [r["prompt"] for r in train] == ["One?", "Two?"]
+    report = (tmp_path / "outs" / "pairs" / "report.md").read_text()
+    for reason, line in [("invalid_utf8", 2), ("invalid_json", 3), ("not_an_object", 4)]:
+        assert f"- `{reason}`: 1\n  - {path} line {line}: " in report, reason
+    assert "| hh-rlhf | 2 | 0 | 3 |" in capsys.readouterr().out
+
+
+def test_hh_copy_without_some_subsets_reads_the_others_and_names_the_missing(tmp_path, capsys):
+    # catches: a missing subset file ending the whole source (or being passed over without a word)
+    for subset, split in [("helpful-base", "train"), ("helpful-base", "test"), ("harmless-base", "train")]:
+        path = tmp_path / HH / subset / f"{split}.jsonl.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(json.dumps(hh_line(f"\n\nHuman: {subset} {split}?", "Yes.", "No.")) + "\n")
+    train, test = download(tmp_path, "--only=hh", f"--from_dir={tmp_path}")
+    assert sorted(r["prompt"] for r in train) == ["harmless-base train?", "helpful-base train?"]
+    assert [r["prompt"] for r in test] == ["helpful-base test?"]
+    note = (f"note: {tmp_path / HH} lacks 5 hh-rlhf subset file(s): harmless-base/test.jsonl.gz, "
+            f"helpful-online/train.jsonl.gz, helpful-online/test.jsonl.gz, helpful-rejection-sampled/train.jsonl.gz, "
+            f"helpful-rejection-sampled/test.jsonl.gz; the pairs come from the files present")
+    assert note in capsys.readouterr().out
+    assert note in (tmp_path / "outs" / "pairs" / "report.md").read_text()
+
+
+def test_read_pairs_refuses_missing_empty_and_unusable_files_naming_path_and_writer(tmp_path):
+    # catches: a stage starting on no pairs (an empty list) instead of naming the file and the command to run
+    path = tmp_path / "pairs.jsonl"
+    with pytest.raises(InputError, match=f"^--pairs_path {path} not found; write it with python -m "
+                                         f"scripts.kat_download_pairs$"):
+        read_pairs(path, "--pairs_path")
+    path.write_text("\n\n")
+    with pytest.raises(InputError, match=f"pairs file {path} is empty; write it again with python -m"):
+        read_pairs(path)
+    path.write_text('{"id": "x"}\nnot json\n')
+    with pytest.raises(InputError, match=f"has no usable pair: 2 lines skipped .* first problems: {path} line 1: "
+                                         f"field 'prompt' missing; {path} line 2: Expecting value"):
+        read_pairs(path)
+    ok = good_row([user("Is it on?")])
+    path.write_text("not json\n" + json.dumps(ok) + "\n")
+    rows, log = read_pairs(path)
+    assert rows == [ok]
+    assert log.note(path) == f"{path}: 1 lines skipped (invalid_json=1), first at {path} line 1: Expecting value " \
+                             f"(column 1)"
+
+
+def old_prompt_set(tmp_path):
+    """A finished kat_make_prompts run in tmp_path/data, and a pairs file of another prompt set to make next."""
+    old = [good_row([user(f"Old {i}?")]) for i in range(3)]
+    new = [good_row([user(f"New {i}?")]) for i in range(4)]
+    for name, rows in (("old.jsonl", old), ("new.jsonl", new)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_prompts(tmp_path, tmp_path / "old.jsonl")
+    names = ("prompts_all.jsonl", "prompt_id_map.tsv", "stats.txt")
+    return {name: (tmp_path / "data" / name).read_bytes() for name in names}
+
+
+@pytest.mark.parametrize("failing_write", [2, 3])
+def test_make_prompts_that_fails_writing_keeps_the_old_set_whole(tmp_path, monkeypatch, failing_write):
+    # catches: committing each file as soon as it is written, so a full disk leaves two prompt sets mixed
+    before = old_prompt_set(tmp_path)
+    real, calls = kat_make_prompts.write_synced, []
+
+    def disk_full_at_n(path, lines):
+        calls.append(path)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, lines)
+
+    monkeypatch.setattr(kat_make_prompts, "write_synced", disk_full_at_n)
+    with pytest.raises(OSError, match="No space left"):
+        make_prompts(tmp_path, tmp_path / "new.jsonl")
+    assert {name: (tmp_path / "data" / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path / "data")) == sorted(before)  # no temp file left behind
+    ids = [p["id"] for p in read_jsonl(tmp_path / "data" / "prompts_all.jsonl")]
+    assert pairs.prompt_set_mismatch(tmp_path / "data" / "prompts_all.jsonl", ids) is None
+
+
+@pytest.mark.parametrize("failing_rename, renamed", [(2, ["stats.txt"]), (3, ["stats.txt", "prompt_id_map.tsv"])])
+def test_a_kill_between_renames_is_caught_by_the_reader(tmp_path, monkeypatch, failing_rename, renamed):
+    # catches: readers trusting prompt files of two runs (new stats.txt or map beside the old prompts_all.jsonl)
+    old_prompt_set(tmp_path)
+    real, calls = os.replace, []
+
+    def killed_at_n(src, dst):
+        calls.append(dst)
+        if len(calls) == failing_rename:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_n)
+    with pytest.raises(KeyboardInterrupt):
+        make_prompts(tmp_path, tmp_path / "new.jsonl")
+    monkeypatch.setattr(os, "replace", real)
+    assert [os.path.basename(c) for c in calls] == ["stats.txt", "prompt_id_map.tsv", "prompts_all.jsonl"][
+        :failing_rename]
+    data = tmp_path / "data"
+    new_set = pairs.prompt_set_id([r["prompt_id"] for r in read_jsonl(tmp_path / "new.jsonl")])
+    old_set = pairs.prompt_set_id([r["id"] for r in read_jsonl(data / "prompts_all.jsonl")])
+    differ = ", ".join(f"{data / name} is of prompt set {new_set}" for name in renamed)
+    with pytest.raises(SystemExit) as e:
+        kat_density.read_prompts(str(data / "prompts_all.jsonl"))
+    assert str(e.value) == (f"kat_density: the prompt files disagree: {differ}, but {data / 'prompts_all.jsonl'} is "
+                            f"of {old_set} (kat_make_prompts was interrupted while replacing them?); write them "
+                            f"again with python -m scripts.kat_make_prompts")
+    make_prompts(tmp_path, tmp_path / "new.jsonl")  # a rerun mends it
+    assert len(kat_density.read_prompts(str(data / "prompts_all.jsonl"))) == 4
