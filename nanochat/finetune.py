@@ -16,7 +16,7 @@ import torch
 
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, print0, rank0_first, seed_everything,
+                             nonnegative_int, positive_float, positive_int, print0, seed_everything,
                              str2bool)
 from nanochat.data import chat_conversations
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
@@ -91,9 +91,8 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
                                   synthetic_size=args.synthetic_size, stream=args.stream,
                                   artifact_rate=args.artifact_rate)
 
-    with rank0_first():  # a hub data set is downloaded once, by rank 0
-        train_convs = conversations("train", args.num_conversations)
-        val_convs = conversations("val", args.val_conversations)
+    train_convs = conversations("train", args.num_conversations)
+    val_convs = conversations("val", args.val_conversations)
     loader = make_loader(train_convs, tok, rows_per_micro, rank, world_size, True)
     if args.num_steps is not None:
         num_steps = args.num_steps

@@ -300,28 +300,26 @@ def load_pair_data(args, world_size):
     if args.batch_size_pairs % (args.device_batch_size * world_size):
         raise InputError(f"--batch_size_pairs={args.batch_size_pairs} must be a multiple of --device_batch_size x "
                          f"world size = {args.device_batch_size * world_size}")
-    rows, log = read_pairs(args.pairs_path)
+    rows, log = read_pairs(args.pairs_path, "--pairs_path")
     if log.total():
-        print0(f"{args.pairs_path}: {log.total()} lines skipped ({log.summary()})")
+        print0(log.note(args.pairs_path))
     train, val = split_by_prompt(rows, args.val_share, args.seed)
     if not train:
         raise InputError(f"{args.pairs_path}: no usable training pairs")
     test = None
-    if args.test_pairs_path and os.path.exists(args.test_pairs_path):
-        test, test_log = read_pairs(args.test_pairs_path)
+    if args.test_pairs_path and os.path.exists(args.test_pairs_path) and os.path.getsize(args.test_pairs_path):
+        test, test_log = read_pairs(args.test_pairs_path, "--test_pairs_path")
         if test_log.total():
-            print0(f"{args.test_pairs_path}: {test_log.total()} lines skipped ({test_log.summary()})")
+            print0(test_log.note(args.test_pairs_path))
     elif args.test_pairs_path:
-        print0(f"note: {args.test_pairs_path} not found; no test evaluation")
+        print0(f"note: {args.test_pairs_path} is missing or empty; no test evaluation")
     weights = None
     if args.density_aware:
         try:
             weights = density_pair_weights(train, args.density_path)
-        except FileNotFoundError:
-            raise InputError(f"--density_aware needs {args.density_path}; write it with python -m scripts.kat_density "
-                             f"(or pass --density_aware=False)")
-        except (KeyError, ValueError) as e:
-            raise InputError(f"--density_aware: {e}") from e
+        except InputError as e:
+            raise InputError(f"--density_aware: {e} (write it with python -m scripts.kat_density, or pass "
+                             f"--density_aware=False)") from e
     print0(f"{len(rows)} pairs: {len(train)} training, {len(val)} validation ({args.val_share:.0%} of prompt ids); "
            f"{len(test) if test is not None else 0} test; sampling "
            f"{'by density weight' if weights is not None else 'uniform'}")

@@ -20,8 +20,8 @@ import argparse
 import torch
 
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
-                             nonnegative_int, parse_flags, positive_float, positive_int, print0, rank0_first,
-                             run_script, seed_everything, str2bool)
+                             nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
+                             seed_everything, str2bool)
 from nanochat.data import PackedLoader, pretrain_documents
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth, lr_multiplier, model_size_summary, set_lr
@@ -108,8 +108,7 @@ def main(argv=None):
         return pretrain_documents(args.source, split, data_dir=args.data_dir, num_docs=num_docs, seed=args.seed,
                                   synthetic_size=args.synthetic_size, num_shards=args.num_shards)
 
-    with rank0_first():  # FineWeb shards are downloaded once, by rank 0
-        train_docs, val_docs = data("train", args.num_docs), data("val")
+    train_docs, val_docs = data("train", args.num_docs), data("val")
     loader = PackedLoader(train_docs, tok, args.device_batch_size * world_size, args.seq_len, rank, world_size,
                           train=True, seed=args.seed)
     start_step, loader_state = stage.resume(model, optimizers, num_steps, args.tokenizer_dir, device)

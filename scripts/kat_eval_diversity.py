@@ -79,12 +79,8 @@ def training_prompt_ids(models):
 
 def select_prompts(args, models):
     """The first --num_prompts held-out prompts that no compared model trained on and that fit every model's context."""
-    try:
-        rows, log = read_pairs(args.prompts_path)
-    except FileNotFoundError:
-        raise SystemExit(f"kat_eval_diversity: {args.prompts_path} not found; write it with "
-                         f"python -m scripts.kat_download_pairs")
-    notes = [f"{args.prompts_path}: {log.total()} lines skipped ({log.summary()})"] if log.total() else []
+    rows, log = read_pairs(args.prompts_path, "--prompts_path")
+    notes = [log.note(args.prompts_path)] if log.total() else []
     prompts, _ = extract_prompts(rows)
     trained = training_prompt_ids(models)
     chosen, seen_in_training, too_long = [], 0, 0

@@ -50,12 +50,9 @@ def main(argv=None):
         raise SystemExit(f"kat_eval_rm: {e}")
     trained = payload.get("flags") or {}
     max_len = args.max_len or payload.get("extra", {}).get("max_len") or rm.config.sequence_len
-    try:
-        rows, log = read_pairs(args.pairs_path)
-    except FileNotFoundError:
-        raise SystemExit(f"kat_eval_rm: {args.pairs_path} not found")
+    rows, log = read_pairs(args.pairs_path, "--pairs_path")
     if log.total():
-        print0(f"{args.pairs_path}: {log.total()} lines skipped ({log.summary()})")
+        print0(log.note(args.pairs_path))
     if args.split == "val":
         rows = split_by_prompt(rows, trained.get("val_share", 0.05), trained.get("seed", 42))[1]
     if not rows:

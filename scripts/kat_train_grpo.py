@@ -116,12 +116,10 @@ def main(argv=None):
         ids = tok.render_for_completion(messages)
         return ids if len(ids) <= max_prompt else [tok.bos_token_id] + ids[len(ids) - max_prompt + 1:]
 
-    train_rows, log = read_pairs(args.pairs_path)
+    train_rows, log = read_pairs(args.pairs_path, "--pairs_path")
     if log.total():
-        print0(f"{args.pairs_path}: {log.total()} lines skipped ({log.summary()})")
+        print0(log.note(args.pairs_path))
     prompts, _ = extract_prompts(train_rows)
-    if not prompts:
-        raise InputError(f"{args.pairs_path}: no usable prompts (write it with python -m scripts.kat_download_pairs)")
     rendered = [prompt_ids(p["messages"]) for p in prompts]
     cut = sum(len(tok.render_for_completion(p["messages"])) > max_prompt for p in prompts)
     if cut:
@@ -137,13 +135,11 @@ def main(argv=None):
     else:
         weights = torch.ones(len(prompts), dtype=torch.float64)
         print0(f"uniform sampling over {len(prompts)} prompts")
-    eval_rows, eval_log = read_pairs(args.eval_pairs_path)
+    eval_rows, eval_log = read_pairs(args.eval_pairs_path, "--eval_pairs_path")
     if eval_log.total():
-        print0(f"{args.eval_pairs_path}: {eval_log.total()} lines skipped ({eval_log.summary()})")
+        print0(eval_log.note(args.eval_pairs_path))
     eval_prompts, _ = extract_prompts(eval_rows)
     eval_prompts = eval_prompts[:args.eval_prompts]
-    if not eval_prompts:
-        raise InputError(f"{args.eval_pairs_path}: no usable held-out prompts to evaluate on")
     world = None
     if any(p["src"] == "synthetic" for p in eval_prompts):
         from nanochat.synthetic import make_world
