@@ -14,8 +14,10 @@ Every source has the fields task_id, prompt, canonical_solution, test, entry_poi
 data file is used) to evaluate offline without fetching anything else.
 Items: {"messages", "task_id", "prompt", "canonical_solution", "test", "entry_point"}.
 
-Scoring runs model-written code in a subprocess of this Python, in a fresh temp dir,
-with a timeout. That limits runaway loops, not malicious code: it is no sandbox.
+Scoring runs model-written code through nanochat.execution: a child interpreter in a fresh
+temp dir with a timeout and memory, CPU, file-size and process limits, and, where the kernel
+allows (as root), no network, a PID namespace and an unprivileged uid of its own. Its
+docstring says what that contains and what it does not.
 """
 
 import gzip
@@ -23,11 +25,8 @@ import importlib.util
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 
+from nanochat import execution
 from nanochat.tasks import common
 
 HUB_ID = "openai/openai_humaneval"
@@ -107,26 +106,9 @@ def build_program(item, response):
     return f"{code}\n\n{item['test']}\n\ncheck({entry_point})\n"
 
 
-def run_program(program, timeout):
-    """True iff the program exits with status 0 within timeout seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "program.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(program)
-        # -I keeps the user's site-packages and PYTHONPATH out; a new session lets us kill
-        # any processes the program spawned along with it.
-        proc = subprocess.Popen(
-            [sys.executable, "-I", path], cwd=tmp, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            return proc.wait(timeout=timeout) == 0
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return False
-
-
 def score(item, response, timeout=5.0):
     """1.0 if the code in the response passes the problem's tests within timeout seconds."""
-    return float(run_program(build_program(item, response), timeout))
+    # The empty test after the program reports only if the program ran to its end: code that ends the
+    # process early with status 0 (os._exit(0) before check runs) is no pass.
+    result = execution.run_tests(build_program(item, response), ["pass"], timeout=timeout)
+    return float(result.status == "ok")
