@@ -54,17 +54,40 @@ def stage_status(out_dir):
 # -----------------------------------------------------------------------------
 # writing
 
+class _KeepWriteError:
+    """
+    The file torch.save writes to, keeping the OSError a write raised: torch's C++ writer turns it into a
+    RuntimeError ("unexpected pos 2176 vs 2070") that has lost the errno (e.g. "No space left on device").
+    """
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def _atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
+        writer = None
         try:
-            # a Python file object turns a failed write into an OSError with its errno (e.g. "No space left on
-            # device"), where torch's own writer reports only "file write failed"
+            # a Python file object's failed write raises an OSError with its errno (e.g. "No space left on
+            # device"), which torch's writer would reduce to "unexpected pos"; _KeepWriteError keeps it
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                writer = _KeepWriteError(f)
+                torch.save(obj, writer)
         except (OSError, RuntimeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            error = writer.error if writer is not None and writer.error is not None else e
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
-            raise CheckpointError(f"could not write {path}: {reason} ({free:,.0f} MiB free on its disk)") from e
+            raise CheckpointError(f"could not write {path}: {reason} ({free:,.0f} MiB free on its disk)") from error
 
 
 def _state_dict(model):
@@ -197,8 +220,9 @@ def load_weights(model, payload):
     """Load a payload's weights into `model`, naming the checkpoint and the mismatching keys on failure."""
     try:
         model.load_state_dict(payload["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {payload['path']} does not match the model: {e}") from e
+    except RuntimeError as e:  # torch's message spans several lines; scripts print an error as one line
+        raise CheckpointError(f"checkpoint {payload['path']} does not match the model: "
+                              f"{' '.join(str(e).split())}") from e
 
 
 def load_model(path, device="cpu", kind="gpt"):

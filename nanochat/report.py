@@ -81,7 +81,10 @@ def write_report(stage_dir, metrics, timings=None, flags=None, device=None, note
     whole_section = render_section(stage, metrics, timings or {}, flags or {}, device, notes, charts, f"{stage}/")
     block = f"{begin}\n{whole_section}{end}\n"
     whole_path = os.path.join(out_root, "report.md")
-    whole = open(whole_path, encoding="utf-8").read() if os.path.exists(whole_path) else "# nanochat-kat report\n\n"
+    whole = "# nanochat-kat report\n\n"
+    if os.path.exists(whole_path):
+        with open(whole_path, encoding="utf-8") as f:
+            whole = f.read()
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n", re.S)
     whole = pattern.sub(lambda _: block, whole, count=1) if pattern.search(whole) else whole + block + "\n"
     atomic_write(whole_path, whole)

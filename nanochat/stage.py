@@ -35,6 +35,7 @@ import os
 import time
 
 from nanochat import checkpoint
+from nanochat.charts import plot_history
 from nanochat.common import DivergedError, InputError, dist_barrier, is_master, print0
 from nanochat.report import write_report
 
@@ -238,7 +239,6 @@ class Stage:
             optim_file = os.path.join(self.out_dir, checkpoint.OPTIM_NAME)
             if os.path.exists(optim_file):
                 os.remove(optim_file)
-            from nanochat.charts import plot_history
             name = os.path.basename(os.path.abspath(self.out_dir))
             chart = plot_history(self.history, os.path.join(self.out_dir, "history.png"), f"{name}: history")
             write_report(self.out_dir, metrics, timings or {"total_seconds": self.elapsed()}, self.flags, device,
