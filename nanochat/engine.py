@@ -8,7 +8,17 @@ a mask of real tokens and each row's finish reason. Rows are prompt-major: row i
 
 Filters apply in this order, each on the renormalised output of the previous one:
 temperature -> top-k -> min-p (drop tokens below min_p * the top probability) -> top-p (keep the smallest set of
-most probable tokens whose mass reaches top_p). A temperature of 0 means argmax.
+most probable tokens whose mass reaches top_p). A temperature of 0 means argmax. Temperature and top-p are a
+float or one value per row.
+
+`decode_hook(hidden, logits) -> (temperature, top_p or None)` chooses them per row at every step from the final
+normed hidden states (B, n_embd) and the logits (B, V) that predict the next token: a method that predicts its own
+sampling settings (AutoDeco) plugs in here as a plain callable, and the chosen temperatures come back in
+`Generation.temperatures`.
+
+Data parallelism: `global_rows=(first, total)` says that this call samples rows first..first+B of a batch of
+`total` rows that other ranks sample the rest of. The random numbers are drawn for all `total` rows and sliced, so
+N ranks with the same seed sample exactly what one process sampling the whole batch would.
 """
 
 from dataclasses import dataclass
@@ -27,24 +37,31 @@ class Generation:
     mask: torch.Tensor       # (B, T) bool: real tokens, up to and including the stop token
     finish_reasons: list     # per row: "stop" (emitted a stop token) or "length" (hit max_new_tokens)
     num_samples: int
+    temperatures: torch.Tensor = None  # (B, T) the decode hook's temperature at each token, when there is a hook
 
     def completions(self):
         """The real tokens of each row, as lists (stop token included when there was one)."""
         return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
 
 
-def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generator=None):
+def _per_row(value, B, device, name):
+    if not torch.is_tensor(value):
+        return torch.full((B,), float(value), device=device)
+    value = value.to(device, torch.float32).reshape(-1)
+    if value.numel() != B:
+        raise ValueError(f"{name} tensor has {value.numel()} entries for {B} rows")
+    return value
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generator=None, global_rows=None):
     """
-    Sample one token per row from logits (B, V). `temperature` is a float or a (B,) tensor. Returns
-    (tokens (B,), logprobs (B,)) where logprobs come from the raw logits.
+    Sample one token per row from logits (B, V). `temperature` and `top_p` are floats or (B,) tensors;
+    `global_rows` as in the module docstring. Returns (tokens (B,), logprobs (B,)) where logprobs come from the raw
+    logits.
     """
     logits = logits.float()
     B, V = logits.shape
-    if not torch.is_tensor(temperature):
-        temperature = torch.full((B,), float(temperature), device=logits.device)
-    temperature = temperature.to(logits.device, torch.float32).reshape(-1)
-    if temperature.numel() != B:
-        raise ValueError(f"temperature tensor has {temperature.numel()} entries for {B} rows")
+    temperature = _per_row(temperature, B, logits.device, "temperature")
     greedy = temperature <= 0
     logprobs = F.log_softmax(logits, dim=-1)
     if greedy.all():  # argmax needs no filtering and no random numbers
@@ -57,7 +74,8 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     probs = F.softmax(scaled, dim=-1)
     if min_p is not None and min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and (torch.is_tensor(top_p) or top_p < 1.0):
+        top_p = _per_row(top_p, B, logits.device, "top_p")[:, None]
         probs = probs / probs.sum(dim=-1, keepdim=True)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -66,7 +84,9 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     # inverse-CDF sampling: the first token whose cumulative mass exceeds u. A zero-probability token never
     # exceeds its predecessor, so it is never picked; cheaper than torch.multinomial's exponential draws.
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(B, 1, device=logits.device, generator=generator) * cdf[:, -1:] * (1 - 1e-6)
+    first, total = global_rows or (0, B)
+    u = torch.rand(total, 1, device=logits.device, generator=generator)[first:first + B]
+    u = u * cdf[:, -1:] * (1 - 1e-6)
     sampled = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=V - 1)
     tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -82,8 +102,11 @@ class Engine:
 
     @torch.no_grad()
     def _decode_steps(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                      stop_tokens):
-        """Yields (tokens, logprobs, active) per step; `active` marks rows that had not finished before it."""
+                      stop_tokens, decode_hook=None, global_rows=None):
+        """
+        Yields (tokens, logprobs, active, temperature) per step; `active` marks rows that had not finished before
+        it, `temperature` is the decode hook's choice (None without a hook).
+        """
         model, device = self.model, self.device
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (render it with a <|bos|> first)")
@@ -102,9 +125,10 @@ class Engine:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         cache = KVCache(model.config, len(prompts), max_len + max_new_tokens, device, dtype)
         with autocast_ctx(device):
-            logits = model.logits_from_hidden(model.hidden_states(idx, cache, valid)[:, -1])
+            hidden = model.hidden_states(idx, cache, valid)[:, -1]
+            logits = model.logits_from_hidden(hidden)
         cache.repeat_rows(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
+        hidden, logits = hidden.repeat_interleave(num_samples, dim=0), logits.repeat_interleave(num_samples, dim=0)
         if torch.is_tensor(temperature):
             temperature = temperature.to(device)
         generator = None
@@ -114,37 +138,43 @@ class Engine:
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         active = torch.ones(logits.size(0), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            tokens, logprobs = sample_next(logits, temperature, top_k, top_p, min_p, generator)
-            yield tokens, logprobs, active
+            if decode_hook is not None:
+                temperature, top_p = decode_hook(hidden, logits)
+            tokens, logprobs = sample_next(logits, temperature, top_k, top_p, min_p, generator, global_rows)
+            yield tokens, logprobs, active, temperature if decode_hook is not None else None
             active = active & ~torch.isin(tokens, stop)
             if not active.any() or step == max_new_tokens - 1:
                 return
             with autocast_ctx(device):
-                logits = model(tokens[:, None], kv_cache=cache)[:, -1]
+                hidden = model.hidden_states(tokens[:, None], kv_cache=cache)[:, -1]
+                logits = model.logits_from_hidden(hidden)
 
     def generate(self, prompts, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
-                 min_p=None, seed=None, stop_tokens=()):
+                 min_p=None, seed=None, stop_tokens=(), decode_hook=None, global_rows=None):
         """Sample `num_samples` completions for each prompt (a list of token id lists). Returns a Generation."""
         steps = list(self._decode_steps(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, min_p,
-                                        seed, stop_tokens))
+                                        seed, stop_tokens, decode_hook, global_rows))
         rows = len(prompts) * num_samples
         if not steps:
             empty = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
             return Generation(empty, empty.float(), empty.bool(), ["length"] * rows, num_samples)
-        mask = torch.stack([a for _, _, a in steps], dim=1)
-        tokens = torch.stack([t for t, _, _ in steps], dim=1) * mask
-        logprobs = torch.stack([lp for _, lp, _ in steps], dim=1) * mask
+        mask = torch.stack([a for _, _, a, _ in steps], dim=1)
+        tokens = torch.stack([t for t, _, _, _ in steps], dim=1) * mask
+        logprobs = torch.stack([lp for _, lp, _, _ in steps], dim=1) * mask
+        temperatures = None
+        if decode_hook is not None:
+            temperatures = torch.stack([_per_row(t, rows, self.device, "temperature") for *_, t in steps], 1) * mask
         stopped = torch.isin(tokens, torch.tensor(sorted(set(stop_tokens)), dtype=torch.long,
                                                   device=self.device)) & mask
         reasons = ["stop" if s else "length" for s in stopped.any(dim=1).tolist()]
-        return Generation(tokens, logprobs, mask, reasons, num_samples)
+        return Generation(tokens, logprobs, mask, reasons, num_samples, temperatures)
 
     def stream(self, prompt, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None,
                stop_tokens=()):
         """Yield the token ids of one completion as they are sampled; a stop token ends it and is not yielded."""
         stop = set(stop_tokens)
-        for tokens, _, _ in self._decode_steps([prompt], 1, max_new_tokens, temperature, top_k, top_p, min_p,
-                                               seed, stop_tokens):
+        for tokens, *_ in self._decode_steps([prompt], 1, max_new_tokens, temperature, top_k, top_p, min_p, seed,
+                                             stop_tokens):
             token = tokens[0].item()
             if token in stop:
                 return

@@ -36,10 +36,11 @@ def _map_sharded(fn, items):
 
 
 def generate_responses(model, tok, conversations, max_new_tokens=64, batch_size=32, temperature=0.0, seed=0,
-                       num_samples=1, top_k=None):
+                       num_samples=1, top_k=None, top_p=None, min_p=None):
     """
     Responses to conversations (each ending in a user turn; a trailing assistant turn is dropped), as a flat
-    prompt-major list: entry i * num_samples + j is sample j for conversation i. Greedy by default.
+    prompt-major list: entry i * num_samples + j is sample j for conversation i. Greedy by default; the sampling
+    filters are Engine.generate's.
     """
     stop = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]
     prompts = [tok.render_for_completion(c) for c in conversations]
@@ -56,8 +57,8 @@ def generate_responses(model, tok, conversations, max_new_tokens=64, batch_size=
             batch = indexed_prompts[start:start + batch_size]
             # every batch its own random stream (offset by its first item's index), so sampling is reproducible
             gen = engine.generate([p for _, p in batch], num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_k=top_k, seed=seed + batch[0][0],
-                                  stop_tokens=stop)
+                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  seed=seed + batch[0][0], stop_tokens=stop)
             texts = [tok.decode(c[:-1] if c and c[-1] in stop else c) for c in gen.completions()]
             out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
         return out
@@ -70,22 +71,27 @@ def _last_user_message(messages):
     return [m for m in messages if m["role"] == "user"][-1]["content"]
 
 
-def evaluate_task(model, tok, task, items, max_new_tokens=64, batch_size=32, temperature=0.0, seed=0):
+def evaluate_task(model, tok, task, items, max_new_tokens=64, batch_size=32, temperature=0.0, seed=0, num_samples=1,
+                  top_k=None, top_p=None, min_p=None):
     """
-    Responses to a task's items (greedy by default), scored. Returns {"accuracy": mean score, "n", "records":
-    [{"prompt", "response", "score", ...}]}. A task with `gold` (the world) adds "score" (mean gold score),
-    "correct", "artifact_rate" and "per_cluster" ({cluster: accuracy}, densest first), and to each record its
-    cluster, answer, gold score and artifact count.
+    `num_samples` responses to each of a task's items (one greedy response by default), scored. Returns
+    {"accuracy": mean score over all responses, "n" responses, "records": [{"item", "sample", "prompt", "response",
+    "score", ...}]}, and with num_samples = k > 1 "pass@k", the share of items with at least one response scoring
+    1 (maj@k and other per-item statistics follow from the records, grouped by "item"). A task with `gold` (the
+    world) adds "score" (mean gold score), "correct", "artifact_rate" and "per_cluster" ({cluster: accuracy},
+    densest first), and to each record its cluster, answer, gold score and artifact count.
     """
     gold = getattr(task, "gold", None)
     responses = generate_responses(model, tok, [item["messages"] for item in items], max_new_tokens, batch_size,
-                                   temperature, seed)
+                                   temperature, seed, num_samples, top_k, top_p, min_p)
+    sampled_items = [item for item in items for _ in range(num_samples)]
     # scoring can be slow too (HumanEval runs every program), so it is sharded like generation
     verdicts = _map_sharded(lambda pairs: [gold(i, r) if gold else task.score(i, r) for i, r in pairs],
-                            list(zip(items, responses)))
+                            list(zip(sampled_items, responses)))
     records = []
-    for item, response, verdict in zip(items, responses, verdicts):
-        record = {"prompt": _last_user_message(item["messages"]), "response": response}
+    for row, (item, response, verdict) in enumerate(zip(sampled_items, responses, verdicts)):
+        record = {"item": row // num_samples, "sample": row % num_samples,
+                  "prompt": _last_user_message(item["messages"]), "response": response}
         if gold:
             record.update(score=float(verdict["correct"]), cluster=item["cluster"], answer=item["answer"],
                           gold_score=verdict["score"], artifacts=verdict["artifacts"])
@@ -94,6 +100,9 @@ def evaluate_task(model, tok, task, items, max_new_tokens=64, batch_size=32, tem
         records.append(record)
     n = len(records)
     result = {"accuracy": sum(r["score"] for r in records) / max(n, 1), "n": n}
+    if num_samples > 1:
+        solved = {r["item"] for r in records if r["score"] >= 1}
+        result[f"pass@{num_samples}"] = len(solved) / max(len(items), 1)
     if gold:
         by_cluster = defaultdict(list)
         for r in records:

@@ -1,33 +1,79 @@
 """
-GRPO (Shao et al., 2024): group-relative policy optimisation with a learned reward model.
+GRPO (Shao et al., 2024): group-relative policy optimisation with any reward function.
 
-One step:
+One step (`grpo_step`):
 1. take P prompts (density-weighted or uniform; the caller samples them);
-2. sample G completions per prompt with the KV-cache engine;
-3. score each completion with the reward model on exactly the sampled ids (prompt + completion, no re-encoding;
-   each prompt's keys/values are computed once for its group, `group_rewards`);
+2. sample G completions per prompt with the KV-cache engine at `temperature`;
+3. score each completion with `reward_fn(batch)` on exactly the sampled ids (a reward model reads prompt +
+   completion with no re-encoding, each prompt's keys/values computed once for its group: `group_rewards`);
 4. advantage of completion j of prompt i: A_ij = (r_ij - mean_i) / (std_i + eps)  (`scale_rewards="group"`),
    or r_ij - mean_i (`"none"`): a completion is judged only against its siblings, so no value network is needed;
 5. for `num_iterations` passes over the batch, minimise per completion token t
-       -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * KL_t,
+       -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * KL_t,
    with rho_t = pi(y_t) / pi_old(y_t) and KL_t the k3 estimator of KL(pi || pi_ref):
        exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (non-negative, zero when pi = pi_ref).
+   eps_low is `clip_eps`; eps_high is `epsilon_high` (DAPO's "clip higher", e.g. 0.28), or `clip_eps` when unset.
    `loss_type="token"` averages over all completion tokens of the batch (long answers weigh more);
    `"sequence"` averages within each completion first, then over completions (the paper's form).
 
 pi_old is the policy that sampled the batch. On the first pass it is the current policy itself, so the ratio is
 taken against the detached log-probs of the same forward: exactly 1, and the clipped objective reduces to the
 plain policy gradient. Later passes compare against those first-pass log-probs.
+
+Temperature. The completions are sampled from softmax(logits / T), and pi, pi_old and pi_ref are all evaluated at
+the same T (TRL's convention): the ratio is then a ratio of the sampling distributions, and the KL term estimates
+KL(pi_T || ref_T). At T = 1 this is the plain model.
+
+Truncated completions. A completion cut by `max_new_tokens` never reached its end token, so a reward model reads
+it at a token it was never trained to score. With `mask_truncated_completions` (the default) such completions are
+scored and take part in their group's mean and std, but none of their tokens enters the loss (TRL's option of the
+same name).
 """
 
 import functools
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import all_reduce_sum, autocast_ctx
+from nanochat.common import all_reduce_sum, autocast_ctx, get_rank, get_world_size
 from nanochat.gpt import PrefixKV
 from nanochat.training import optimizer_step
+
+
+@dataclass
+class GRPOConfig:
+    """The knobs of one GRPO step; `GRPOConfig.from_flags(args)` takes those a script's flags name."""
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = None
+    scale_rewards: str = "group"
+    clip_eps: float = 0.2
+    epsilon_high: float = None
+    beta: float = 0.04
+    loss_type: str = "token"
+    num_iterations: int = 1
+    mask_truncated_completions: bool = True
+    grad_clip: float = 1.0
+    device_batch_size: int = 32
+    compile: bool = False
+
+    @classmethod
+    def from_flags(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+class GroupBatch(NamedTuple):
+    """P prompts and their G completions each; completion row i belongs to prompt i // G."""
+    prompt_ids: torch.Tensor       # (P, Tp) left-padded
+    prompt_valid: torch.Tensor     # (P, Tp) bool, real prompt tokens
+    completion_ids: torch.Tensor   # (P*G, Tc) right-padded
+    completion_mask: torch.Tensor  # (P*G, Tc) bool, real completion tokens
+
+    def to(self, device):
+        return GroupBatch(*(t.to(device) for t in self))
 
 
 def group_advantages(rewards, scale_rewards="group", eps=1e-4):
@@ -40,14 +86,15 @@ def group_advantages(rewards, scale_rewards="group", eps=1e-4):
     raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale_rewards!r}")
 
 
-def grpo_token_losses(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps=0.2, beta=0.0):
+def grpo_token_losses(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps=0.2, beta=0.0, epsilon_high=None):
     """
     Per-token losses (B, T) and statistics. logprobs carry gradients; old/ref are constants; advantages (B,).
     Returns (loss, pg, kl, clipped) tensors of shape (B, T).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     a = advantages[:, None]
-    unclipped, clipped_obj = ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a
+    high = clip_eps if epsilon_high is None else epsilon_high
+    unclipped, clipped_obj = ratio * a, ratio.clamp(1 - clip_eps, 1 + high) * a
     pg = -torch.min(unclipped, clipped_obj)
     delta = ref_logprobs - logprobs
     kl = torch.exp(delta) - delta - 1
@@ -67,10 +114,8 @@ def reduce_tokens(values, mask, loss_type, denominator):
 
 def pack_groups(prompts, completions, pad_id):
     """
-    One batch of P prompts and their G completions each (completion i belongs to prompt i // G). Returns
-    (prompt ids (P, Tp) left-padded, prompt_valid (P, Tp) marking real prompt tokens, completion ids (P*G, Tc)
-    right-padded, completion mask (P*G, Tc)). Left-padding puts every prompt's last token in the last column: its
-    hidden state predicts the first completion token of all G rows.
+    One GroupBatch of P prompts (token id lists) and their G completions each. Left-padding puts every prompt's
+    last token in the last column: its hidden state predicts the first completion token of all G rows.
     """
     if len(completions) % len(prompts):
         raise ValueError(f"{len(completions)} completions do not divide into groups of {len(prompts)} prompts")
@@ -86,12 +131,15 @@ def pack_groups(prompts, completions, pad_id):
     for i, c in enumerate(completions):
         completion_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[i, :len(c)] = True
-    return prompt_ids, prompt_valid, completion_ids, mask
+    return GroupBatch(prompt_ids, prompt_valid, completion_ids, mask)
 
 
-def token_logprobs(model, hidden, tokens, with_entropy=False):
-    """Log-probabilities of `tokens` (B, T) from the hidden states that predict them, and optionally the entropy."""
-    logp = F.log_softmax(model.logits_from_hidden(hidden).float(), dim=-1)
+def token_logprobs(model, hidden, tokens, temperature=1.0, with_entropy=False):
+    """
+    Log-probabilities of `tokens` (B, T) under softmax(logits / temperature) from the hidden states that predict
+    them, and optionally that distribution's entropy.
+    """
+    logp = F.log_softmax(model.logits_from_hidden(hidden).float() / temperature, dim=-1)
     chosen = logp.gather(-1, tokens[:, :, None]).squeeze(-1)
     if not with_entropy:
         return chosen
@@ -110,95 +158,136 @@ def compiled_token_logprobs():
     return torch.compile(token_logprobs, dynamic=True)
 
 
-def completion_logprobs(model, prompt_ids, prompt_valid, completion_ids, with_entropy=False, compile=False):
+def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False):
     """
-    Log-probabilities (P*G, Tc) of the completion tokens under `model`, and with `with_entropy` the policy's
-    entropy (nats, detached) at each of those positions. Each prompt runs through the model once and its G
-    completions attend to its keys/values (PrefixKV): the same numbers as a full forward of every prompt +
+    Log-probabilities (P*G, Tc) of a GroupBatch's completion tokens under `model` at `temperature`, and with
+    `with_entropy` the entropy (nats, detached) at each of those positions. Each prompt runs through the model once
+    and its G completions attend to its keys/values (PrefixKV): the same numbers as a full forward of every prompt +
     completion row, for about half the tokens when prompts are as long as completions. Padding after a
     completion's end gives values that the mask drops. `compile` fuses the vocabulary-sized tail.
     """
-    P, G = prompt_ids.size(0), completion_ids.size(0) // prompt_ids.size(0)
-    cache = PrefixKV(model.config, P, prompt_ids.size(1) + completion_ids.size(1), prompt_ids.device)
-    with autocast_ctx(prompt_ids.device):
-        hidden = model.hidden_states(prompt_ids, kv_cache=cache, valid=prompt_valid)[:, -1:]
+    P, G = batch.prompt_ids.size(0), batch.completion_ids.size(0) // batch.prompt_ids.size(0)
+    device = batch.prompt_ids.device
+    cache = PrefixKV(model.config, P, batch.prompt_ids.size(1) + batch.completion_ids.size(1), device)
+    with autocast_ctx(device):
+        hidden = model.hidden_states(batch.prompt_ids, kv_cache=cache, valid=batch.prompt_valid)[:, -1:]
         hidden = hidden.repeat_interleave(G, dim=0)
-        if completion_ids.size(1) > 1:  # the last completion token predicts nothing we score
+        if batch.completion_ids.size(1) > 1:  # the last completion token predicts nothing we score
             cache.repeat_rows(G)
-            hidden = torch.cat([hidden, model.hidden_states(completion_ids[:, :-1], kv_cache=cache)], dim=1)
+            hidden = torch.cat([hidden, model.hidden_states(batch.completion_ids[:, :-1], kv_cache=cache)], dim=1)
     tail = compiled_token_logprobs() if compile else token_logprobs
-    return tail(model, hidden, completion_ids, with_entropy)
+    return tail(model, hidden, batch.completion_ids, temperature, with_entropy)
 
 
 def micro_batches(batch, rows_per_batch):
     """
-    Yield (row slice, sub-batch) of a pack_groups batch, whole groups at a time: max(1, rows_per_batch // G)
-    prompts and their completions per micro-batch.
+    Yield (row slice, GroupBatch) of a GroupBatch, whole groups at a time: max(1, rows_per_batch // G) prompts and
+    their completions per micro-batch.
     """
-    prompt_ids, prompt_valid, completion_ids, mask = batch
-    G = completion_ids.size(0) // prompt_ids.size(0)
+    G = batch.completion_ids.size(0) // batch.prompt_ids.size(0)
     prompts_per_batch = max(1, rows_per_batch // G)
-    for p0 in range(0, prompt_ids.size(0), prompts_per_batch):
+    for p0 in range(0, batch.prompt_ids.size(0), prompts_per_batch):
         ps, rows = slice(p0, p0 + prompts_per_batch), slice(p0 * G, (p0 + prompts_per_batch) * G)
-        yield rows, (prompt_ids[ps], prompt_valid[ps], completion_ids[rows], mask[rows])
+        yield rows, GroupBatch(batch.prompt_ids[ps], batch.prompt_valid[ps], batch.completion_ids[rows],
+                               batch.completion_mask[rows])
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch, rows_per_batch, compile=False):
-    """completion_logprobs of a whole pack_groups batch, without gradients (the frozen reference's)."""
-    return torch.cat([completion_logprobs(model, *sub[:3], compile=compile)
+def batch_logprobs(model, batch, rows_per_batch, temperature=1.0, compile=False):
+    """completion_logprobs of a whole GroupBatch, without gradients (the frozen reference's)."""
+    return torch.cat([completion_logprobs(model, sub, temperature, compile=compile)
                       for _, sub in micro_batches(batch, rows_per_batch)])
 
 
 @torch.no_grad()
 def group_rewards(rm, batch, rows_per_batch):
     """
-    Rewards (P*G,) fp32 of a pack_groups batch, each read at its completion's last sampled token: the same numbers
-    as nanochat.rm.rewards_for_ids of every prompt + completion row, with each prompt run once per group.
+    Rewards (P*G,) fp32 of a GroupBatch, each read at its completion's last sampled token: the same numbers as
+    nanochat.rm.rewards_for_ids of every prompt + completion row, with each prompt run once per group.
     """
-    lengths = batch[3].sum(1)
+    lengths = batch.completion_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError("every completion needs at least one token to be scored")
     out = []
-    for rows, (prompt_ids, prompt_valid, completion_ids, _) in micro_batches(batch, rows_per_batch):
-        P, G = prompt_ids.size(0), completion_ids.size(0) // prompt_ids.size(0)
-        cache = PrefixKV(rm.config, P, prompt_ids.size(1) + completion_ids.size(1), prompt_ids.device)
-        with autocast_ctx(prompt_ids.device):
-            rm.backbone.hidden_states(prompt_ids, kv_cache=cache, valid=prompt_valid)
+    for rows, sub in micro_batches(batch, rows_per_batch):
+        P, G = sub.prompt_ids.size(0), sub.completion_ids.size(0) // sub.prompt_ids.size(0)
+        cache = PrefixKV(rm.config, P, sub.prompt_ids.size(1) + sub.completion_ids.size(1), sub.prompt_ids.device)
+        with autocast_ctx(sub.prompt_ids.device):
+            rm.backbone.hidden_states(sub.prompt_ids, kv_cache=cache, valid=sub.prompt_valid)
             cache.repeat_rows(G)
-            hidden = rm.backbone.hidden_states(completion_ids, kv_cache=cache)
+            hidden = rm.backbone.hidden_states(sub.completion_ids, kv_cache=cache)
         last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths[rows] - 1]
         out.append(rm.head(last).squeeze(-1).float())
     return torch.cat(out)
 
 
-def policy_update(model, optimizers, batch, ref_logprobs, advantages, args, num_sequences_global,
+def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, num_sequences_global,
                   num_tokens_global):
     """
-    The `num_iterations` optimisation passes over one batch (this rank's pack_groups), in micro-batches of whole
-    groups of about `args.device_batch_size` rows. Returns statistics averaged over the passes, each a mean over
-    all completion tokens of all ranks (loss, pg, kl, clipped share, entropy).
+    The `config.num_iterations` optimisation passes over one batch (this rank's GroupBatch; its completion mask
+    says which tokens enter the loss), in micro-batches of whole groups of about `config.device_batch_size` rows.
+    Returns statistics averaged over the passes, each a mean over all loss tokens of all ranks (loss, pg, kl,
+    clipped share, entropy), and the last pass's gradient norm.
     """
-    denominator = num_tokens_global if args.loss_type == "token" else num_sequences_global
-    device = batch[0].device
+    denominator = num_tokens_global if config.loss_type == "token" else num_sequences_global
+    device = batch.prompt_ids.device
     old_logprobs = None
     totals = {k: torch.zeros((), device=device) for k in ("loss", "pg", "kl", "clipped", "entropy")}
-    for iteration in range(args.num_iterations):
+    for iteration in range(config.num_iterations):
         first_pass = []
-        for sl, sub in micro_batches(batch, args.device_batch_size):
-            logprobs, entropy = completion_logprobs(model, *sub[:3], with_entropy=True, compile=args.compile)
+        for sl, sub in micro_batches(batch, config.device_batch_size):
+            logprobs, entropy = completion_logprobs(model, sub, config.temperature, with_entropy=True,
+                                                    compile=config.compile)
             old = logprobs.detach() if old_logprobs is None else old_logprobs[sl]
             first_pass.append(logprobs.detach())
             loss, pg, kl, clipped = grpo_token_losses(logprobs, old, ref_logprobs[sl], advantages[sl],
-                                                      args.clip_eps, args.beta)
-            mask = sub[3]
-            reduce_tokens(loss, mask, args.loss_type, denominator).backward()
+                                                      config.clip_eps, config.beta, config.epsilon_high)
+            mask = sub.completion_mask
+            reduce_tokens(loss, mask, config.loss_type, denominator).backward()
             with torch.no_grad():
                 for name, values in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped),
                                      ("entropy", entropy)):
                     totals[name] += reduce_tokens(values, mask, "token", num_tokens_global)
         if old_logprobs is None:
             old_logprobs = torch.cat(first_pass)
-        grad_norm = optimizer_step(model, optimizers, args.grad_clip)
-    return {name: all_reduce_sum(t).item() / args.num_iterations for name, t in totals.items()} | \
+        grad_norm = optimizer_step(model, optimizers, config.grad_clip)
+    return {name: all_reduce_sum(t).item() / config.num_iterations for name, t in totals.items()} | \
         {"grad_norm": grad_norm}
+
+
+def grpo_step(policy, reference, optimizers, engine, prompts, reward_fn, config, stop_tokens, seed, pad_id=0):
+    """
+    One GRPO step on this rank's `prompts` (token id lists; every rank holds the same number): sample, score with
+    `reward_fn(batch) -> (P*G,)` rewards, advantages, reference log-probs, the update. Under torchrun each rank
+    samples its slice of the global batch with the global random stream (Engine's `global_rows`), so N ranks do
+    exactly what one process does with all the prompts. Returns (statistics over all ranks, the GroupBatch, rewards).
+    """
+    rank, world_size = get_rank(), get_world_size()
+    rows = len(prompts) * config.num_generations
+    policy.eval()
+    gen = engine.generate(prompts, num_samples=config.num_generations, max_new_tokens=config.max_new_tokens,
+                          temperature=config.temperature, top_k=config.top_k, stop_tokens=stop_tokens, seed=seed,
+                          global_rows=(rank * rows, world_size * rows))
+    policy.train()
+    completions = gen.completions()
+    if any(len(c) == 0 for c in completions):
+        raise RuntimeError("the engine returned an empty completion")
+    device = next(policy.parameters()).device
+    batch = pack_groups(prompts, completions, pad_id).to(device)
+    rewards = reward_fn(batch).float().to(device)
+    advantages = group_advantages(rewards.view(len(prompts), config.num_generations), config.scale_rewards).view(-1)
+    truncated = torch.tensor([reason == "length" for reason in gen.finish_reasons], device=device)
+    train_batch = batch
+    if config.mask_truncated_completions:
+        train_batch = batch._replace(completion_mask=batch.completion_mask & ~truncated[:, None])
+    ref_logprobs = batch_logprobs(reference, batch, config.device_batch_size, config.temperature, config.compile)
+    num_tokens = all_reduce_sum(train_batch.completion_mask.sum().float()).clamp(min=1)
+    stats = policy_update(policy, optimizers, train_batch, ref_logprobs, advantages, config,
+                          num_sequences_global=world_size * rows, num_tokens_global=num_tokens)
+    sums = all_reduce_sum(torch.stack([rewards.double().sum(), (rewards.double() ** 2).sum(),
+                                       batch.completion_mask.sum().double(), truncated.double().sum()]))
+    n = world_size * rows
+    reward_mean = (sums[0] / n).item()
+    stats |= {"reward": reward_mean, "reward_std": max((sums[1] / n).item() - reward_mean ** 2, 0.0) ** 0.5,
+              "completion_length": (sums[2] / n).item(), "truncated": (sums[3] / n).item()}
+    return stats, batch, rewards

@@ -90,7 +90,7 @@ from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import collate_targets, dpo_train_step
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
-from nanochat.grpo import batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
+from nanochat.grpo import GRPOConfig, batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
 from nanochat.rm import RewardModel, collate_right, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
@@ -360,9 +360,7 @@ def bench_grpo(args, config, device):
     rm = RewardModel(fresh_model(config, args.seed + 1, device)).to(device).eval()
     # kat_train_grpo's optimizer and default loss settings
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
-    update_args = argparse.Namespace(device_batch_size=args.grpo_device_batch_size, num_iterations=1,
-                                     loss_type="token", clip_eps=0.2, beta=0.04, grad_clip=1.0,
-                                     compile=args.compile)
+    grpo_config = GRPOConfig(device_batch_size=args.grpo_device_batch_size, compile=args.compile)
     engine = Engine(policy)
     gen = torch.Generator().manual_seed(args.seed)
     rows, batch_rows = args.grpo_prompts * args.grpo_samples, args.grpo_device_batch_size
@@ -376,16 +374,15 @@ def bench_grpo(args, config, device):
         policy.train()
         assert all(len(c) == args.grpo_new_tokens for c in completions)  # a short one would make the step cheaper
         # the pad id is never read: prompt_valid and the mask stop at each row's real tokens
-        batch, score_s = timed(lambda: tuple(t.to(device) for t in pack_groups(prompts, completions, pad_id=0)),
-                               device)
+        batch, score_s = timed(lambda: pack_groups(prompts, completions, pad_id=0).to(device), device)
         rewards, rewards_s = timed(lambda: group_rewards(rm, batch, batch_rows), device)
         score_s += rewards_s
 
         def train():
             advantages = group_advantages(rewards.view(args.grpo_prompts, args.grpo_samples)).view(-1)
-            ref_logprobs = batch_logprobs(reference, batch, batch_rows, args.compile)
-            return policy_update(policy, [optimizer], batch, ref_logprobs, advantages, update_args,
-                                 num_sequences_global=rows, num_tokens_global=batch[3].sum().float())
+            ref_logprobs = batch_logprobs(reference, batch, batch_rows, compile=args.compile)
+            return policy_update(policy, [optimizer], batch, ref_logprobs, advantages, grpo_config,
+                                 num_sequences_global=rows, num_tokens_global=batch.completion_mask.sum().float())
 
         _, train_s = timed(train, device)
         if step:

@@ -25,7 +25,8 @@ import time
 from datasets.exceptions import DatasetsError
 
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer
-from nanochat.common import atomic_write_json, dist_cleanup, dist_init, is_master, parse_flags, print0, run_script
+from nanochat.common import (atomic_write_json, dist_cleanup, dist_init, fraction, is_master, nonnegative_float,
+                             parse_flags, positive_int, print0, run_script)
 from nanochat.evaluate import evaluate_task
 from nanochat.report import write_report
 from nanochat.tasks import TASKS, world
@@ -61,7 +62,14 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: world 200, hub all)")
     parser.add_argument("--from_dir", type=str, default=None, help="local copies of the hub datasets")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=32, help="prompts generated together")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="prompts generated together")
+    parser.add_argument("--num_samples", type=positive_int, default=1,
+                        help="responses per item; with k > 1 the results add pass@k (any response right)")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_k", type=positive_int, default=None)
+    parser.add_argument("--top_p", type=fraction, default=None)
+    parser.add_argument("--min_p", type=fraction, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     parser.add_argument("--world_seed", type=int, default=None, help="default: the checkpoint's training --seed")
     parser.add_argument("--synthetic_size", type=int, default=None,
                         help="world size; default: the checkpoint's training --synthetic_size")
@@ -102,10 +110,13 @@ def main(argv=None):
     for name in names:
         t0 = time.time()
         results[name] = evaluate_task(model, tok, TASKS[name], task_items[name], args.max_new_tokens,
-                                      args.batch_size)
+                                      args.batch_size, args.temperature, args.seed, args.num_samples, args.top_k,
+                                      args.top_p, args.min_p)
         timings[f"{name}_seconds"] = time.time() - t0
-        print0(f"{name}: accuracy {results[name]['accuracy']:.4f} on {results[name]['n']} items "
-               f"({timings[name + '_seconds']:.1f}s)")
+        pass_at_k = results[name].get(f"pass@{args.num_samples}")
+        print0(f"{name}: accuracy {results[name]['accuracy']:.4f} on {results[name]['n']} responses"
+               + (f", pass@{args.num_samples} {pass_at_k:.4f}" if pass_at_k is not None else "")
+               + f" ({timings[name + '_seconds']:.1f}s)")
 
     table = results_table(results)
     notes = [f"Checkpoint `{payload['path']}` (step {payload.get('step')}).", "```\n" + table + "\n```"]

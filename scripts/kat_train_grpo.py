@@ -20,7 +20,6 @@ artifacts in the tail of its distribution, where greedy decoding never goes, and
 """
 
 import argparse
-import math
 
 import torch
 
@@ -31,7 +30,7 @@ from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_
 from nanochat.density import compute_density, sample_indices
 from nanochat.engine import Engine
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
-from nanochat.grpo import batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
+from nanochat.grpo import GRPOConfig, group_rewards, grpo_step
 from nanochat.pairs import extract_prompts, read_pairs
 from nanochat.rm import load_reward_model, rewards_for_ids
 from nanochat.stage import Stage
@@ -66,7 +65,13 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=positive_int, default=64,
                         help="completion budget; at most half of the model's context (the rest is the prompt's)")
     parser.add_argument("--scale_rewards", type=str, default="group", choices=["group", "none"])
-    parser.add_argument("--clip_eps", type=open_fraction, default=0.2)
+    parser.add_argument("--clip_eps", type=open_fraction, default=0.2,
+                        help="clip range of the ratio: [1 - clip_eps, 1 + clip_eps]")
+    parser.add_argument("--epsilon_high", type=positive_float, default=None,
+                        help="upper clip instead of clip_eps (DAPO's clip-higher, e.g. 0.28)")
+    parser.add_argument("--mask_truncated_completions", type=str2bool, default=True,
+                        help="completions cut by --max_new_tokens are scored but enter no loss (their reward is "
+                             "read at a token the reward model was never trained on)")
     parser.add_argument("--num_iterations", type=positive_int, default=1, help="optimisation passes per sampled batch")
     parser.add_argument("--beta", type=nonnegative_float, default=0.04,
                         help="weight of the KL penalty to the SFT model")
@@ -150,18 +155,27 @@ def main(argv=None):
     optimizers = remember_initial_lr([adamw])
     start_step, _ = stage.resume(policy, optimizers, args.max_steps, tokenizer_dir(payload), device)
     engine = Engine(policy)
+    config = GRPOConfig.from_flags(args)
+
+    def reward_model(batch):
+        return group_rewards(rm, batch, args.device_batch_size)
 
     @torch.no_grad()
     def evaluate():
         """Seeded samples for held-out prompts (split over ranks): mean reward, gold score and artifact rate."""
         policy.eval()
-        mine = eval_prompts[rank::world_size]  # a rank may hold none when there are fewer prompts than ranks
+        # contiguous slices, sampled with the global random stream: N ranks sample what one process would
+        per = -(-len(eval_prompts) // world_size)
+        first = min(rank * per, len(eval_prompts))
+        mine = eval_prompts[first:first + per]  # a rank may hold none when there are fewer prompts than ranks
         ids = [prompt_ids(p["messages"]) for p in mine]
         completions = []
         if ids:
             completions = engine.generate(ids, num_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
                                           temperature=args.eval_temperature, top_k=args.top_k,
-                                          stop_tokens=stop_tokens, seed=args.seed * world_size + rank).completions()
+                                          stop_tokens=stop_tokens, seed=args.seed,
+                                          global_rows=(first * args.eval_samples,
+                                                       len(eval_prompts) * args.eval_samples)).completions()
         prompts_of_rows = [(p, i) for p, i in zip(mine, ids) for _ in range(args.eval_samples)]
         reward_sum = 0.0
         if completions:  # the samples of each prompt are consecutive
@@ -193,38 +207,17 @@ def main(argv=None):
         set_lr(optimizers, lr)
         # every rank draws the same global prompt batch from a per-step seed (so --resume needs no RNG state)
         # and keeps its own slice
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        chosen = sample_indices(weights, args.prompts_per_step, generator)[rank * per_rank:(rank + 1) * per_rank]
-        prompt_batch = [rendered[i] for i in chosen.tolist()]
-        policy.eval()
-        gen = engine.generate(prompt_batch, num_samples=args.num_generations, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, stop_tokens=stop_tokens,
-                              seed=(args.seed * 1_000_003 + step) * world_size + rank)
-        policy.train()
-        completions = gen.completions()
-        if any(len(c) == 0 for c in completions):
-            raise RuntimeError("the engine returned an empty completion")
-        # scored on exactly the sampled ids; a completion cut by max_new_tokens is scored at its last token
-        batch = tuple(t.to(device) for t in pack_groups(prompt_batch, completions, tok.bos_token_id))
-        rewards = group_rewards(rm, batch, args.device_batch_size)
-        advantages = group_advantages(rewards.view(per_rank, args.num_generations), args.scale_rewards).view(-1)
-        ref_logprobs = batch_logprobs(reference, batch, args.device_batch_size, args.compile)
-        num_tokens = all_reduce_sum(batch[3].sum().float())
-        stats = policy_update(policy, optimizers, batch, ref_logprobs, advantages, args,
-                              num_sequences_global=args.prompts_per_step * args.num_generations,
-                              num_tokens_global=num_tokens)
-        reward_sum = all_reduce_sum(torch.stack([rewards.sum(), (rewards ** 2).sum()]).double())
-        n = args.prompts_per_step * args.num_generations
-        reward_mean = (reward_sum[0] / n).item()
-        reward_std = math.sqrt(max((reward_sum[1] / n).item() - reward_mean ** 2, 0.0))
-        length = num_tokens.item() / n
-        stage.log(step + 1, {"loss": stats["loss"], "pg_loss": stats["pg"], "kl": stats["kl"],
-                             "clip_ratio": stats["clipped"], "reward": reward_mean, "reward_std": reward_std,
-                             "completion_length": length, "entropy": stats["entropy"],
-                             "grad_norm": stats["grad_norm"], "lr_multiplier": lr},
+        step_seed = args.seed * 1_000_003 + step
+        chosen = sample_indices(weights, args.prompts_per_step, torch.Generator().manual_seed(step_seed))
+        prompt_batch = [rendered[i] for i in chosen[rank * per_rank:(rank + 1) * per_rank].tolist()]
+        # scored on exactly the sampled ids, each prompt once per group
+        stats, _, _ = grpo_step(policy, reference, optimizers, engine, prompt_batch, reward_model, config,
+                                stop_tokens, seed=step_seed, pad_id=tok.bos_token_id)
+        stage.log(step + 1, stats | {"lr_multiplier": lr},
                   f"Loss: {stats['loss']:.4f}  PG Loss: {stats['pg']:.4f}, KL Loss: {args.beta * stats['kl']:.4f}, "
-                  f"Total: {stats['loss']:.4f} | reward {reward_mean:.3f} ± {reward_std:.3f} | KL {stats['kl']:.4f} "
-                  f"| clip {stats['clipped']:.3f} | len {length:.1f} | entropy {stats['entropy']:.3f}")
+                  f"Total: {stats['loss']:.4f} | reward {stats['reward']:.3f} ± {stats['reward_std']:.3f} | KL "
+                  f"{stats['kl']:.4f} | clip {stats['clipped']:.3f} | len {stats['completion_length']:.1f} "
+                  f"(truncated {stats['truncated']:.0%}) | entropy {stats['entropy']:.3f}")
         stage.maybe_save(step + 1, policy, optimizers)
 
     stage.log_eval(args.max_steps, evaluate(), prefix="eval")

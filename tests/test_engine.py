@@ -141,3 +141,38 @@ def test_bad_prompts_are_rejected(tiny_model):
         engine.generate([[]], max_new_tokens=2)
     with pytest.raises(ValueError):
         engine.generate([[1000]], max_new_tokens=2)
+
+
+def test_ranks_sampling_slices_of_one_global_batch_draw_what_one_process_draws(tiny_model):
+    # catches: each rank drawing its own random stream (N ranks then sample other completions than 1 process)
+    engine = Engine(tiny_model)
+    whole = engine.generate(PROMPTS, num_samples=2, max_new_tokens=8, temperature=1.0, seed=7)
+    first = engine.generate(PROMPTS[:2], num_samples=2, max_new_tokens=8, temperature=1.0, seed=7,
+                            global_rows=(0, 8))
+    second = engine.generate(PROMPTS[2:], num_samples=2, max_new_tokens=8, temperature=1.0, seed=7,
+                             global_rows=(4, 8))
+    assert torch.equal(torch.cat([first.tokens, second.tokens]), whole.tokens)
+    alone = engine.generate(PROMPTS[2:], num_samples=2, max_new_tokens=8, temperature=1.0, seed=7)
+    assert not torch.equal(alone.tokens, second.tokens)  # the slice is not what a batch of its own draws
+
+
+def test_decode_hook_sets_temperature_and_top_p_per_row_and_step(tiny_model):
+    # catches: a hook whose choices are ignored, applied to the wrong rows, or read from stale hidden states
+    engine = Engine(tiny_model)
+    seen = []
+
+    def hook(hidden, logits):
+        seen.append(hidden.clone())
+        B = hidden.size(0)
+        # row 0 greedy, the others at temperature 1 with per-row top-p (row 1 keeps only the top token)
+        return torch.tensor([0.0] + [1.0] * (B - 1)), torch.tensor([1.0, 1e-6] + [1.0] * (B - 2))
+
+    gen = engine.generate(PROMPTS, max_new_tokens=6, seed=3, decode_hook=hook)
+    assert gen.tokens[0].tolist() == greedy_by_full_forward(tiny_model, PROMPTS[0], 6)
+    assert gen.tokens[1].tolist() == greedy_by_full_forward(tiny_model, PROMPTS[1], 6)  # top-p ~0: the argmax
+    assert gen.temperatures.shape == (4, 6) and gen.temperatures[0].eq(0).all() and gen.temperatures[2].eq(1).all()
+    # the hook sees the final normed hidden state that predicts each next token
+    h = tiny_model.hidden_states(torch.tensor([PROMPTS[2] + gen.tokens[2, :2].tolist()]))[0, -1]
+    assert torch.allclose(seen[2][2], h, atol=1e-5)
+    plain = engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=3)
+    assert plain.temperatures is None

@@ -111,6 +111,29 @@ def test_evaluate_task_world_metrics(model_tok):
     assert set(result["per_cluster"]) == {i["cluster"] for i in items}
 
 
+def test_evaluate_task_samples_k_responses_per_item_and_reports_pass_at_k(model_tok):
+    # catches: sampling flags dropped on the way to the engine, samples scored against another item's answer
+    model, tok = model_tok
+    items = world.load(limit=4)
+
+    class EvenLength:  # a task whose verdict depends only on the response, so the expectation is independent
+        @staticmethod
+        def score(item, response):
+            return float(len(response) % 2 == 0)
+
+    result = evaluate_task(model, tok, EvenLength, items, max_new_tokens=6, batch_size=4, temperature=1.0,
+                           seed=5, num_samples=3, top_p=0.9, min_p=0.05)
+    responses = generate_responses(model, tok, [i["messages"] for i in items], 6, 4, 1.0, 5, num_samples=3,
+                                   top_p=0.9, min_p=0.05)
+    assert [r["response"] for r in result["records"]] == responses and result["n"] == 12
+    assert [(r["item"], r["sample"]) for r in result["records"]] == [(i, j) for i in range(4) for j in range(3)]
+    assert [r["prompt"] for r in result["records"][::3]] == [i["prompt"] for i in items]
+    expected = sum(any(len(r) % 2 == 0 for r in responses[3 * i:3 * i + 3]) for i in range(4)) / 4
+    assert result["pass@3"] == expected
+    greedy = generate_responses(model, tok, [i["messages"] for i in items], 6, 4)
+    assert responses[::3] != greedy  # the samples really were sampled
+
+
 def test_chat_cli_one_shot_and_prompts_file(run_dir, model_tok):
     one = run_script(run_dir, "scripts.chat_cli", "--ckpt_path", "outs/sft", "--prompt", "What is 2 + 3?",
                      "--max_new_tokens", "16")

@@ -1,12 +1,11 @@
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanochat.grpo import (batch_logprobs, completion_logprobs, group_advantages, group_rewards, grpo_token_losses,
-                           pack_groups, policy_update, reduce_tokens)
+from nanochat.engine import Engine
+from nanochat.grpo import (GRPOConfig, batch_logprobs, completion_logprobs, group_advantages, group_rewards,
+                           grpo_step, grpo_token_losses, pack_groups, policy_update, reduce_tokens)
 from nanochat.rm import RewardModel, rewards_for_ids
 
 
@@ -50,14 +49,14 @@ def test_token_and_sequence_reductions_by_hand():
     assert reduce_tokens(values, mask, "sequence", 2).item() == pytest.approx((2.0 + 4.0) / 2)
 
 
-def full_forward_logprobs(model, prompts, completions):
+def full_forward_logprobs(model, prompts, completions, temperature=1.0):
     """The independent reference: each prompt + completion row alone through model(), its completion log-probs."""
     G = len(completions) // len(prompts)
     width = max(len(c) for c in completions)
     rows = []
     for i, c in enumerate(completions):
         p = prompts[i // G]
-        logp = model(torch.tensor([p + c]))[0].log_softmax(-1)
+        logp = (model(torch.tensor([p + c]))[0] / temperature).log_softmax(-1)
         row = torch.stack([logp[len(p) - 1 + t, c[t]] for t in range(len(c))])
         rows.append(torch.cat([row, row.new_zeros(width - len(c))]))
     return torch.stack(rows)
@@ -70,10 +69,10 @@ COMPLETIONS = [[10, 11], [12, 13, 14, 15], [16], [17, 18, 19], [20, 21, 22, 23],
 
 def test_shared_prompt_logprobs_and_gradients_equal_full_forwards_of_every_row():
     batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
-    mask = batch[3]
+    mask = batch.completion_mask
     assert mask.sum(1).tolist() == [len(c) for c in COMPLETIONS]
     model = make_tiny_model()
-    got = completion_logprobs(model, *batch[:3])
+    got = completion_logprobs(model, batch)
     (got * mask).sum().backward()
     reference = make_tiny_model()
     expected = full_forward_logprobs(reference, PROMPTS, COMPLETIONS)
@@ -106,25 +105,104 @@ def test_pack_groups_rejects_completions_that_do_not_form_groups():
 def test_one_pass_ratio_is_one_so_the_update_is_the_plain_policy_gradient():
     advantages = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.5, -2.0])
     batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
-    args = SimpleNamespace(num_iterations=1, device_batch_size=4, loss_type="token", clip_eps=0.2, beta=0.0,
-                           grad_clip=0.0, compile=False)
-    n_tokens = int(batch[3].sum())
+    config = GRPOConfig(num_iterations=1, device_batch_size=4, loss_type="token", clip_eps=0.2, beta=0.0,
+                        grad_clip=0.0)
+    n_tokens = int(batch.completion_mask.sum())
 
     model = make_tiny_model()
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = batch_logprobs(model, batch, 4)
-    stats = policy_update(model, [sgd], batch, ref, advantages, args, num_sequences_global=6,
+    stats = policy_update(model, [sgd], batch, ref, advantages, config, num_sequences_global=6,
                           num_tokens_global=n_tokens)
     assert stats["clipped"] == 0.0 and stats["kl"] == 0.0
 
     # the plain policy gradient, from full forwards of every row: d/dtheta of -sum_t A * log pi(y_t) / N
     plain = make_tiny_model()
     logp = full_forward_logprobs(plain, PROMPTS, COMPLETIONS)
-    (-(advantages[:, None] * logp * batch[3]).sum() / n_tokens).backward()
+    (-(advantages[:, None] * logp * batch.completion_mask).sum() / n_tokens).backward()
     for name, p in plain.named_parameters():
         step = before[name] - model.state_dict()[name]
         assert torch.allclose(step, p.grad, atol=1e-6), name
+
+
+def test_upper_clip_epsilon_high_by_hand():
+    # catches: epsilon_high ignored (DAPO's clip-higher silently equal to the symmetric clip), or applied below
+    logp = torch.log(torch.tensor([[0.5, 0.1]]))
+    old = torch.log(torch.tensor([[0.25, 0.2]]))  # ratios 2 and 0.5
+    ref = logp.clone()
+    _, pg, _, clipped = grpo_token_losses(logp, old, ref, torch.tensor([1.0]), clip_eps=0.2, epsilon_high=0.28)
+    assert torch.allclose(pg, torch.tensor([[-1.28, -0.5]]))  # 2 clipped to 1 + 0.28; 0.5 below: min keeps 0.5
+    _, pg_neg, _, _ = grpo_token_losses(logp, old, ref, torch.tensor([-1.0]), clip_eps=0.2, epsilon_high=0.28)
+    assert torch.allclose(pg_neg, torch.tensor([[2.0, 0.8]]))  # -min(-2, -1.28) = 2; -min(-0.5, -0.8) = 0.8
+    assert clipped.tolist() == [[1.0, 0.0]]
+
+
+def test_logprobs_at_a_temperature_are_those_of_the_tempered_distribution():
+    # catches: the loss scoring temperature-1 log-probs of completions sampled at T (the KL then estimates neither
+    # KL(pi_T || ref_T) nor KL(pi || ref))
+    batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
+    model = make_tiny_model()
+    expected = full_forward_logprobs(model, PROMPTS, COMPLETIONS, temperature=0.5)
+    got = completion_logprobs(model, batch, temperature=0.5)
+    assert torch.allclose(got * batch.completion_mask, expected, atol=1e-5)
+    assert not torch.allclose(completion_logprobs(model, batch) * batch.completion_mask, expected, atol=1e-2)
+
+
+def test_later_passes_take_the_ratio_against_the_sampling_policy():
+    # catches: num_iterations > 1 using the current policy as pi_old (the ratio is then always 1 and never clipped)
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.5, -2.0])
+    batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
+    model = make_tiny_model()
+    ref = batch_logprobs(model, batch, 4)
+    config = GRPOConfig(num_iterations=3, device_batch_size=4, beta=0.0, grad_clip=0.0)
+    stats = policy_update(model, [torch.optim.SGD(model.parameters(), lr=3.0)], batch, ref, advantages, config,
+                          num_sequences_global=6, num_tokens_global=int(batch.completion_mask.sum()))
+    # pass 1 is unclipped by construction; passes 2 and 3 see ratios far from 1 after a large step
+    assert stats["clipped"] > 0.05
+    one = make_tiny_model()
+    stats_one = policy_update(one, [torch.optim.SGD(one.parameters(), lr=3.0)], batch, ref, advantages,
+                              GRPOConfig(num_iterations=1, device_batch_size=4, beta=0.0, grad_clip=0.0),
+                              num_sequences_global=6, num_tokens_global=int(batch.completion_mask.sum()))
+    assert stats_one["clipped"] == 0.0
+
+
+def count_low_ids(batch):
+    """A toy reward: how many completion tokens have an id below 48 (about half of them at random init)."""
+    return ((batch.completion_ids < 48) & batch.completion_mask).sum(1).float()
+
+
+def test_grpo_step_with_a_toy_reward_learns_it():
+    # catches: a sign error in advantages or loss, rewards misaligned with their rows, groups mixed up
+    torch.manual_seed(0)
+    policy, reference = make_tiny_model(seed=3), make_tiny_model(seed=3)
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    # no stop token here, so every completion is cut at max_new_tokens: keep them in the loss
+    config = GRPOConfig(num_generations=8, max_new_tokens=6, beta=0.0, device_batch_size=32,
+                        mask_truncated_completions=False)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    engine = Engine(policy)
+    means = [grpo_step(policy, reference, [optimizer], engine, prompts, count_low_ids, config, [], seed=step)[0]
+             ["reward"] for step in range(30)]
+    assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 1.0, means  # of at most 6
+
+
+def test_truncated_completions_are_scored_but_enter_no_loss():
+    # catches: the update learning from completions cut by max_new_tokens (read by a reward model at a token it
+    # never saw), or the mask dropping the rewards too
+    prompts = [[1, 2, 3], [4, 5]]
+    config = GRPOConfig(num_generations=4, max_new_tokens=3, beta=0.0, device_batch_size=8)
+    for mask_truncated, moves in ((True, False), (False, True)):
+        policy = make_tiny_model(seed=4)
+        before = {k: v.clone() for k, v in policy.state_dict().items()}
+        config.mask_truncated_completions = mask_truncated
+        stats, batch, rewards = grpo_step(policy, make_tiny_model(seed=4), [torch.optim.SGD(policy.parameters(),
+                                          lr=1.0)], Engine(policy), prompts, count_low_ids, config, [], seed=0)
+        assert stats["truncated"] == 1.0  # no stop tokens: every completion runs into the limit
+        assert torch.equal(rewards, count_low_ids(batch)) and rewards.std() > 0
+        changed = any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+        assert changed == moves
 
 
 # -----------------------------------------------------------------------------
@@ -188,9 +266,9 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return policy_update(*args, **kwargs)
+        return grpo_step(*args, **kwargs)
 
-    monkeypatch.setattr(kat_train_grpo, "policy_update", killed_in_step_3)
+    monkeypatch.setattr(kat_train_grpo, "grpo_step", killed_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "killed") + uniform)
     monkeypatch.undo()

@@ -416,10 +416,6 @@ def test_grpo_with_fewer_eval_prompts_than_ranks_evaluates_like_one_process(grpo
         assert one[key] == pytest.approx(two[key], abs=1e-5), key
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: kat_train_grpo seeds each rank's sampling with "
-                   "(seed * 1_000_003 + step) * world_size + rank and Engine draws one batch-wide random stream, so "
-                   "2 ranks sample other completions than 1 process (step-1 rewards 0.905 vs 0.547); needs "
-                   "per-prompt seeds independent of the world size")
 def test_grpo_on_two_processes_ends_with_the_weights_of_one_process(grpo_runs):
     # catches: gradients averaged instead of summed over ranks, a prompt batch not sliced by rank, per-rank
     # sampling that differs from one process's
