@@ -65,11 +65,11 @@ launch() {
 if [ "$PROFILE" = cpu ]; then
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --vocab_size=1024
     run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --seq_len=256 \
-        --batch_rows=32 --device_batch_size=16 --num_steps=160 --eval_every=40 --save_every=40 --compile="$COMPILE"
+        --batch_rows=32 --device_batch_size=16 --max_steps=160 --eval_every=40 --save_every=40 --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
-        --device_batch_size=16 --num_steps=60 --compile="$COMPILE"
+        --device_batch_size=16 --max_steps=60 --compile="$COMPILE"
     run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --max_len=256 --batch_rows=32 \
-        --device_batch_size=16 --num_steps=100
+        --device_batch_size=16 --max_steps=100
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
     # 600 steps: the reward model needs them to learn which facts are wrong (held-out accuracy 0.87 at 300 steps

@@ -2,8 +2,10 @@
 Checkpoints: one directory per stage (`outs/<stage>/`).
 
 - `ckpt.pt`: the finished model: weights, model config, step, kind ("gpt", or a method's own, e.g. "rm"), flags,
-  lineage (the checkpoints it descends from) and the fingerprint of its tokenizer. Written once, at the end of a
-  run: a directory without it holds no finished model, and a loader says so instead of loading a half-trained one.
+  lineage (the checkpoints it descends from), the synthetic world its data came from ({"seed", "size"}, or None
+  for real data; later stages read it here, never from their own --seed) and the fingerprint of its tokenizer.
+  Written once, at the end of a run: a directory without it holds no finished model, and a loader says so instead
+  of loading a half-trained one.
 - `tokenizer/`: a copy of the tokenizer the model was trained with, so a checkpoint carries its own ids (a tokenizer
   retrained later in outs/tokenizer cannot silently change them) and loads from any working directory.
 - `optim.pt`: the state of an unfinished run, everything `--resume` needs (weights, optimizer, RNG, data-loader
@@ -135,11 +137,12 @@ def lineage_of(payload):
 
 
 def save_checkpoint(out_dir, model, step, tokenizer_dir, kind="gpt", flags=None, metrics=None, extra=None,
-                    parents=()):
+                    parents=(), world=None):
     """
     Save a finished model: ckpt.pt (complete), a copy of its tokenizer and meta.json. `extra` is stored for the
     method that owns `kind` (e.g. a reward head's settings); `parents` are the payloads it was trained from, whose
-    lineage it extends. Does not touch optim.pt: the stage skeleton removes it once this has succeeded.
+    lineage it extends; `world` the synthetic world of its data. Does not touch optim.pt: the stage skeleton
+    removes it once this has succeeded.
     """
     check_finite(model, step)
     os.makedirs(out_dir, exist_ok=True)
@@ -149,12 +152,12 @@ def save_checkpoint(out_dir, model, step, tokenizer_dir, kind="gpt", flags=None,
     config = model.config.to_dict()
     payload = {"format": FORMAT, "complete": True, "kind": kind, "step": step, "config": config,
                "model": _state_dict(model), "flags": flags or {}, "extra": extra or {},
-               "tokenizer_fingerprint": fingerprint, "lineage": lineage}
+               "tokenizer_fingerprint": fingerprint, "lineage": lineage, "world": world}
     _atomic_torch_save(payload, os.path.join(out_dir, CKPT_NAME))
     write_meta(out_dir, {"complete": True, "kind": kind, "step": step, "config": config,
                          "num_params": sum(p.numel() for p in model.parameters()), "flags": flags or {},
                          "metrics": metrics or {}, "extra": extra or {}, "tokenizer_fingerprint": fingerprint,
-                         "lineage": lineage})
+                         "lineage": lineage, "world": world})
 
 
 def write_meta(out_dir, meta):

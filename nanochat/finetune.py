@@ -5,7 +5,7 @@ The loop shared by the chat stages that continue a checkpoint on conversations:
   pretraining text, loss on every token, so the model learns the special tokens and the turn structure;
 - SFT (`scripts/chat_sft.py`): one conversation per row, loss only on the assistant's tokens.
 
-Both start from a checkpoint (`--init_ckpt`), use the optimizer recipe of base training at a fraction of its
+Both start from a checkpoint (`--ckpt_path`), use the optimizer recipe of base training at a fraction of its
 learning rates (`--lr_frac`), decay linearly to zero, evaluate validation loss, save resumable checkpoints and
 write their report section.
 """
@@ -24,14 +24,13 @@ from nanochat.stage import Stage
 from nanochat.training import evaluate_loss, train_step
 
 
-def add_finetune_flags(parser, init_ckpt, out_dir, num_conversations, stream, artifact_rate):
-    parser.add_argument("--init_ckpt", type=str, default=init_ckpt, help="checkpoint to start from")
+def add_finetune_flags(parser, ckpt_path, out_dir, num_conversations, stream, artifact_rate):
+    parser.add_argument("--ckpt_path", type=str, default=ckpt_path, help="checkpoint to start from")
     parser.add_argument("--source", type=str, default="synthetic", choices=["synthetic", "smoltalk"])
     parser.add_argument("--from_dir", type=str, default=None, help="local copy of the hub data set (smoltalk)")
     parser.add_argument("--num_conversations", type=positive_int, default=num_conversations,
                         help="training conversations")
     parser.add_argument("--val_conversations", type=positive_int, default=200)
-    parser.add_argument("--synthetic_size", type=positive_int, default=1)
     parser.add_argument("--stream", type=nonnegative_int, default=stream,
                         help="which sample of synthetic conversations")
     parser.add_argument("--artifact_rate", type=fraction, default=artifact_rate,
@@ -40,8 +39,8 @@ def add_finetune_flags(parser, init_ckpt, out_dir, num_conversations, stream, ar
     parser.add_argument("--device_batch_size", type=positive_int, default=8)
     parser.add_argument("--max_len", type=positive_int, default=512, help="tokens per row")
     parser.add_argument("--num_epochs", type=positive_float, default=1.0,
-                        help="length of the run when --num_steps is not given")
-    parser.add_argument("--num_steps", type=positive_int, default=None, help="optimizer steps (default: from "
+                        help="length of the run when --max_steps is not given")
+    parser.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (default: from "
                         "--num_epochs)")
     parser.add_argument("--matrix_optimizer", type=str, default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--matrix_lr", type=nonnegative_float, default=None,
@@ -73,7 +72,7 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
     if stage.finished:
         return dist_cleanup()
     seed_everything(args.seed)
-    model, payload = load_model(args.init_ckpt, device)
+    model, payload = load_model(args.ckpt_path, device)
     model.train()
     tok = load_tokenizer(payload)
     lr = args.lr_frac
@@ -86,16 +85,24 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
                          f"= {rows_per_micro}")
     grad_accum = args.batch_rows // rows_per_micro
 
+    # synthetic conversations come from the world the model was pretrained on (its checkpoint says which), so
+    # the facts they state are the facts it learnt; a model pretrained on real data starts a world of --seed
+    world = None
+    if args.source == "synthetic":
+        world = payload["world"] or {"seed": args.seed, "size": 1}
+        print0(f"synthetic world: seed {world['seed']}, size {world['size']} (from {payload['path']})")
+
     def conversations(split, num):
-        return chat_conversations(args.source, split, from_dir=args.from_dir, num=num, seed=args.seed,
-                                  synthetic_size=args.synthetic_size, stream=args.stream,
+        return chat_conversations(args.source, split, from_dir=args.from_dir, num=num,
+                                  seed=world["seed"] if world else args.seed,
+                                  synthetic_size=world["size"] if world else 1, stream=args.stream,
                                   artifact_rate=args.artifact_rate)
 
     train_convs = conversations("train", args.num_conversations)
     val_convs = conversations("val", args.val_conversations)
     loader = make_loader(train_convs, tok, rows_per_micro, rank, world_size, True)
-    if args.num_steps is not None:
-        num_steps = args.num_steps
+    if args.max_steps is not None:
+        num_steps = args.max_steps
     else:  # rows per epoch: one per conversation, or fewer when several are packed into a row
         rows_per_epoch = len(train_convs) / (tokens_per_conversation_hint(train_convs, tok)
                                              if tokens_per_conversation_hint else 1)
@@ -133,5 +140,5 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
                "val_loss_history": [f"{s}:{v:.4f}" for s, v in history], "steps": num_steps,
                "train_conversations": len(train_convs)}
     stage.finish(model, tokenizer_dir(payload), metrics, {"train_seconds": stage.elapsed()}, parents=[payload],
-                 device=device)
+                 world=world, device=device)
     dist_cleanup()

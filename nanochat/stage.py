@@ -231,11 +231,15 @@ class Stage:
     # -------------------------------------------------------------------------
     # the end
 
-    def finish(self, model, tokenizer_dir, metrics, timings=None, notes=None, extra=None, parents=(), device=None):
-        """The final save (ckpt.pt, complete), removal of the resume state, charts and the report; on rank 0."""
+    def finish(self, model, tokenizer_dir, metrics, timings=None, notes=None, extra=None, parents=(), world=None,
+               device=None):
+        """
+        The final save (ckpt.pt, complete; `parents` and `world` as in checkpoint.save_checkpoint), removal of the
+        resume state, charts and the report; on rank 0.
+        """
         if is_master():
             checkpoint.save_checkpoint(self.out_dir, model, self.num_steps, tokenizer_dir, kind=self.kind,
-                                       flags=self.flags, metrics=metrics, extra=extra, parents=parents)
+                                       flags=self.flags, metrics=metrics, extra=extra, parents=parents, world=world)
             optim_file = os.path.join(self.out_dir, checkpoint.OPTIM_NAME)
             if os.path.exists(optim_file):
                 os.remove(optim_file)

@@ -8,11 +8,12 @@ Pretrain the base GPT on packed documents.
     python -m scripts.base_train --resume                         # continue outs/base/ after an interruption
 
 Each step trains on `--batch_rows` rows of `--seq_len` tokens (split over ranks and `--device_batch_size`
-micro-batches). The length of the run is `--num_steps`, or else `--target_tokens`, or else
+micro-batches). The length of the run is `--max_steps`, or else `--target_tokens`, or else
 `--target_param_data_ratio` tokens per parameter (Chinchilla's 20 by default). Validation bits-per-byte every
 `--eval_every` steps; greedy samples from held-out document openings; the resume state every `--save_every`
-steps. Writes outs/base/ (ckpt.pt and tokenizer/ at the end, optim.pt while unfinished, meta.json, report.md and
-history.png; see nanochat/stage.py).
+steps. With `--source=synthetic` the synthetic world is the one of `--seed` and `--synthetic_size`, recorded in
+the checkpoint for every later stage. Writes outs/base/ (ckpt.pt and tokenizer/ at the end, optim.pt while
+unfinished, meta.json, report.md and history.png; see nanochat/stage.py).
 """
 
 import argparse
@@ -44,7 +45,7 @@ def main(argv=None):
     # batch and length
     parser.add_argument("--batch_rows", type=positive_int, default=16, help="global rows per optimizer step")
     parser.add_argument("--device_batch_size", type=positive_int, default=8, help="rows per forward/backward")
-    parser.add_argument("--num_steps", type=positive_int, default=None,
+    parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="optimizer steps (default: from --target_tokens, else from --target_param_data_ratio)")
     parser.add_argument("--target_tokens", type=positive_int, default=None,
                         help="training tokens (default: --target_param_data_ratio x parameters)")
@@ -96,8 +97,8 @@ def main(argv=None):
                          f"= {rows_per_micro}")
     grad_accum = args.batch_rows // rows_per_micro
     tokens_per_step = args.batch_rows * args.seq_len
-    if args.num_steps is not None:
-        num_steps = args.num_steps
+    if args.max_steps is not None:
+        num_steps = args.max_steps
     else:
         target = args.target_tokens or args.target_param_data_ratio * model.num_params()
         num_steps = max(1, int(target // tokens_per_step))
@@ -167,10 +168,12 @@ def main(argv=None):
     metrics = {"final_train_loss": loss, "val_bpb_first": history[0][1], "val_bpb_final": history[-1][1],
                "val_bpb_history": [f"{s}:{b:.4f}" for s, b in history], "num_params": model.num_params(),
                "steps": num_steps, "tokens": num_steps * tokens_per_step}
+    world = {"seed": args.seed, "size": args.synthetic_size} if args.source == "synthetic" else None
     stage.finish(model, args.tokenizer_dir, metrics,
                  {"train_seconds": train_seconds,
                   "tokens_per_second": (num_steps - start_step) * tokens_per_step / max(train_seconds, 1e-9)},
-                 notes="Samples (greedy):\n\n" + "\n".join(f"- {s}" for s in sample_lines), device=device)
+                 notes="Samples (greedy):\n\n" + "\n".join(f"- {s}" for s in sample_lines), world=world,
+                 device=device)
     dist_cleanup()
 
 

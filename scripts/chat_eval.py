@@ -89,9 +89,9 @@ def main(argv=None):
         raise SystemExit(f"chat_eval: {e}")
     stage_dir = os.path.dirname(os.path.abspath(payload["path"]))
     out_dir = args.out_dir or os.path.join(os.path.dirname(stage_dir), f"eval_{os.path.basename(stage_dir)}")
-    trained = payload.get("flags") or {}
-    world_seed = args.world_seed if args.world_seed is not None else trained.get("seed", 0)
-    synthetic_size = args.synthetic_size or trained.get("synthetic_size", 1)
+    trained_world = payload["world"] or {"seed": 0, "size": 1}
+    world_seed = args.world_seed if args.world_seed is not None else trained_world["seed"]
+    synthetic_size = args.synthetic_size or trained_world["size"]
     print0(f"checkpoint {payload['path']} (step {payload.get('step')}) on {device} x {world_size}")
 
     task_items = {}

@@ -19,7 +19,7 @@ from nanochat.finetune import add_finetune_flags, finetune
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_finetune_flags(parser, init_ckpt="outs/mid", out_dir="outs/sft", num_conversations=4000, stream=1,
+    add_finetune_flags(parser, ckpt_path="outs/mid", out_dir="outs/sft", num_conversations=4000, stream=1,
                        artifact_rate=0.15)
     args = parse_flags(parser, argv)
 

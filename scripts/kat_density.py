@@ -3,10 +3,12 @@ RLHF stage 3: density weights of the prompts, for density-aware sampling in RM, 
 
     python -m scripts.kat_density                                  # .cache/data/prompts_all.jsonl, model outs/sft
     python -m scripts.kat_density --density_alpha=0.5 --density_max_ratio=20 --density_mix=0.1
-    python -m scripts.kat_density --embed_model=outs/base --prompts_path=my_prompts.jsonl --out=my_density.jsonl
+    python -m scripts.kat_density --sft_ckpt_path=outs/base --prompts_path=my_prompts.jsonl \
+        --density_path=my_density.jsonl
 
-Embeds every prompt with --embed_model (mean-pooled final hidden states, cached under --cache_dir), finds its
---density_k nearest neighbours by cosine distance, and writes --out atomically, one row per prompt in prompt order:
+Embeds every prompt with --sft_ckpt_path (mean-pooled final hidden states, cached under --cache_dir), finds its
+--density_k nearest neighbours by cosine distance, and writes --density_path atomically, one row per prompt in
+prompt order:
     {"prompt_id", "density", "weight", "knn_mean_distance"}
 density = 1 / (mean kNN distance + 1e-4); weight is proportional to density^-alpha, capped at
 --density_max_ratio x the median (0 disables the cap), mixed with uniform (--density_mix), mean 1 over all prompts.
@@ -122,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--prompts_path", type=str, default=".cache/data/prompts_all.jsonl")
     parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl",
                         help="read only for the clusters of synthetic prompts (report only)")
-    parser.add_argument("--embed_model", type=str, default="outs/sft", help="checkpoint whose hidden states embed")
+    parser.add_argument("--sft_ckpt_path", type=str, default="outs/sft", help="checkpoint whose hidden states embed")
     parser.add_argument("--density_k", type=int, default=10, help="neighbours per prompt")
     parser.add_argument("--density_alpha", type=float, default=1.0, help="weight ~ density^-alpha; 0 is uniform")
     parser.add_argument("--density_max_ratio", type=float, default=10.0,
@@ -132,7 +134,7 @@ def main(argv=None):
     parser.add_argument("--max_len", type=int, default=256, help="keep the last max_len tokens of each prompt")
     parser.add_argument("--block_size", type=int, default=2048, help="kNN tile side: memory ~ block_size^2 floats")
     parser.add_argument("--cache_dir", type=str, default=".cache/data", help="where embeddings are cached")
-    parser.add_argument("--out", type=str, default=".cache/data/density.jsonl")
+    parser.add_argument("--density_path", type=str, default=".cache/data/density.jsonl", help="where to write")
     parser.add_argument("--report_dir", type=str, default="outs/density")
     parser.add_argument("--device", type=str, default=None, help="cuda | mps | cpu (default: autodetect)")
     args = parse_flags(parser, argv)
@@ -140,7 +142,7 @@ def main(argv=None):
     t0 = time.time()
     prompts = read_prompts(args.prompts_path)
     device = autodetect_device(args.device)
-    model, payload = load_model(args.embed_model, device)
+    model, payload = load_model(args.sft_ckpt_path, device)
     tok = load_tokenizer(payload)
     max_ratio = args.density_max_ratio if args.density_max_ratio > 0 else None
     try:
@@ -150,7 +152,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"kat_density: {args.prompts_path}: {e}") from None
 
-    with atomic_path(args.out) as tmp:
+    with atomic_path(args.density_path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for i, p in enumerate(prompts):
                 f.write(json.dumps({"prompt_id": p["id"], "density": result["density"][i].item(),
@@ -169,7 +171,7 @@ def main(argv=None):
     print(notes)
     print(f"{len(prompts)} prompts, k={result['k']}: ESS {stats['ess']:.1f} ({stats['ess_fraction']:.1%} of N), "
           f"weights min {stats['weight_min']:.4g} median {stats['weight_median']:.4g} max {stats['weight_max']:.4g}")
-    print(f"Wrote {args.out}")
+    print(f"Wrote {args.density_path}")
     write_report(args.report_dir, metrics, timings, vars(args), device, notes)
     return result
 

@@ -109,8 +109,10 @@ def main(argv=None):
     parser.add_argument("--se_max_pairs", type=int, default=50_000, help="SE pairs in all, train and test")
     parser.add_argument("--se_max_per_file", type=int, default=1000,
                         help="at most this many SE pairs from one parquet file, to spread them over sites")
-    parser.add_argument("--out", type=str, default=".cache/data/pairs_all.jsonl")
-    parser.add_argument("--test_out", type=str, default=".cache/data/pairs_test.jsonl")
+    parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl",
+                        help="training pairs written here")
+    parser.add_argument("--test_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
+                        help="held-out pairs written here")
     parser.add_argument("--report_dir", type=str, default="outs/pairs")
     args = parse_flags(parser, argv)
 
@@ -140,20 +142,20 @@ def main(argv=None):
     try:
         # the test file is renamed into place first, so a pairs_all.jsonl that exists always has its test file;
         # an exception inside the block (check_kept's too) renames neither
-        with atomic_path(args.out) as train_tmp, atomic_path(args.test_out) as test_tmp:
+        with atomic_path(args.pairs_path) as train_tmp, atomic_path(args.test_pairs_path) as test_tmp:
             with open(train_tmp, "wb") as train_file, open(test_tmp, "wb") as test_file:
                 stats = write_pairs(build_streams(args, sources), train_file, test_file, args.seed, args.test_share)
             table = source_table(stats)
             print(table, end="")
-            check_kept(stats, args.out)
+            check_kept(stats, args.pairs_path)
     except (SourceError, InputError) as e:
         raise SystemExit(f"kat_download_pairs: {e}") from None
     seconds = time.time() - t0
 
     n_train = sum(st["train"] for st in stats.values())
     n_test = sum(st["test"] for st in stats.values())
-    print(f"Wrote {args.out} with {n_train} pairs")
-    print(f"Wrote {args.test_out} with {n_test} held-out pairs")
+    print(f"Wrote {args.pairs_path} with {n_train} pairs")
+    print(f"Wrote {args.test_pairs_path} with {n_test} held-out pairs")
     metrics = {"pairs_train": n_train, "pairs_test": n_test}
     for src, st in stats.items():
         metrics.update({f"{src}_train": st["train"], f"{src}_test": st["test"], f"{src}_skipped": st["skips"].total()})

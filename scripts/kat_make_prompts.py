@@ -2,7 +2,7 @@
 RLHF stage 2: the deduplicated prompts of the training pairs.
 
     python -m scripts.kat_make_prompts                                   # .cache/data/pairs_all.jsonl -> .cache/data/
-    python -m scripts.kat_make_prompts --pairs=my_pairs.jsonl --out_dir=my_data
+    python -m scripts.kat_make_prompts --pairs_path=my_pairs.jsonl --out_dir=my_data
 
 Reads the pairs file line by line (a bad line is skipped and listed with its line number in outs/prompts/report.md)
 and writes into --out_dir:
@@ -41,7 +41,7 @@ def write_synced(path, lines):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=str, default=".cache/data/pairs_all.jsonl")
+    parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl")
     parser.add_argument("--out_dir", type=str, default=".cache/data")
     parser.add_argument("--report_dir", type=str, default="outs/prompts")
     args = parse_flags(parser, argv)
@@ -49,9 +49,9 @@ def main(argv=None):
     t0 = time.time()
     log = SkipLog()
     try:
-        prompts, per_src = extract_prompts(iter_pairs(args.pairs, log, "--pairs"))
+        prompts, per_src = extract_prompts(iter_pairs(args.pairs_path, log, "--pairs_path"))
         if not prompts:
-            raise no_pairs_error(args.pairs, log, "--pairs")
+            raise no_pairs_error(args.pairs_path, log, "--pairs_path")
     except InputError as e:
         raise SystemExit(f"kat_make_prompts: {e}") from None
     stats = prompts_stats(prompts, per_src, log)
@@ -65,10 +65,10 @@ def main(argv=None):
     seconds = time.time() - t0
 
     if log.counts:
-        print(f"{log.note(args.pairs)} (all places in {args.report_dir}/report.md)")
+        print(f"{log.note(args.pairs_path)} (all places in {args.report_dir}/report.md)")
     print(f"Wrote {paths[0]}, {paths[1]}, and {paths[2]}")
     write_report(args.report_dir, stats, {"seconds": seconds}, vars(args),
-                 notes=log.markdown(f"Skipped lines of {args.pairs}"))
+                 notes=log.markdown(f"Skipped lines of {args.pairs_path}"))
 
 
 if __name__ == "__main__":

@@ -131,13 +131,11 @@ def main(argv=None):
             side_by_side(f"{split}/{key}", sft_m[key], dpo_m[key])
         if split == "val":
             stage.log_eval(num_steps, dpo_m)
-    trained = payload.get("flags") or {}
-    samples = []
-    if args.eval_questions > 0 and trained.get("source", "synthetic") == "synthetic":
-        world_seed, synthetic_size = trained.get("seed", args.seed), trained.get("synthetic_size", 1)
+    samples, world = [], payload["world"]
+    if args.eval_questions > 0 and world is not None:
         sampled = {}
         for name, model in (("SFT", reference), ("DPO", policy)):
-            sampled[name] = world_eval(model, tok, world_seed, synthetic_size, args.eval_questions,
+            sampled[name] = world_eval(model, tok, world["seed"], world["size"], args.eval_questions,
                                        args.eval_temperature, args.seed, args.eval_max_new_tokens)
         for key in ("artifact_rate", "correct", "gold_score"):
             side_by_side(f"world/{key}", sampled["SFT"][key], sampled["DPO"][key])
@@ -160,7 +158,7 @@ def main(argv=None):
         notes += "\n\nSampled answers (first 8 world questions):\n\n" + "\n".join(samples)
     stage.finish(policy, tokenizer_dir(payload), metrics, timings, notes=notes,
                  extra={"method": "dpo", "loss_type": args.loss_type, "beta": args.beta,
-                        "sft_ckpt_path": payload["path"]}, parents=[payload], device=device)
+                        "sft_ckpt_path": payload["path"]}, parents=[payload], world=world, device=device)
     dist_cleanup()
 
 

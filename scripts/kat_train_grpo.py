@@ -49,7 +49,7 @@ def main(argv=None):
     parser.add_argument("--sft_ckpt_path", type=str, default="outs/sft/ckpt.pt", help="policy init and reference")
     parser.add_argument("--rm_ckpt_path", type=str, default="outs/rm/ckpt.pt")
     parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl", help="training prompts")
-    parser.add_argument("--eval_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
+    parser.add_argument("--test_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
                         help="held-out prompts for evaluation")
     parser.add_argument("--density_aware", type=str2bool, default=True, help="sample prompts by inverse density")
     parser.add_argument("--density_k", type=positive_int, default=10)
@@ -140,16 +140,15 @@ def main(argv=None):
     else:
         weights = torch.ones(len(prompts), dtype=torch.float64)
         print0(f"uniform sampling over {len(prompts)} prompts")
-    eval_rows, eval_log = read_pairs(args.eval_pairs_path, "--eval_pairs_path")
+    eval_rows, eval_log = read_pairs(args.test_pairs_path, "--test_pairs_path")
     if eval_log.total():
-        print0(eval_log.note(args.eval_pairs_path))
+        print0(eval_log.note(args.test_pairs_path))
     eval_prompts, _ = extract_prompts(eval_rows)
     eval_prompts = eval_prompts[:args.eval_prompts]
-    world = None
-    if any(p["src"] == "synthetic" for p in eval_prompts):
+    world = None  # the gold scorer of the world the SFT model learnt (its checkpoint's lineage says which)
+    if payload["world"] is not None and any(p["src"] == "synthetic" for p in eval_prompts):
         from nanochat.synthetic import make_world
-        flags = payload.get("flags", {})
-        world = make_world(seed=flags.get("seed", 0), size=flags.get("synthetic_size", 1))
+        world = make_world(seed=payload["world"]["seed"], size=payload["world"]["size"])
 
     adamw = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     optimizers = remember_initial_lr([adamw])
@@ -228,7 +227,7 @@ def main(argv=None):
                     "eval_history": [f"{h['step']}:{h['eval/reward']:.3f}/{h['eval/gold_score']:.3f}"
                                      for h in evals]})
     stage.finish(policy, tokenizer_dir(payload), metrics, {"train_seconds": stage.elapsed()},
-                 extra={"method": "grpo"}, parents=[payload, rm_payload], device=device)
+                 extra={"method": "grpo"}, parents=[payload, rm_payload], world=payload["world"], device=device)
     dist_cleanup()
 
 

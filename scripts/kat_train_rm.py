@@ -18,7 +18,7 @@ takes its slice, and a resumed run draws what the uninterrupted one would have. 
 micro-batches of --device_batch_size pairs (a chosen and a rejected row each), shortest pairs together.
 
 Optimization. The backbone's matrices with Muon (--matrix_optimizer) at --learning_rate, the embedding and the
-fresh head with AdamW at --embedding_lr and --head_learning_rate; linear warmup over --warmup_steps, constant, then
+fresh head with AdamW at --embedding_lr and --head_lr; linear warmup over --warmup_steps, constant, then
 a linear decay to 0 over the last --warmdown_ratio of the steps. Loss: Bradley-Terry plus --center_coef times the
 squared sum of the pair's rewards (reward centering). Why Muon: on the synthetic world the pairs with a wrong fact
 are the hard ones (the artifact and evasive ones are learned within 50 steps); telling a wrong fact from the right
@@ -56,7 +56,7 @@ def main(argv=None):
                              "0.01 muon / 0.001 adamw)")
     parser.add_argument("--embedding_lr", type=nonnegative_float, default=1e-3,
                         help="AdamW learning rate of the embedding")
-    parser.add_argument("--head_learning_rate", type=nonnegative_float, default=3e-3,
+    parser.add_argument("--head_lr", type=nonnegative_float, default=3e-3,
                         help="AdamW learning rate of the head")
     parser.add_argument("--warmdown_ratio", type=fraction, default=0.3, help="share of steps with a linear decay to 0")
     parser.add_argument("--batch_size_pairs", type=positive_int, default=32, help="global pairs per optimizer step")
@@ -67,12 +67,13 @@ def main(argv=None):
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="torch.compile the training forward, dynamic shapes (~1.4x faster on CPU at the "
                              "speedrun's sizes; needs a C++ compiler, ~30 s to compile)")
-    parser.add_argument("--out_path", type=str, default="outs/rm/ckpt.pt")
+    parser.add_argument("--out_dir", "--out_path", dest="out_dir", type=str, default="outs/rm",
+                        help="output directory (--out_path, the seed how-to's name, may end in /ckpt.pt)")
     add_pair_flags(parser)
     args = parse_flags(parser, argv)
-    out_dir = os.path.dirname(args.out_path) if args.out_path.endswith(".pt") else args.out_path
-    if args.out_path.endswith(".pt") and os.path.basename(args.out_path) != "ckpt.pt":
-        parser.error(f"argument --out_path: must be a directory or end in ckpt.pt, got {args.out_path!r}")
+    if args.out_dir.endswith(".pt") and os.path.basename(args.out_dir) != "ckpt.pt":
+        parser.error(f"argument --out_dir/--out_path: must be a directory or end in ckpt.pt, got {args.out_dir!r}")
+    out_dir = os.path.dirname(args.out_dir) if args.out_dir.endswith(".pt") else args.out_dir
 
     rank, world_size, device = dist_init(args.device)
     stage = Stage(out_dir, args, script="kat_train_rm", kind=RM_KIND)
@@ -88,7 +89,7 @@ def main(argv=None):
     densities = read_densities(args.density_path) if os.path.exists(args.density_path) else None
 
     matrix_lr = 0.5 * MATRIX_LR[args.matrix_optimizer] if args.learning_rate is None else args.learning_rate
-    optimizers = setup_rm_optimizers(rm, matrix_lr, args.embedding_lr, args.head_learning_rate,
+    optimizers = setup_rm_optimizers(rm, matrix_lr, args.embedding_lr, args.head_lr,
                                      args.matrix_optimizer)
 
     local_pairs = args.batch_size_pairs // world_size
@@ -142,7 +143,8 @@ def main(argv=None):
     print0(f"training {train_seconds:.1f}s ({timings['pairs_per_second']:.1f} pairs/s), total "
            f"{timings['total_seconds']:.1f}s")
     stage.finish(rm, tokenizer_dir(payload), metrics, timings, notes="\n\n".join(notes),
-                 extra={"max_len": max_len, "sft_ckpt_path": payload["path"]}, parents=[payload], device=device)
+                 extra={"max_len": max_len, "sft_ckpt_path": payload["path"]}, parents=[payload],
+                 world=payload["world"], device=device)
     dist_cleanup()
 
 

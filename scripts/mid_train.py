@@ -18,7 +18,7 @@ from nanochat.finetune import add_finetune_flags, finetune
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_finetune_flags(parser, init_ckpt="outs/base", out_dir="outs/mid", num_conversations=8000, stream=0,
+    add_finetune_flags(parser, ckpt_path="outs/base", out_dir="outs/mid", num_conversations=8000, stream=0,
                        artifact_rate=0.15)
     args = parse_flags(parser, argv)
 

@@ -257,8 +257,8 @@ def test_script_end_to_end(tmp_path, model, tok):
     pairs_path.write_text("".join(json.dumps({"prompt_id": p["id"], "cluster": "colour" if i < 18 else "tail"})
                                   + "\n" for i, p in enumerate(prompts)) + "not json\n")
     out = tmp_path / "density.jsonl"
-    argv = [f"--prompts_path={prompts_path}", f"--pairs_path={pairs_path}", f"--embed_model={tmp_path / 'sft'}",
-            "--density_k=3", "--density_max_ratio=0", f"--cache_dir={tmp_path}", f"--out={out}",
+    argv = [f"--prompts_path={prompts_path}", f"--pairs_path={pairs_path}", f"--sft_ckpt_path={tmp_path / 'sft'}",
+            "--density_k=3", "--density_max_ratio=0", f"--cache_dir={tmp_path}", f"--density_path={out}",
             f"--report_dir={tmp_path / 'outs' / 'density'}", "--device=cpu"]
     kat_density.main(argv)
 

@@ -106,7 +106,7 @@ def stage(tmp_path_factory, tok, world):
     root = tmp_path_factory.mktemp("dpo_stage")
     tok.save(root / "tok")
     save_checkpoint(root / "sft", make_tiny_model(vocab_size=300, sequence_len=64), step=0,
-                    tokenizer_dir=str(root / "tok"), flags={"source": "synthetic", "seed": 0, "synthetic_size": 1})
+                    tokenizer_dir=str(root / "tok"), world={"seed": 0, "size": 1})
     pairs = world.preference_pairs(40, seed=0)
     (root / "pairs_all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     (root / "pairs_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.preference_pairs(6, seed=1)))

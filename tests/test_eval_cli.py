@@ -41,8 +41,7 @@ def run_dir(tmp_path_factory):
         prompt = tok.render_for_completion(world.load(limit=1)[0]["messages"])
         third = Engine(model).generate([prompt], max_new_tokens=3, temperature=0.0).tokens[0, 2].item()
         model.lm_head.weight[tok.encode_special("<|assistant_end|>")] = 1.01 * model.lm_head.weight[third]
-    save_checkpoint(root / "outs" / "sft", model, 0, root / "outs" / "tokenizer",
-                    flags={"seed": 0, "synthetic_size": 1})
+    save_checkpoint(root / "outs" / "sft", model, 0, root / "outs" / "tokenizer", world={"seed": 0, "size": 1})
     return root
 
 

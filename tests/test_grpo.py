@@ -223,7 +223,7 @@ def grpo_stage(tmp_path_factory):
     tok = train_tokenizer(world.pretrain_documents(300, seed=0), 300)
     tok.save(root / "tokenizer")
     sft = make_tiny_model(vocab_size=300, sequence_len=128)
-    save_checkpoint(root / "sft", sft, 0, str(root / "tokenizer"), flags={"seed": 0, "synthetic_size": 1})
+    save_checkpoint(root / "sft", sft, 0, str(root / "tokenizer"), world={"seed": 0, "size": 1})
     rm = RewardModel(make_tiny_model(seed=1, vocab_size=300, sequence_len=128))
     with torch.no_grad():
         rm.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
@@ -236,7 +236,7 @@ def grpo_stage(tmp_path_factory):
 
 def grpo_flags(root, **overrides):
     flags = {"sft_ckpt_path": root / "sft", "rm_ckpt_path": root / "rm", "pairs_path": root / "pairs_all.jsonl",
-             "eval_pairs_path": root / "pairs_test.jsonl", "cache_dir": root / "cache", "prompts_per_step": 2,
+             "test_pairs_path": root / "pairs_test.jsonl", "cache_dir": root / "cache", "prompts_per_step": 2,
              "num_generations": 3, "max_new_tokens": 6, "max_steps": 4, "save_every": 2, "eval_every": 2,
              "eval_prompts": 4, "density_k": 3, "device_batch_size": 4, "learning_rate": 1e-3}
     flags.update(overrides)

@@ -50,7 +50,7 @@ def test_download_pairs_with_no_kept_pair_exits_1_and_keeps_the_previous_files(t
     (data / "pairs_test.jsonl").write_text("previous test\n")
 
     result = run_module("scripts.kat_download_pairs", "--only=hh", f"--from_dir={tmp_path / 'hub'}",
-                        f"--out={data / 'pairs_all.jsonl'}", f"--test_out={data / 'pairs_test.jsonl'}",
+                        f"--pairs_path={data / 'pairs_all.jsonl'}", f"--test_pairs_path={data / 'pairs_test.jsonl'}",
                         f"--report_dir={tmp_path / 'outs'}")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "hh-rlhf gave no pair (8 rows skipped: missing_field=8" in result.stderr
@@ -63,11 +63,11 @@ def test_download_pairs_with_no_kept_pair_exits_1_and_keeps_the_previous_files(t
 
 def test_make_prompts_names_a_missing_pairs_file_and_its_writer(tmp_path):
     # catches: a FileNotFoundError traceback (or an empty prompt set) instead of the path and the command to run
-    result = run_module("scripts.kat_make_prompts", f"--pairs={tmp_path / 'nope.jsonl'}",
+    result = run_module("scripts.kat_make_prompts", f"--pairs_path={tmp_path / 'nope.jsonl'}",
                         f"--out_dir={tmp_path / 'data'}", f"--report_dir={tmp_path / 'outs'}")
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"kat_make_prompts: --pairs {tmp_path / 'nope.jsonl'} not found; write it with "
-                                     f"python -m scripts.kat_download_pairs")
+    assert result.stderr.strip() == (f"kat_make_prompts: --pairs_path {tmp_path / 'nope.jsonl'} not found; write it "
+                                     f"with python -m scripts.kat_download_pairs")
     assert not (tmp_path / "data").exists()
 
 

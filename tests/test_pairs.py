@@ -124,13 +124,13 @@ def write_se(root, sites):
 
 def download(tmp_path, *flags):
     out = tmp_path / "data"
-    kat_download_pairs.main([*flags, f"--out={out / 'pairs_all.jsonl'}", f"--test_out={out / 'pairs_test.jsonl'}",
-                             f"--report_dir={tmp_path / 'outs' / 'pairs'}"])
+    kat_download_pairs.main([*flags, f"--pairs_path={out / 'pairs_all.jsonl'}",
+                             f"--test_pairs_path={out / 'pairs_test.jsonl'}", f"--report_dir={tmp_path / 'outs' / 'pairs'}"])
     return read_jsonl(out / "pairs_all.jsonl"), read_jsonl(out / "pairs_test.jsonl")
 
 
 def make_prompts(tmp_path, pairs_path):
-    kat_make_prompts.main([f"--pairs={pairs_path}", f"--out_dir={tmp_path / 'data'}",
+    kat_make_prompts.main([f"--pairs_path={pairs_path}", f"--out_dir={tmp_path / 'data'}",
                            f"--report_dir={tmp_path / 'outs' / 'prompts'}"])
     return read_jsonl(tmp_path / "data" / "prompts_all.jsonl")
 

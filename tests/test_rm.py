@@ -180,7 +180,7 @@ def stage(tmp_path_factory, tok, world):
     root = tmp_path_factory.mktemp("rm_stage")
     tok.save(root / "tok")
     save_checkpoint(root / "sft", make_tiny_model(vocab_size=300, sequence_len=64), step=0,
-                    tokenizer_dir=str(root / "tok"), flags={"source": "synthetic", "seed": 0})
+                    tokenizer_dir=str(root / "tok"), world={"seed": 0, "size": 1})
     write_jsonl(root / "pairs_all.jsonl", world.preference_pairs(48, seed=0))
     write_jsonl(root / "pairs_test.jsonl", world.preference_pairs(12, seed=1))
     return root
@@ -191,7 +191,7 @@ def rm_flags(root, out):
             f"--test_pairs_path={root / 'pairs_test.jsonl'}", f"--density_path={root / 'none.jsonl'}",
             "--max_steps=3", "--batch_size_pairs=8", "--device_batch_size=2", "--max_len=40", "--warmup_steps=1",
             "--val_share=0.2", "--eval_every=0", "--save_every=0", "--log_every=1", "--learning_rate=1e-3",
-            "--head_learning_rate=1e-2", "--device=cpu", f"--out_path={out}"]
+            "--head_lr=1e-2", "--device=cpu", f"--out_path={out}"]
 
 
 def test_torchrun_two_processes_match_one_process_and_eval_reads_the_checkpoint(stage, tok):

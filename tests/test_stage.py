@@ -43,7 +43,7 @@ def files(tmp_path_factory, tok, world):
     root = tmp_path_factory.mktemp("stage")
     tok.save(root / "tok")
     save_checkpoint(root / "sft", make_tiny_model(vocab_size=300, sequence_len=128), 0, str(root / "tok"),
-                    flags={"source": "synthetic", "seed": 0, "synthetic_size": 1})
+                    world={"seed": 0, "size": 1})
     rm = RewardModel(make_tiny_model(seed=1, vocab_size=300, sequence_len=128))
     with torch.no_grad():
         rm.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
@@ -69,7 +69,7 @@ def pair_flags(files):
 
 def grpo_flags(files, out_dir, *extra):
     return [f"--sft_ckpt_path={files / 'sft'}", f"--rm_ckpt_path={files / 'rm'}",
-            f"--pairs_path={files / 'pairs_all.jsonl'}", f"--eval_pairs_path={files / 'pairs_test.jsonl'}",
+            f"--pairs_path={files / 'pairs_all.jsonl'}", f"--test_pairs_path={files / 'pairs_test.jsonl'}",
             f"--cache_dir={out_dir}_cache", "--density_aware=False", "--prompts_per_step=2", "--num_generations=3",
             "--max_new_tokens=6", "--max_steps=2", "--save_every=0", "--eval_every=0", "--eval_prompts=4",
             "--eval_samples=2", "--device_batch_size=3", "--learning_rate=1e-3", "--warmup_steps=0",
@@ -152,7 +152,7 @@ def test_a_killed_stage_is_refused_downstream_until_resumed(files, tmp_path):
     # catches: periodic saves writing ckpt.pt (a half-trained model a later stage would load), a loader that takes
     # an interrupted directory for a finished one, a final save that leaves optim.pt behind
     base = tmp_path / "base"
-    proc = start(["-m", "scripts.base_train", *base_flags(files, base, "--num_steps=12", "--save_every=2")],
+    proc = start(["-m", "scripts.base_train", *base_flags(files, base, "--max_steps=12", "--save_every=2")],
                  tmp_path / "base")
     try:
         wait_for((base / "meta.json").exists, proc, what="the first periodic save")
@@ -162,14 +162,14 @@ def test_a_killed_stage_is_refused_downstream_until_resumed(files, tmp_path):
     assert (base / "optim.pt").exists() and not (base / "ckpt.pt").exists()
     assert json.loads((base / "meta.json").read_text())["complete"] is False
 
-    mid = ["-m", "scripts.mid_train", f"--init_ckpt={base}", "--max_len=64", "--batch_rows=2",
-           "--device_batch_size=2", "--num_conversations=20", "--val_conversations=4", "--num_steps=2",
+    mid = ["-m", "scripts.mid_train", f"--ckpt_path={base}", "--max_len=64", "--batch_rows=2",
+           "--device_batch_size=2", "--num_conversations=20", "--val_conversations=4", "--max_steps=2",
            "--eval_every=0", "--save_every=0", "--device=cpu"]
     [(rc, _, err)] = run_all([mid + [f"--out_dir={tmp_path / 'mid_refused'}"]], tmp_path)
     line = one_line_error(rc, err)
     assert str(base) in line and "--resume" in line
 
-    base_train.main(base_flags(files, base, "--num_steps=12", "--save_every=2", "--resume=True"))
+    base_train.main(base_flags(files, base, "--max_steps=12", "--save_every=2", "--resume=True"))
     assert not (base / "optim.pt").exists() and (base / "ckpt.pt").exists()
     assert json.loads((base / "meta.json").read_text())["complete"] is True
     mid_train.main(mid[2:] + [f"--out_dir={tmp_path / 'mid'}"])
@@ -213,7 +213,7 @@ def test_a_diverging_run_stops_naming_step_and_term_and_saves_nothing_non_finite
     # useless, and the run would "finish" with a ckpt.pt), a save of the resume state after the bad step
     out = tmp_path / "diverged"
     with pytest.raises(DivergedError) as e:  # scripts print it and exit 1 (run_script)
-        base_train.main(base_flags(files, out, "--num_steps=6", "--save_every=1", "--matrix_lr=1e30",
+        base_train.main(base_flags(files, out, "--max_steps=6", "--save_every=1", "--matrix_lr=1e30",
                                    "--embedding_lr=1e30", "--unembedding_lr=1e30"))
     message = str(e.value)
     step = int(message.split(":")[0].removeprefix("step "))
@@ -249,14 +249,14 @@ def test_a_second_run_into_a_busy_directory_exits_naming_the_holder(files, tmp_p
     # catches: no lock (two runs interleaving their saves), a lock file checked by existence (a killed run would
     # leave it stale and block the directory forever), a lock released before the run ends
     out = tmp_path / "busy"
-    first = start(["-m", "scripts.base_train", *base_flags(files, out, "--num_steps=100000", "--save_every=0",
+    first = start(["-m", "scripts.base_train", *base_flags(files, out, "--max_steps=100000", "--save_every=0",
                                                            "--log_every=100")], tmp_path / "first")
     try:
         wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().strip(), first,
                  what="the lock")
         assert (out / ".lock").read_text().strip() == str(first.pid)
         t0 = time.time()
-        [(rc, _, err)] = run_all([["-m", "scripts.base_train", *base_flags(files, out, "--num_steps=2")]],
+        [(rc, _, err)] = run_all([["-m", "scripts.base_train", *base_flags(files, out, "--max_steps=2")]],
                                  tmp_path, timeout=60)
         assert time.time() - t0 < 20
         line = one_line_error(rc, err)
@@ -264,7 +264,7 @@ def test_a_second_run_into_a_busy_directory_exits_naming_the_holder(files, tmp_p
         assert first.poll() is None
     finally:
         kill(first)
-    base_train.main(base_flags(files, out, "--num_steps=1"))  # the kernel released the dead run's flock
+    base_train.main(base_flags(files, out, "--max_steps=1"))  # the kernel released the dead run's flock
     assert (out / "ckpt.pt").exists()
 
 
@@ -273,7 +273,7 @@ def test_killing_the_torchrun_agent_stops_its_workers(files, tmp_path):
     # was killed, so that a --resume started meanwhile becomes a second writer
     out = tmp_path / "ddp"
     agent = start(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train",
-                   "--", *base_flags(files, out, "--num_steps=100000", "--save_every=2", "--log_every=100")],
+                   "--", *base_flags(files, out, "--max_steps=100000", "--save_every=2", "--log_every=100")],
                   tmp_path / "agent")
     workers = []
     try:
@@ -299,7 +299,7 @@ def test_killing_the_torchrun_agent_stops_its_workers(files, tmp_path):
 @pytest.mark.parametrize("script, flag", [
     ("kat_train_rm", "--max_len=-1"),         # catches: a plain int type (a negative cut length slices from the end)
     ("kat_train_dpo", "--max_len=-1"),        # catches: the same in the DPO stage, which shares the pair flags
-    ("base_train", "--num_steps=0"),          # catches: 0 steps, which "finishes" with an untrained ckpt.pt
+    ("base_train", "--max_steps=0"),          # catches: 0 steps, which "finishes" with an untrained ckpt.pt
     ("kat_train_grpo", "--eval_samples=0"),   # catches: an evaluation over zero answers (0 / 0 rewards)
     ("kat_train_dpo", "--beta=0"),            # catches: beta = 0, where DPO's loss has no gradient
     ("kat_train_grpo", "--temperature=0"),    # catches: greedy groups, G identical completions and no signal
@@ -339,7 +339,7 @@ def test_an_unwritable_output_directory_fails_at_once_naming_it(files, tmp_path)
     # catches: the directory checked only at the first save, after the whole run's compute
     dirs = unwritable_dirs(tmp_path)
     t0 = time.time()
-    results = run_all([["-m", "scripts.base_train", *base_flags(files, d, "--num_steps=100000")] for d in dirs],
+    results = run_all([["-m", "scripts.base_train", *base_flags(files, d, "--max_steps=100000")] for d in dirs],
                       tmp_path, timeout=60)
     assert time.time() - t0 < 30
     for d, (rc, out, err) in zip(dirs, results):
@@ -351,7 +351,7 @@ def test_an_unwritable_output_directory_fails_at_once_naming_it(files, tmp_path)
 @pytest.fixture(scope="module")
 def finished_base(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "base"
-    base_train.main(base_flags(files, out, "--num_steps=2", "--save_every=1"))
+    base_train.main(base_flags(files, out, "--max_steps=2", "--save_every=1"))
     return out
 
 
@@ -361,7 +361,7 @@ def test_resume_of_a_finished_run_says_so_and_touches_nothing(files, finished_ba
     names = ["ckpt.pt", "meta.json", "report.md"]
     before = {n: ((finished_base / n).read_bytes(), os.stat(finished_base / n).st_mtime_ns) for n in names}
     capsys.readouterr()
-    assert base_train.main(base_flags(files, finished_base, "--num_steps=2", "--save_every=1",
+    assert base_train.main(base_flags(files, finished_base, "--max_steps=2", "--save_every=1",
                                       "--resume=True")) is None  # exit 0
     log = capsys.readouterr().out
     assert "already holds a finished run" in log and "model:" not in log
@@ -376,11 +376,11 @@ def test_resume_of_another_run_is_refused_naming_the_difference(files, tmp_path,
     out = tmp_path / "base"
     kill_after_checkpoint(monkeypatch, step=1)
     with pytest.raises(Interrupted):
-        base_train.main(base_flags(files, out, "--num_steps=3", "--save_every=1"))
+        base_train.main(base_flags(files, out, "--max_steps=3", "--save_every=1"))
     monkeypatch.undo()
     state = (out / "optim.pt").read_bytes()
     with pytest.raises(CheckpointError, match=r"seq_len: 64 -> 32") as e:
-        base_train.main(base_flags(files, out, "--num_steps=3", "--save_every=1", "--resume=True", "--seq_len=32"))
+        base_train.main(base_flags(files, out, "--max_steps=3", "--save_every=1", "--resume=True", "--seq_len=32"))
     assert str(out / "optim.pt") in str(e.value)
     with pytest.raises(CheckpointError, match=r"stage: 'base_train' -> 'kat_train_rm'"):
         kat_train_rm.main(pair_flags(files) + [f"--out_path={out}", "--resume=True"])

@@ -37,7 +37,7 @@ def final_loss(out_dir):
 
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tokenizer_dir):
-    flags = TINY + [f"--tokenizer_dir={tokenizer_dir}", "--num_steps=30", "--save_every=5"]
+    flags = TINY + [f"--tokenizer_dir={tokenizer_dir}", "--max_steps=30", "--save_every=5"]
     base_train.main(flags + [f"--out_dir={tmp_path / 'straight'}"])
     reference = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
 
@@ -63,7 +63,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tokenizer
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path, tokenizer_dir):
-    flags = TINY + [f"--tokenizer_dir={tokenizer_dir}", "--num_steps=4", "--save_every=0"]
+    flags = TINY + [f"--tokenizer_dir={tokenizer_dir}", "--max_steps=4", "--save_every=0"]
     one = run_script(["-m", "scripts.base_train", *flags, f"--out_dir={tmp_path / 'one'}"])
     assert one.wait(timeout=300) == 0, one.stdout.read()[-3000:]
     two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
