@@ -1,5 +1,5 @@
 """
-Speed benchmarks at the design doc's reference size (depth 4: width 256, 4 heads; vocab 4096; context 512) on a
+Speed benchmarks at the project's reference size (depth 4: width 256, 4 heads; vocab 4096; context 512) on a
 randomly initialised model and random tokens: pretraining and decoding throughput, the Muon vs AdamW race that
 decides the default matrix optimizer, the post-training steps (reward model, DPO, GRPO) beside TRL's figures, and
 the kNN behind the density weights. Prints one table at the end and writes outs/bench.json (atomically; a partial
@@ -105,10 +105,11 @@ LAST_STEPS = 10  # the race's training loss is averaged over this many final ste
 DENSITY_DIM, DENSITY_K = 256, 10
 SAME_DISTANCE = 1e-6  # blocked and brute force round a cosine differently, by a few fp32 ulps
 
-# measured by the design doc with HF transformers on this machine class, at the reference size
+# reference figures measured once, before 2026-11-22, with HF transformers 5.23 on this machine class (2 CPU cores,
+# fp32) at the reference size; they are fixed numbers, not measured in this run (the README's table says so)
 REF_TRAIN_TOKENS_PER_S = 2960  # GPT-2, batch 8 x 512
 REF_GENERATE_TOKENS_PER_S = {1: 250, 16: 1790}  # generate(), greedy, 256 new tokens
-# the design doc's figures for TRL's trainers on the rm, dpo and grpo workloads at their default shapes
+# the same for TRL 1.16's trainers on the rm, dpo and grpo workloads at their default shapes
 REF_RM_PAIRS_PER_S = 14.3  # RewardTrainer, 16 pairs of 128 + 128 tokens
 REF_DPO_PAIRS_PER_S = 6.4  # DPOTrainer, 16 pairs of 64 prompt + 64 chosen + 64 rejected tokens
 REF_GRPO_SECONDS_PER_STEP = 15.8  # GRPOTrainer, 16 prompts x 8 samples, 64 + 64 tokens
