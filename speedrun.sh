@@ -107,7 +107,7 @@ if [ "${DPO:-0}" = 1 ]; then
     run_stage dpo_density outs/dpo_density/ckpt.pt launch scripts.kat_train_dpo -- --density_aware=True $DPO_FLAGS
     run_stage dpo_baseline outs/dpo_baseline/ckpt.pt launch scripts.kat_train_dpo -- --density_aware=False $DPO_FLAGS
     run_stage diversity_dpo .cache/diversity_report_dpo.md $PY -m scripts.kat_eval_diversity \
-        --density_model_path=outs/dpo_density --baseline_model_path=outs/dpo_baseline \
+        --models=sft=outs/sft,density=outs/dpo_density,baseline=outs/dpo_baseline \
         --output_report=.cache/diversity_report_dpo.md
 fi
 

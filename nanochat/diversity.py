@@ -37,7 +37,7 @@ Over the whole corpus of responses (recomputed on every bootstrap resample):
 
 Confidence intervals: a half-sample bootstrap over prompts. A set of prompts (all, or one density quantile) of size
 n is resampled `num_resamples` times as floor(n/2) prompts drawn WITHOUT replacement (numpy Generator seeded by
-(seed, set)); every model is measured on the same half-samples, so a difference model - reference is paired over
+(seed, set)); every model is measured on the same half-samples, so a difference of two models is paired over
 prompts. Its CI is the point estimate (the difference on all n prompts) plus the 2.5 and 97.5 percentiles of the
 half-sample differences minus their mean. Why half-samples: the variance of a half-sample mean about the full mean is
 sigma^2 (1/(n/2) - 1/n) = sigma^2 / n (finite-population correction), the sampling variance of the full-sample mean,
@@ -50,8 +50,13 @@ Centering on the point estimate removes the half-size corpus's own shift (a half
 it changes nothing. Rare-versus-dense gaps (difference on the sparsest quantile minus difference on the densest)
 combine two independent resamplings, as the two quantiles hold different prompts.
 
-Verdict of a difference (model - reference): ✅ when the CI excludes 0 on the metric's good side, ❌ when it
-excludes 0 on the bad side, ≈ when it includes 0, — for descriptive metrics.
+Models are any set of names (identifiers, e.g. sft, dpo_density, star_iter2). The differences taken: every other
+model minus the `reference` model (when one is named: how each moved from it), and the `contrast` pair a - b (when
+one is named: the headline comparison, e.g. density-aware minus uniform sampling, whose rare-versus-dense gap gets a
+plain-language answer).
+
+Verdict of a difference (first - second): ✅ when the CI excludes 0 on the metric's good side, ❌ when it excludes 0
+on the bad side, ≈ when it includes 0, — for descriptive metrics.
 """
 
 import math
@@ -67,10 +72,9 @@ from nanochat.synthetic import count_artifacts
 EM_DASH, EN_DASH = "\u2014", "\u2013"
 MATTR_WINDOW = 50
 REPEAT_N = 3
-# the post-trained runs (GRPO, or DPO) by their prompt sampling; the report's header names their checkpoints
-MODEL_LABELS = {"sft": "SFT", "density": "density-aware", "baseline": "uniform"}
-# (a, b) reads "a - b": how each post-trained run moved from SFT, and the two runs against each other
-COMPARISONS = (("density", "sft"), ("baseline", "sft"), ("density", "baseline"))
+# nicer table labels for the names speedrun.sh uses (the post-trained runs by their prompt sampling); any other
+# name is its own label
+LABELS = {"sft": "SFT", "density": "density-aware", "baseline": "uniform"}
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -246,7 +250,7 @@ def bootstrap_ci(values_or_stat, n=None, num_resamples=1000, seed=0, level=0.95)
 
 
 def verdict(ci, direction):
-    """✅ CI of (model - reference) excludes 0 on the good side, ❌ on the bad side, ≈ includes 0; — descriptive."""
+    """✅ CI of a difference (a - b) excludes 0 on the good side, ❌ on the bad side, ≈ includes 0; — descriptive."""
     lo, hi = ci
     if direction == 0:
         return "—"
@@ -376,18 +380,24 @@ def quantile_names(num_quantiles):
 
 
 def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_resamples=1000, seed=0, level=0.95,
-                    headline="artifact_rate"):
+                    headline="artifact_rate", reference=None, contrast=None):
     """
-    responses {model: [[sample texts] per prompt]} (model names from MODEL_LABELS: sft optional, density and
-    baseline), scores {model: {key: (prompts, samples) array}}, quantile (prompts,) ints 0 = sparsest, or None.
-    Returns a JSON-ready dict: metric definitions, values per prompt set and model, comparisons with CIs and
-    verdicts, and the rare-versus-dense section with its plain-language answer for the `headline` metric.
+    responses {model: [[sample texts] per prompt]} for any model names (identifiers: they make comparison keys
+    "a-b"), scores {model: {key: (prompts, samples) array}}, quantile (prompts,) ints 0 = sparsest, or None.
+    Differences: every other model minus `reference` (a model name, or None) and the `contrast` pair (a, b) = a - b
+    (or None). Returns a JSON-ready dict: metric definitions, values per prompt set and model, comparisons with CIs
+    and verdicts, and the rare-versus-dense section, with its plain-language answer for the `headline` metric when
+    there is a contrast.
     """
-    unknown = sorted(set(responses) - set(MODEL_LABELS))
-    if unknown or not {"density", "baseline"} <= set(responses):
-        raise ValueError(f"responses need models density and baseline (sft optional), of {list(MODEL_LABELS)}; "
-                         f"got {sorted(responses)}")
-    models = [m for m in MODEL_LABELS if m in responses]
+    models = list(responses)
+    if not models or not all(isinstance(m, str) and m.isidentifier() for m in models):
+        raise ValueError(f"model names must be identifiers (they make keys like 'a-b'), got {models}")
+    named = ([reference] if reference is not None else []) + list(contrast or ())
+    unknown = [m for m in named if m not in responses]
+    if unknown:
+        raise ValueError(f"reference/contrast name unknown models {unknown}; the models are {models}")
+    if contrast is not None and (len(contrast) != 2 or contrast[0] == contrast[1]):
+        raise ValueError(f"a contrast is two different models (a, b), got {contrast}")
     n = len(responses[models[0]])
     if any(len(responses[m]) != n for m in models):
         raise ValueError(f"every model needs responses to the same {n} prompts, got "
@@ -405,7 +415,9 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
             members = np.flatnonzero(np.asarray(quantile) == q)
             if len(members):
                 subsets[name], labels[name] = members, label
-    comparisons = [(a, b) for a, b in COMPARISONS if a in models and b in models]
+    comparisons = [(m, reference) for m in models if reference is not None and m != reference]
+    if contrast is not None and tuple(contrast) not in comparisons:
+        comparisons.append(tuple(contrast))
     values, intervals, samples = {}, {}, {}
     for s, (name, members) in enumerate(subsets.items()):
         idx = members[resample_indices(len(members), num_resamples, [seed, s])]
@@ -420,13 +432,12 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
                                     for a, b in comparisons}
     quantiles = [name for name in subsets if name != "all"]
     rare_vs_dense = None
-    if len(quantiles) >= 2:
+    if len(quantiles) >= 2 and comparisons:
         rare, dense = quantiles[0], quantiles[-1]
-        pairs = [(a, b) for a, b in comparisons if b == "sft"] + [("density", "baseline")]
         rows = {}
         for metric in metrics:
             key, d, row = metric["key"], metric["direction"], {}
-            for a, b in pairs:
+            for a, b in comparisons:
                 diff = {where: samples[where][key][a] - samples[where][key][b] for where in (rare, dense)}
                 point = {where: values[where][key][a] - values[where][key][b] for where in (rare, dense)}
                 row[f"{a}-{b}@rare"] = intervals[rare][key][f"{a}-{b}"]
@@ -434,10 +445,12 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
                 row[f"{a}-{b}@gap"] = _interval(diff[rare] - diff[dense], point[rare] - point[dense], d, level)
             rows[key] = row
         rare_vs_dense = {"rare": rare, "dense": dense, "n_rare": len(subsets[rare]), "n_dense": len(subsets[dense]),
-                         "pairs": [f"{a}-{b}" for a, b in pairs], "rows": rows}
-        rare_vs_dense["answer"] = rare_vs_dense_answer(rare_vs_dense, next(m for m in metrics if m["key"] == headline),
-                                                       "sft" in models, level)
-    return {"models": models, "n_prompts": n, "samples_per_prompt": len(responses[models[0]][0]) if n else 0,
+                         "pairs": [f"{a}-{b}" for a, b in comparisons], "rows": rows, "answer": None}
+        if contrast is not None:
+            rare_vs_dense["answer"] = rare_vs_dense_answer(
+                rare_vs_dense, next(m for m in metrics if m["key"] == headline), reference, contrast, level)
+    return {"models": models, "reference": reference, "contrast": None if contrast is None else list(contrast),
+            "n_prompts": n, "samples_per_prompt": len(responses[models[0]][0]) if n else 0,
             "metrics": metrics, "subsets": {name: {"label": labels[name], "n": len(members)}
                                             for name, members in subsets.items()},
             "values": values, "comparisons": intervals, "rare_vs_dense": rare_vs_dense,
@@ -446,6 +459,15 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
 
 # -----------------------------------------------------------------------------
 # rendering
+
+def model_label(model):
+    return LABELS.get(model, model)
+
+
+def _pair_label(pair):
+    """A comparison key as a column title: density-sft -> density-aware − SFT."""
+    return " − ".join(model_label(m) for m in pair.split("-"))
+
 
 def _num(x, digits=4):
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
@@ -464,25 +486,31 @@ def _significance(iv):
     return "significant" if iv["lo"] > 0 or iv["hi"] < 0 else "not significant"
 
 
-def rare_vs_dense_answer(rv, metric, has_sft, level=0.95):
-    """The plain-language answer: did density-aware sampling change the sparsest prompts more than uniform did?"""
-    rows, label, d = rv["rows"][metric["key"]], metric["label"], metric["direction"]
+def rare_vs_dense_answer(rv, metric, reference, contrast, level=0.95):
+    """
+    The plain-language answer: did the contrast's first model (a) change the sparsest prompts more than its second
+    (b)? With a reference other than a and b, how each moved from it there comes first.
+    """
+    rows, name, d = rv["rows"][metric["key"]], metric["label"], metric["direction"]
+    a, b = contrast
+    first, second = model_label(a), model_label(b)
     better = "higher" if d > 0 else "lower"
     rare_q = f"the sparsest density quantile ({rv['rare']}, {rv['n_rare']} prompts)"
     parts = []
-    if has_sft:
-        parts.append(f"On {rare_q}, the density-aware run changed the {label} by "
-                     f"{format_interval(rows['density-sft@rare'], False)} relative to SFT, the uniform run by "
-                     f"{format_interval(rows['baseline-sft@rare'], False)} ({level:.0%} CIs; {better} is better).")
+    if reference in (None, a, b):
+        parts.append(f"On {rare_q} the {name} is compared between the {first} and {second} models directly "
+                     f"({better} is better).")
     else:
-        parts.append(f"No SFT model, so changes from SFT are unknown; on {rare_q} the {label} is compared between "
-                     f"the two runs directly ({better} is better).")
-    gap = rows["density-baseline@rare"]
-    outcome = {"✅": "density-aware sampling did significantly better than uniform sampling on rare prompts",
-               "❌": "density-aware sampling did significantly worse than uniform sampling on rare prompts"}.get(
-        gap["verdict"], "density-aware and uniform sampling did not differ significantly on rare prompts")
-    parts.append(f"The difference density-aware − uniform there is {format_interval(gap, False)}: {outcome}.")
-    dense, gap_gap = rows["density-baseline@dense"], rows["density-baseline@gap"]
+        parts.append(f"On {rare_q}, the {first} model changed the {name} by "
+                     f"{format_interval(rows[f'{a}-{reference}@rare'], False)} relative to {model_label(reference)}, "
+                     f"the {second} model by {format_interval(rows[f'{b}-{reference}@rare'], False)} ({level:.0%} "
+                     f"CIs; {better} is better).")
+    gap = rows[f"{a}-{b}@rare"]
+    outcome = {"✅": f"the {first} model did significantly better than the {second} model on rare prompts",
+               "❌": f"the {first} model did significantly worse than the {second} model on rare prompts"}.get(
+        gap["verdict"], f"the {first} and {second} models did not differ significantly on rare prompts")
+    parts.append(f"The difference {_pair_label(f'{a}-{b}')} there is {format_interval(gap, False)}: {outcome}.")
+    dense, gap_gap = rows[f"{a}-{b}@dense"], rows[f"{a}-{b}@gap"]
     parts.append(f"On the densest quantile ({rv['dense']}, {rv['n_dense']} prompts) the difference is "
                  f"{format_interval(dense, False)}; the rare-minus-dense gap of that difference is "
                  f"{format_interval(gap_gap, False)} ({_significance(gap_gap)}).")
@@ -497,8 +525,7 @@ def _escape(text, limit=None):
 def metric_table(results, subset):
     """Markdown table of every metric on one prompt set: values per model and each comparison with CI and verdict."""
     models, comparisons = results["models"], list(results["comparisons"][subset][results["metrics"][0]["key"]])
-    head = (["group", "metric", "better"] + [MODEL_LABELS[m] for m in models]
-            + [" − ".join(MODEL_LABELS[x] for x in c.split("-")) for c in comparisons])
+    head = ["group", "metric", "better"] + [model_label(m) for m in models] + [_pair_label(c) for c in comparisons]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     group = None
     for metric in results["metrics"]:
@@ -514,7 +541,7 @@ def metric_table(results, subset):
 
 def rare_vs_dense_table(results):
     rv = results["rare_vs_dense"]
-    columns = [(f"{p}@{where}", f"{' − '.join(MODEL_LABELS[x] for x in p.split('-'))}, {what}")
+    columns = [(f"{p}@{where}", f"{_pair_label(p)}, {what}")
                for p in rv["pairs"] for where, what in (("rare", rv["rare"]), ("dense", rv["dense"]),
                                                         ("gap", f"{rv['rare']} − {rv['dense']}"))]
     lines = ["| metric | better | " + " | ".join(title for _, title in columns) + " |",
@@ -544,15 +571,22 @@ def render_report(results, header="", examples=(), notes=()):
         f"(↑ higher is better, ↓ lower is better), ❌ on the worse side, ≈ the CI includes 0, — descriptive. "
         f"Formulas: nanochat/diversity.py.\n")
     parts += ["## Summary (all prompts)\n", metric_table(results, "all") + "\n"]
-    rv = results["rare_vs_dense"]
-    parts.append("## Rare vs dense prompts: did density-aware sampling change the sparsest prompts more?\n")
-    if rv is None:
-        parts.append("Not measured: it needs density quantiles with at least two non-empty quantiles and both runs "
-                     "models (see the notes).\n")
+    rv, contrast = results["rare_vs_dense"], results["contrast"]
+    if contrast is None:
+        parts.append("## Rare vs dense prompts\n")
     else:
-        headline = next(m for m in results["metrics"] if m["key"] == results["headline"])
-        parts += [f"**Answer ({headline['label']}):** {rv['answer']}\n",
-                  f"All metrics, {rv['rare']} = sparsest ({rv['n_rare']} prompts), {rv['dense']} = densest "
+        parts.append(f"## Rare vs dense prompts: did the {model_label(contrast[0])} model change the sparsest prompts "
+                     f"more than the {model_label(contrast[1])} model?\n")
+    if rv is None:
+        parts.append("Not measured: it needs at least two non-empty density quantiles and a reference or a contrast "
+                     "(see the notes).\n")
+    else:
+        if rv["answer"] is None:
+            parts.append("No contrast, so no answer; the differences from the reference:\n")
+        else:
+            headline = next(m for m in results["metrics"] if m["key"] == results["headline"])
+            parts.append(f"**Answer ({headline['label']}):** {rv['answer']}\n")
+        parts += [f"All metrics, {rv['rare']} = sparsest ({rv['n_rare']} prompts), {rv['dense']} = densest "
                   f"({rv['n_dense']} prompts); each cell a difference with its {level} CI and verdict, the gap "
                   f"column the sparsest-minus-densest difference of differences:\n",
                   rare_vs_dense_table(results) + "\n"]
@@ -566,7 +600,7 @@ def render_report(results, header="", examples=(), notes=()):
         parts.append("## Sample responses (first sample of each model)\n")
         for ex in examples:
             parts.append(f"**{ex['subset']}** — prompt: {_escape(ex['prompt'], 300)}\n")
-            parts.append("\n".join(f"- {MODEL_LABELS[m]}: {_escape(text, 300) or '(empty)'}"
+            parts.append("\n".join(f"- {model_label(m)}: {_escape(text, 300) or '(empty)'}"
                                    for m, text in ex["responses"].items()) + "\n")
     return "\n".join(parts)
 
@@ -580,7 +614,7 @@ def write_charts(results, prefix):
     fig = Figure(figsize=(4 * cols, 3 * rows), dpi=100)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        ax.bar([MODEL_LABELS[m] for m in models], [results["values"]["all"][metric["key"]][m] for m in models],
+        ax.bar([model_label(m) for m in models], [results["values"]["all"][metric["key"]][m] for m in models],
                color=[f"C{i}" for i in range(len(models))])
         ax.set_title(f"{metric['label']} {DIRECTION_SIGNS[metric['direction']]}", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -596,7 +630,7 @@ def write_charts(results, prefix):
         width = 0.8 / len(models)
         for i, m in enumerate(models):
             ax.bar(np.arange(len(quantiles)) + i * width, [results["values"][q][key][m] for q in quantiles], width,
-                   label=MODEL_LABELS[m])
+                   label=model_label(m))
         ax.set_xticks(np.arange(len(quantiles)) + width * (len(models) - 1) / 2,
                       [results["subsets"][q]["label"] for q in quantiles])
         ax.set_title(next(m["label"] for m in results["metrics"] if m["key"] == key) + " by density quantile")

@@ -1,27 +1,38 @@
 """
-RLHF stage: the diversity / mode-collapse report. Samples the density-aware GRPO model, the uniform-sampling GRPO
-baseline and (when present) the SFT model on held-out prompts and compares them with nanochat/diversity.py.
+RLHF stage: the diversity / mode-collapse report. Samples any named set of models on held-out prompts and compares
+them with nanochat/diversity.py: each against a reference model, and one headline pair against each other. By
+default the density-aware GRPO model and the uniform-sampling GRPO baseline, against the SFT model.
 
-    python -m scripts.kat_eval_diversity                    # outs/grpo_density vs outs/grpo_baseline vs outs/sft
+    python -m scripts.kat_eval_diversity                    # sft=outs/sft, density=outs/grpo_density, baseline=...
     python -m scripts.kat_eval_diversity --num_prompts=200 --samples_per_prompt=8 --temperature=0.7
-    python -m scripts.kat_eval_diversity --density_model_path=outs/dpo_density --baseline_model_path=outs/dpo_baseline
-    python -m scripts.kat_eval_diversity --sft_model_path= --rm_ckpt_path=     # no SFT column, no reward
+    python -m scripts.kat_eval_diversity --models=sft=outs/sft,density=outs/dpo_density,baseline=outs/dpo_baseline
+    python -m scripts.kat_eval_diversity --models=density=outs/grpo_density,baseline=outs/grpo_baseline \
+        --rm_ckpt_path=                                     # no SFT column, no reward
+    python -m scripts.kat_eval_diversity --models=sft=outs/sft --models=grpo=outs/grpo_density,dpo=outs/dpo_density \
+        --contrast=dpo,grpo                                 # any names; --models may repeat
     python -m scripts.kat_eval_diversity --output_report=.cache/diversity_t07.md --temperature=0.7
 
+Models: --models NAME=PATH,... (repeatable), NAME an identifier, the label of the model's column (sft, density and
+baseline get nicer ones). --reference NAME: every other model minus it ("changes from the reference"); default sft
+when it is named, else none. --contrast A,B: the headline difference A − B, whose rare-versus-dense gap the report
+answers in words; default density,baseline when both are named, else none (a note says so). An empty --reference=
+or --contrast= turns it off. A reference outside the contrast whose checkpoint does not exist is left out with a
+note (as a missing SFT model always was); every other model must load.
+
 Prompts: the first --num_prompts distinct conversations of --prompts_path (held-out pairs_test.jsonl by default)
-that neither compared model trained on (checked against the --pairs_path saved in its checkpoint) and whose render plus
+that no compared model trained on (checked against the --pairs_path saved in its checkpoint) and whose render plus
 --max_new_tokens fits every model's context; the others are skipped and counted. Each model answers each prompt
 --samples_per_prompt times at --temperature (sampling exposes mode collapse; greedy would hide it), from the same
 --seed, so the models draw from the same random streams.
 
 Density quantiles: each prompt's density (1 / mean cosine distance to its --density_k nearest neighbours, see
-nanochat/density.py) among the evaluated prompts, embedded by the SFT model (the density model when there is no
-SFT), or read from --density_path when that file covers every evaluated prompt. Quartiles of those densities:
+nanochat/density.py) among the evaluated prompts, embedded by the reference model (the first model when there is
+none), or read from --density_path when that file covers every evaluated prompt. Quartiles of those densities:
 q1 = sparsest (the rare clusters) .. q4 = densest.
 
 Quality: the reward of --rm_ckpt_path (skipped with a note when missing), and for prompts of the synthetic world
-its gold score and correctness (the world rebuilt from the SFT checkpoint's --seed and --synthetic_size, or
---world_seed / --synthetic_size).
+its gold score and correctness. The world is the one the checkpoints record (seed 0, size 1 when they record none),
+or --world_seed / --synthetic_size; models that record different worlds are refused before anything is sampled.
 
 Writes --output_report (markdown: summary table, rare-vs-dense answer with CIs, per-quantile tables, sample
 responses), a JSON sidecar beside it (same name, .json: every number, the prompts, densities and responses) and
@@ -41,37 +52,70 @@ import torch
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_path
 from nanochat.common import atomic_write, atomic_write_json, autodetect_device, parse_flags, print0, run_script
 from nanochat.density import compute_density
-from nanochat.diversity import METRICS, MODEL_LABELS, collect_metrics, render_report, write_charts
+from nanochat.diversity import METRICS, collect_metrics, model_label, render_report, write_charts
 from nanochat.evaluate import generate_responses
 from nanochat.pairs import extract_prompts, read_pairs
 from nanochat.rm import load_reward_model, read_densities, score
 from nanochat.synthetic import make_world
 
 NUM_QUANTILES = 4
+DEFAULT_MODELS = "sft=outs/sft,density=outs/grpo_density,baseline=outs/grpo_baseline"
 
 
-def load_models(args, device):
-    """{name: (model, tokenizer, payload)} in MODEL_LABELS order, and notes; SFT is optional."""
-    paths = {"sft": args.sft_model_path, "density": args.density_model_path, "baseline": args.baseline_model_path}
+def parse_models(parser, specs):
+    """{name: path} in order from --models NAME=PATH,... (each occurrence of the flag adds its entries)."""
+    paths = {}
+    for entry in ",".join(specs).split(","):
+        name, _, path = entry.strip().partition("=")
+        if not name.isidentifier() or not path:
+            parser.error(f"--models: {entry.strip()!r} is not NAME=PATH with NAME an identifier (e.g. dpo_density)")
+        if name in paths:
+            parser.error(f"--models: {name} is named twice")
+        paths[name] = path
+    return paths
+
+
+def parse_roles(parser, args, names):
+    """(reference or None, contrast (a, b) or None) from --reference / --contrast, or their defaults."""
+    known = ", ".join(names)
+    reference = args.reference if args.reference is not None else "sft" if "sft" in names else ""
+    if reference and reference not in names:
+        parser.error(f"--reference: {reference} is not one of the models ({known})")
+    if args.contrast is None:
+        contrast = ["density", "baseline"] if {"density", "baseline"} <= set(names) else []
+    else:
+        contrast = [name.strip() for name in args.contrast.split(",") if name.strip()]
+    if contrast and (len(contrast) != 2 or contrast[0] == contrast[1]):
+        parser.error(f"--contrast: {args.contrast!r} is not A,B with two different models")
+    for name in contrast:
+        if name not in names:
+            parser.error(f"--contrast: {name} is not one of the models ({known})")
+    return reference or None, tuple(contrast) or None
+
+
+def load_models(paths, reference, contrast, device):
+    """{name: (model, tokenizer, payload)} in --models order, the reference (None when left out) and notes."""
     models, notes = {}, []
     for name, path in paths.items():
-        if name == "sft" and (not path or not os.path.exists(resolve_path(path))):
-            where = f"{path} not found" if path else "--sft_model_path is empty"
-            notes.append(f"no SFT model ({where}): no SFT column and no changes from SFT")
+        # the reference only adds the "changes from" columns, so a missing one costs those, not the report
+        if name == reference and name not in (contrast or ()) and not os.path.exists(resolve_path(path)):
+            notes.append(f"no reference model ({path} not found): no {model_label(name)} column and no changes "
+                         f"from it")
+            reference = None
             continue
         try:
             model, payload = load_model(path, device)
             models[name] = (model, load_tokenizer(payload), payload)
         except CheckpointError as e:
-            raise SystemExit(f"kat_eval_diversity: --{name}_model_path: {e}")
-    return models, notes
+            raise SystemExit(f"kat_eval_diversity: --models {name}={path}: {e}")
+    return models, reference, notes
 
 
 def training_prompt_ids(models):
-    """Prompt ids of the pairs the two compared models trained on (their saved --pairs_path, when it exists)."""
+    """Prompt ids of the pairs any compared model trained on (its saved --pairs_path, when it exists)."""
     ids = set()
-    for name in ("density", "baseline"):
-        path = (models[name][2].get("flags") or {}).get("pairs_path")
+    for _, _, payload in models.values():
+        path = (payload.get("flags") or {}).get("pairs_path")
         if path and os.path.exists(path):
             ids.update(row["prompt_id"] for row in read_pairs(path)[0])
     return ids
@@ -107,7 +151,7 @@ def select_prompts(args, models):
     return chosen, notes
 
 
-def prompt_densities(args, prompts, models):
+def prompt_densities(args, prompts, models, reference):
     """(densities (N,) or None, note): from --density_path when it covers the prompts, else computed here."""
     if args.density_path and os.path.exists(args.density_path):
         known = read_densities(args.density_path)
@@ -118,8 +162,7 @@ def prompt_densities(args, prompts, models):
         note = ""
     if len(prompts) < NUM_QUANTILES:
         return None, note + f"{len(prompts)} prompts: too few for density quartiles"
-    name = "sft" if "sft" in models else "density"
-    model, tok, payload = models[name]
+    model, tok, payload = models[reference or next(iter(models))]
     k = min(args.density_k, len(prompts) - 1)
     result = compute_density(model, tok, prompts, k=k)
     return result["density"].numpy(), note + (f"densities among the {len(prompts)} evaluated prompts, k={k}, "
@@ -133,11 +176,23 @@ def quartiles(density):
 
 
 def world_for(args, models):
-    """(world, seed, size): the synthetic world the prompts came from, by the SFT run's flags unless overridden."""
-    flags = models.get("sft", models["density"])[2].get("flags") or {}
-    seed = args.world_seed if args.world_seed is not None else flags.get("seed", 0)
-    size = args.synthetic_size or flags.get("synthetic_size", 1)
-    return make_world(seed=seed, size=size), seed, size
+    """
+    (world, seed, size, note): the synthetic world the compared models learnt, as their checkpoints record it, unless
+    --world_seed / --synthetic_size say otherwise. Models that record different worlds are refused: one world's gold
+    scores would misjudge the others.
+    """
+    recorded = {name: payload["world"] for name, (_, _, payload) in models.items()}
+    first = next(iter(recorded))
+    for name, world in recorded.items():
+        if world != recorded[first]:
+            raise SystemExit(f"kat_eval_diversity: {first} ({models[first][2]['path']}) learnt the synthetic world "
+                             f"{recorded[first]}, {name} ({models[name][2]['path']}) the world {world}; compare "
+                             f"models of one world")
+    world = recorded[first] or {"seed": 0, "size": 1}
+    seed = args.world_seed if args.world_seed is not None else world["seed"]
+    size = args.synthetic_size or world["size"]
+    note = "" if recorded[first] else " (the checkpoints record no synthetic world)"
+    return make_world(seed=seed, size=size), seed, size, note
 
 
 def gold_scores(world, prompts, responses, k):
@@ -171,9 +226,13 @@ def json_ready(obj):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--density_model_path", type=str, default="outs/grpo_density")
-    parser.add_argument("--baseline_model_path", type=str, default="outs/grpo_baseline")
-    parser.add_argument("--sft_model_path", type=str, default="outs/sft", help="third column; skipped when missing")
+    parser.add_argument("--models", type=str, action="append", default=None, metavar="NAME=PATH,...",
+                        help=f"the compared models, in column order; repeatable (default: {DEFAULT_MODELS})")
+    parser.add_argument("--reference", type=str, default=None, metavar="NAME",
+                        help="every other model minus it (default: sft when named, else none; empty: none)")
+    parser.add_argument("--contrast", type=str, default=None, metavar="A,B",
+                        help="the headline difference A - B (default: density,baseline when both are named, else "
+                             "none; empty: none)")
     parser.add_argument("--rm_ckpt_path", type=str, default="outs/rm/ckpt.pt",
                         help="reward model for the reward metric; skipped when missing or empty")
     parser.add_argument("--prompts_path", type=str, default=".cache/data/pairs_test.jsonl",
@@ -188,9 +247,8 @@ def main(argv=None):
     parser.add_argument("--density_path", type=str, default=None,
                         help="density.jsonl with the prompts' densities (used when it covers them all)")
     parser.add_argument("--density_k", type=int, default=10)
-    parser.add_argument("--world_seed", type=int, default=None, help="default: the SFT checkpoint's --seed")
-    parser.add_argument("--synthetic_size", type=int, default=None,
-                        help="default: the SFT checkpoint's --synthetic_size")
+    parser.add_argument("--world_seed", type=int, default=None, help="default: the checkpoints' recorded world")
+    parser.add_argument("--synthetic_size", type=int, default=None, help="default: the checkpoints' recorded world")
     parser.add_argument("--headline_metric", type=str, default="artifact_rate",
                         choices=[key for key, _, d, _ in METRICS if d], help="the metric of the rare-vs-dense answer")
     parser.add_argument("--num_resamples", type=int, default=1000, help="bootstrap resamples")
@@ -200,13 +258,26 @@ def main(argv=None):
     args = parse_flags(parser, argv)
     if args.samples_per_prompt < 1 or args.num_prompts < 1:
         raise SystemExit("kat_eval_diversity: --num_prompts and --samples_per_prompt must be >= 1")
+    args.models = args.models or [DEFAULT_MODELS]
+    paths = parse_models(parser, args.models)
+    reference, contrast = parse_roles(parser, args, list(paths))
+
+    notes = []
+    if reference is None:
+        notes.append("no reference model (--reference): no changes from a reference")
+    if contrast is None:
+        notes.append("no contrast (--contrast A,B): no headline difference between two models and no rare-vs-dense "
+                     "answer")
 
     device = autodetect_device(args.device)
     timings = {}
-    models, notes = load_models(args, device)
+    models, reference, load_notes = load_models(paths, reference, contrast, device)
     prompts, prompt_notes = select_prompts(args, models)
-    notes += prompt_notes
-    density, density_note = prompt_densities(args, prompts, models)
+    notes += load_notes + prompt_notes
+    world = world_seed = world_size = None
+    if any(p["src"] == "synthetic" for p in prompts):  # before sampling, so models of two worlds are refused early
+        world, world_seed, world_size, world_note = world_for(args, models)
+    density, density_note = prompt_densities(args, prompts, models, reference)
     notes.append(density_note)
     quantile = quartiles(density) if density is not None else None
     print0(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, models: "
@@ -239,14 +310,12 @@ def main(argv=None):
     else:
         notes.append(f"no reward model ({args.rm_ckpt_path!r} not found): the reward metric is skipped")
 
-    world_seed = world_size = None
-    if any(p["src"] == "synthetic" for p in prompts):
-        world, world_seed, world_size = world_for(args, models)
+    if world is not None:
         for name in models:
             gold, known = gold_scores(world, prompts, responses[name], k)
             scores[name].update(gold)
-        notes.append(f"gold: synthetic world seed {world_seed}, size {world_size}; {known} of {len(prompts)} prompts "
-                     f"are its questions")
+        notes.append(f"gold: synthetic world seed {world_seed}, size {world_size}{world_note}; {known} of "
+                     f"{len(prompts)} prompts are its questions")
         if not known:
             notes.append("no prompt is a question of this world: pass --world_seed / --synthetic_size of the data")
     else:
@@ -258,7 +327,7 @@ def main(argv=None):
         headline = "artifact_rate"
     t0 = time.perf_counter()
     results = collect_metrics(responses, scores, quantile, NUM_QUANTILES, args.num_resamples, args.seed,
-                              headline=headline)
+                              headline=headline, reference=reference, contrast=contrast)
     timings["metrics_seconds"] = time.perf_counter() - t0
 
     examples = []
@@ -277,7 +346,7 @@ def main(argv=None):
                                                                   (sys.argv[1:] if argv is None else argv))
     header = "\n".join([f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command.strip()}`_", "",
                         "| model | checkpoint | step |", "|---|---|---|"]
-                       + [f"| {MODEL_LABELS[name]} | `{payload['path']}` | {payload.get('step')} |"
+                       + [f"| {model_label(name)} | `{payload['path']}` | {payload.get('step')} |"
                           for name, (_, _, payload) in models.items()]
                        + ["", f"Prompts: `{args.prompts_path}`; sampling: temperature {args.temperature}, top_k "
                               f"{args.top_k}, max_new_tokens {args.max_new_tokens}, seed {args.seed}."])
@@ -298,7 +367,7 @@ def main(argv=None):
         "scores": {name: {key: v.tolist() for key, v in s.items()}
                    for name, s in scores.items()}}))
     print0("\n".join(f"note: {note}" for note in notes))
-    if results["rare_vs_dense"] is not None:
+    if results["rare_vs_dense"] is not None and results["rare_vs_dense"]["answer"] is not None:
         print0("\n" + results["rare_vs_dense"]["answer"])
     print0(f"\nwrote {args.output_report} and {stem}.json; metrics took {timings['metrics_seconds']:.1f}s")
     print0(f"charts: {', '.join(charts)}")

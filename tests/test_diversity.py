@@ -196,7 +196,8 @@ def test_collect_metrics_finds_the_planted_change_on_rare_prompts():
     responses = planted_responses()
     quantile = np.repeat([0, 1, 2, 3], 10)  # first half of the prompts: q1 and q2
     rewards = {m: {"reward": np.full((40, 3), 1.0 if m == "density" else 0.0)} for m in responses}
-    results = dv.collect_metrics(responses, rewards, quantile, num_resamples=300, seed=0)
+    results = dv.collect_metrics(responses, rewards, quantile, num_resamples=300, seed=0, reference="sft",
+                                 contrast=("density", "baseline"))
     assert [m["key"] for m in results["metrics"]][:2] == ["reward", "artifact_rate"]
     everything = results["comparisons"]["all"]
     assert everything["em_dash"]["density-sft"]["verdict"] == "✅"
@@ -208,7 +209,7 @@ def test_collect_metrics_finds_the_planted_change_on_rare_prompts():
     assert (rv["rare"], rv["dense"], rv["n_rare"]) == ("q1", "q4", 10)
     assert rv["rows"]["artifact_rate"]["density-baseline@rare"]["delta"] == -1.0
     assert rv["rows"]["artifact_rate"]["density-baseline@gap"]["verdict"] == "✅"
-    assert "density-aware sampling did significantly better than uniform sampling on rare prompts" in rv["answer"]
+    assert "the density-aware model did significantly better than the uniform model on rare prompts" in rv["answer"]
     report = dv.render_report(results)
     for section in ("## Summary (all prompts)", "## Rare vs dense prompts", "### q1 (sparsest): 10 prompts",
                     "### q4 (densest): 10 prompts", "**Answer (planted-artifact rate"):
@@ -218,19 +219,21 @@ def test_collect_metrics_finds_the_planted_change_on_rare_prompts():
 
 def test_collect_metrics_is_deterministic_and_needs_aligned_models():
     responses = planted_responses(n=8, k=2)
-    first = dv.collect_metrics(responses, num_resamples=100, seed=1)
-    assert dv.collect_metrics(responses, num_resamples=100, seed=1) == first
+    roles = {"reference": "sft", "contrast": ("density", "baseline")}
+    first = dv.collect_metrics(responses, num_resamples=100, seed=1, **roles)
+    assert dv.collect_metrics(responses, num_resamples=100, seed=1, **roles) == first
     assert first["rare_vs_dense"] is None
     with pytest.raises(ValueError, match="same 8 prompts"):
         dv.collect_metrics({**responses, "baseline": responses["baseline"][:7]}, num_resamples=10)
-    with pytest.raises(ValueError, match="need models density and baseline"):
-        dv.collect_metrics({"sft": responses["sft"], "density": responses["density"]}, num_resamples=10)
+    with pytest.raises(ValueError, match=r"unknown models \['baseline'\]"):
+        dv.collect_metrics({"sft": responses["sft"], "density": responses["density"]}, num_resamples=10, **roles)
 
 
 def test_write_charts_draws_both_charts_as_pngs(tmp_path):
     # catches charts skipped silently (the old "no matplotlib" path) and a save that is not a PNG or leaves temp files
     quantile = np.repeat([0, 1, 2, 3], 10)
-    results = dv.collect_metrics(planted_responses(), quantile=quantile, num_resamples=20, seed=0)
+    results = dv.collect_metrics(planted_responses(), quantile=quantile, num_resamples=20, seed=0, reference="sft",
+                                 contrast=("density", "baseline"))
     paths = dv.write_charts(results, str(tmp_path / "report"))
     assert paths == [str(tmp_path / "report_summary.png"), str(tmp_path / "report_quantiles.png")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report_quantiles.png", "report_summary.png"]
@@ -249,18 +252,21 @@ def run_dir(tmp_path_factory):
     world = make_world(0, 1)
     tok = train_tokenizer(iter(world.pretrain_documents(40, seed=0)), 300)
     tok.save(root / "outs" / "tokenizer")
-    for seed, name in enumerate(("sft", "grpo_density", "grpo_baseline")):
+    for seed, name in enumerate(("sft", "grpo_density", "grpo_baseline", "dpo_density")):
         torch.manual_seed(seed)
         model = GPT(config_from_depth(2, tok.vocab_size, 128, n_embd=64, n_head=4, verbose=False)).eval()
         with torch.no_grad():
             for p in model.parameters():  # zero-initialised projections would make every model alike
                 p.normal_(0, 0.3)
-        save_checkpoint(root / "outs" / name, model, 0, root / "outs" / "tokenizer", flags={"seed": 0, "synthetic_size": 1})
+        # a stage's own --seed is not its world's: the world comes from the checkpoint's record
+        save_checkpoint(root / "outs" / name, model, 0, root / "outs" / "tokenizer", flags={"seed": 7},
+                        world={"seed": 0, "size": 1})
     rm = RewardModel(GPT(config_from_depth(2, tok.vocab_size, 128, n_embd=64, n_head=4, verbose=False)))
     with torch.no_grad():
         for p in rm.parameters():
             p.normal_(0, 0.3)
-    save_checkpoint(root / "outs" / "rm", rm, 0, root / "outs" / "tokenizer", kind="rm", extra={"max_len": 128})
+    save_checkpoint(root / "outs" / "rm", rm, 0, root / "outs" / "tokenizer", kind="rm", extra={"max_len": 128},
+                    world={"seed": 0, "size": 1})
     rows = world.preference_pairs(40, 1)
     (root / ".cache" / "data").mkdir(parents=True)
     (root / ".cache" / "data" / "pairs_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -274,6 +280,7 @@ def strict_json(path):
 
 
 FLAGS = ["--num_prompts", "8", "--samples_per_prompt", "2", "--max_new_tokens", "12", "--num_resamples", "200"]
+TWO_RUNS = "density=outs/grpo_density,baseline=outs/grpo_baseline"  # the default set without SFT
 
 
 def test_script_writes_the_report_and_sidecar(run_dir, monkeypatch, capsys):
@@ -302,11 +309,15 @@ def test_script_with_reward_and_without_sft(run_dir, monkeypatch):
     with_rm = strict_json(run_dir / "with_rm" / "report.json")
     assert "reward" in [m["key"] for m in with_rm["metrics"]]
     assert "density-sft" in with_rm["comparisons"]["all"]["reward"]
-    kat_eval_diversity.main(FLAGS + ["--output_report", "no_sft/report.md", "--sft_model_path", "",
+    # a reference whose checkpoint does not exist is left out (as SFT was), not an error
+    kat_eval_diversity.main(FLAGS + ["--output_report", "no_sft/report.md", "--models", "sft=outs/no_sft," + TWO_RUNS,
                                      "--headline_metric", "reward"])
     no_sft = strict_json(run_dir / "no_sft" / "report.json")
-    assert no_sft["models"] == ["density", "baseline"]
-    assert no_sft["rare_vs_dense"]["answer"].startswith("No SFT model")
+    assert no_sft["models"] == ["density", "baseline"] and no_sft["reference"] is None
+    assert "no reference model (outs/no_sft not found): no SFT column and no changes from it" in no_sft["notes"]
+    assert no_sft["rare_vs_dense"]["answer"].startswith(
+        "On the sparsest density quantile (q1, 2 prompts) the reward-model reward is compared between the "
+        "density-aware and uniform models directly")
     assert "the reward metric" not in (run_dir / "no_sft" / "report.md").read_text()
     # the same seed gives the two runs the same samples whatever else is in the run
     for key in ("gini", "mattr", "em_dash", "gold_score", "reward"):
@@ -316,8 +327,8 @@ def test_script_with_reward_and_without_sft(run_dir, monkeypatch):
 
 def test_script_names_a_missing_model(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
-    with pytest.raises(SystemExit, match="--baseline_model_path: checkpoint not found: outs/nothing/ckpt.pt"):
-        kat_eval_diversity.main(FLAGS + ["--baseline_model_path", "outs/nothing"])
+    with pytest.raises(SystemExit, match="--models baseline=outs/nothing: checkpoint not found: outs/nothing/ckpt.pt"):
+        kat_eval_diversity.main(FLAGS + ["--models", "sft=outs/sft,density=outs/grpo_density,baseline=outs/nothing"])
 
 
 def test_script_reads_densities_that_cover_the_prompts(run_dir, monkeypatch):
@@ -327,7 +338,7 @@ def test_script_reads_densities_that_cover_the_prompts(run_dir, monkeypatch):
     # planted: the i-th prompt has density i + 1, so the first two are the sparsest quartile
     density_file.write_text("".join(json.dumps({"prompt_id": p["id"], "density": i + 1.0, "weight": 1.0}) + "\n"
                                     for i, p in enumerate(prompts[:8])))
-    common = FLAGS + ["--sft_model_path", "", "--rm_ckpt_path", "", "--density_path", str(density_file)]
+    common = FLAGS + ["--models", TWO_RUNS, "--rm_ckpt_path", "", "--density_path", str(density_file)]
     kat_eval_diversity.main(common + ["--output_report", "read/report.md"])
     data = strict_json(run_dir / "read" / "report.json")
     assert [p["quantile"] for p in data["prompts"]] == ["q1", "q1", "q2", "q2", "q3", "q3", "q4", "q4"]
@@ -347,8 +358,8 @@ def test_script_never_evaluates_training_prompts(run_dir, monkeypatch):
     payload["flags"]["pairs_path"] = "train_pairs.jsonl"
     shutil.copytree(run_dir / "outs" / "grpo_density" / "tokenizer", run_dir / "outs" / "grpo_trained" / "tokenizer")
     torch.save(payload, run_dir / "outs" / "grpo_trained" / "ckpt.pt")
-    kat_eval_diversity.main(FLAGS + ["--sft_model_path", "", "--rm_ckpt_path", "", "--density_model_path",
-                                     "outs/grpo_trained", "--output_report", "trained/report.md"])
+    kat_eval_diversity.main(FLAGS + ["--models", "density=outs/grpo_trained,baseline=outs/grpo_baseline",
+                                     "--rm_ckpt_path", "", "--output_report", "trained/report.md"])
     data = strict_json(run_dir / "trained" / "report.json")
     trained = {json.loads(row)["prompt_id"] for row in rows[:3]}
     assert len(data["prompts"]) == 8 and not trained & {p["id"] for p in data["prompts"]}
@@ -362,3 +373,69 @@ def test_script_says_where_the_charts_are(run_dir, monkeypatch, capsys):
     assert "charts: charts/report_summary.png, charts/report_quantiles.png" in capsys.readouterr().out
     assert (run_dir / "charts" / "report_summary.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "charts" / "report_quantiles.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_script_compares_any_named_models_against_a_reference_and_a_contrast(run_dir, monkeypatch):
+    # catches: a name-bound path (a comparison, label or role still tied to sft/density/baseline) and a contrast
+    # taken the wrong way round; the expectation is the default run's density − uniform, negated
+    monkeypatch.chdir(run_dir)
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--output_report", "trio/report.md"])
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--output_report", "named/report.md",
+                                     "--models", "a=outs/sft,b=outs/grpo_density", "--models",
+                                     "c=outs/grpo_baseline,d=outs/dpo_density", "--reference", "a",
+                                     "--contrast", "c,b"])
+    trio, named = strict_json(run_dir / "trio" / "report.json"), strict_json(run_dir / "named" / "report.json")
+    assert (named["models"], named["reference"], named["contrast"]) == (["a", "b", "c", "d"], "a", ["c", "b"])
+    assert list(named["comparisons"]["all"]["gini"]) == ["b-a", "c-a", "d-a", "c-b"]
+    assert "| a | b | c | d | b − a | c − a | d − a | c − b |" in (run_dir / "named" / "report.md").read_text()
+    flipped = {"✅": "❌", "❌": "✅"}
+    for subset in trio["subsets"]:
+        for key, row in trio["comparisons"][subset].items():
+            assert named["comparisons"][subset][key]["b-a"] == row["density-sft"]
+            forward, backward = row["density-baseline"], named["comparisons"][subset][key]["c-b"]
+            assert [backward["delta"], backward["lo"], backward["hi"]] == pytest.approx(
+                [-forward["delta"], -forward["hi"], -forward["lo"]], nan_ok=True)
+            assert backward["verdict"] == flipped.get(forward["verdict"], forward["verdict"])
+    rows = named["rare_vs_dense"]["rows"]["artifact_rate"]
+    assert rows["c-b@gap"]["delta"] == pytest.approx(-trio["rare_vs_dense"]["rows"]["artifact_rate"][
+        "density-baseline@gap"]["delta"])
+    assert "The difference c − b there is" in named["rare_vs_dense"]["answer"]
+
+
+def test_script_without_a_contrast_says_so(run_dir, monkeypatch):
+    # catches: a set without density and baseline failing, or silently inventing a headline pair
+    monkeypatch.chdir(run_dir)
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--num_resamples", "20", "--output_report",
+                                     "pair/report.md", "--models", "x=outs/grpo_density,y=outs/dpo_density"])
+    data = strict_json(run_dir / "pair" / "report.json")
+    assert (data["models"], data["reference"], data["contrast"]) == (["x", "y"], None, None)
+    assert data["comparisons"]["all"]["gini"] == {} and data["rare_vs_dense"] is None
+    assert any(note.startswith("no contrast (--contrast A,B)") for note in data["notes"])
+    report = (run_dir / "pair" / "report.md").read_text()
+    assert "**Answer" not in report and "| x | y |" in report
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--contrast", "a,z"], "--contrast: z is not one of the models (a, b)"),
+    (["--reference", "y"], "--reference: y is not one of the models (a, b)"),
+    (["--contrast", "a,a"], "--contrast: 'a,a' is not A,B with two different models"),
+])
+def test_script_refuses_unknown_names_before_loading(run_dir, monkeypatch, capsys, flags, message):
+    # catches: a mistyped name that silently drops the reference or contrast (a report without its headline)
+    monkeypatch.chdir(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        kat_eval_diversity.main(FLAGS + ["--models", "a=outs/sft,b=outs/grpo_density"] + flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_script_refuses_models_of_two_worlds(run_dir, monkeypatch):
+    # catches: gold scored in the first model's world for a model that learnt another one
+    monkeypatch.chdir(run_dir)
+    payload = torch.load(run_dir / "outs" / "grpo_baseline" / "ckpt.pt", weights_only=True)
+    payload["world"] = {"seed": 1, "size": 1}
+    shutil.copytree(run_dir / "outs" / "grpo_baseline" / "tokenizer", run_dir / "outs" / "world1" / "tokenizer")
+    torch.save(payload, run_dir / "outs" / "world1" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"sft \(outs/sft/ckpt.pt\) learnt the synthetic world \{'seed': 0, 'size': "
+                                         r"1\}, other \(outs/world1/ckpt.pt\) the world \{'seed': 1, 'size': 1\}"):
+        kat_eval_diversity.main(FLAGS + ["--models", "sft=outs/sft,density=outs/grpo_density,other=outs/world1"])
