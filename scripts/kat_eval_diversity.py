@@ -51,11 +51,11 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_path
 from nanochat.common import atomic_write, atomic_write_json, autodetect_device, parse_flags, print0, run_script
-from nanochat.density import compute_density
+from nanochat.density import compute_density, read_densities
 from nanochat.diversity import METRICS, collect_metrics, model_label, render_report, write_charts
 from nanochat.evaluate import generate_responses
 from nanochat.pairs import extract_prompts, read_pairs
-from nanochat.rm import load_reward_model, read_densities, score
+from nanochat.rm import load_reward_model, score
 from nanochat.synthetic import make_world
 
 NUM_QUANTILES = 4
