@@ -2,11 +2,14 @@
 Density-aware prompt weights: sample a prompt inversely to how crowded its neighbourhood is in embedding space, so a
 long sparse tail of rare prompts is not drowned by a few dense clusters of near-duplicates.
 
-Pipeline (`compute_density` runs it; RM, DPO and GRPO read the weights with `load_density`):
+Pipeline (`compute_density` runs it: scripts/kat_density.py writes its weights to density.jsonl, which RM and DPO
+read back with `load_density`; GRPO calls it on its own training prompts with its policy, so its weights always
+match the prompts it samples):
 
 1. `embed_prompts`: the model's own final normed hidden states, mean-pooled over the real tokens of the
-   chat-rendered prompt (`tok.render_for_completion`). Rows are right-padded; attention is causal, so a real token
-   never sees the pads after it and a prompt's embedding does not depend on its batch.
+   chat-rendered prompt (`tok.render_for_completion`, cut to max_len by nanochat/batching.py's `cut_left`, which
+   keeps <|bos|>). Rows are right-padded; attention is causal, so a real token never sees the pads after it and a
+   prompt's embedding does not depend on its batch.
 2. `knn`: the k nearest neighbours of every prompt by cosine distance (1 - cos), in tiles of block x block, so
    memory is O(block^2 + N k), never N x N, and symmetry halves the work. Self is excluded by index, not by
    distance, so an exact duplicate still counts as a neighbour at distance 0.
@@ -26,6 +29,7 @@ import time
 
 import torch
 
+from nanochat.batching import cut_left, pad_right
 from nanochat.common import InputError, atomic_path, print0
 from nanochat.data import jsonl_rows
 
@@ -39,13 +43,11 @@ DENSITY_EPS = 1e-4
 # embeddings
 
 def render_prompts(tok, conversations, max_len):
-    """Token ids of each conversation ready for the reply, cut from the left to the last max_len tokens."""
-    rendered = []
-    for messages in conversations:
-        ids = tok.render_for_completion(messages)
-        # the end holds the question being answered and <|assistant_start|>: keep it, drop old turns
-        rendered.append(ids[-max_len:] if max_len and len(ids) > max_len else ids)
-    return rendered
+    """
+    Token ids of each conversation ready for the reply, at most max_len of them: <|bos|> and the end, which holds
+    the question being answered and <|assistant_start|> (older turns are dropped).
+    """
+    return [cut_left(tok.render_for_completion(messages), max_len) for messages in conversations]
 
 
 @torch.no_grad()
@@ -57,13 +59,10 @@ def embed_token_ids(model, rendered, batch_size=64):
     order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        lengths = torch.tensor([len(rendered[i]) for i in rows], device=device)
-        idx = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
-        for r, i in enumerate(rows):
-            idx[r, :len(rendered[i])] = torch.tensor(rendered[i], device=device)
+        idx, real = pad_right([rendered[i] for i in rows], pad_id=0)
+        idx, real = idx.to(device), real.to(device).float()
         h = model.hidden_states(idx).float()
-        real = (torch.arange(idx.size(1), device=device)[None, :] < lengths[:, None]).float()
-        pooled = (h * real[:, :, None]).sum(1) / lengths[:, None].float()
+        pooled = (h * real[:, :, None]).sum(1) / real.sum(1, keepdim=True)
         out[torch.tensor(rows)] = pooled.cpu()
     return out
 
@@ -249,7 +248,7 @@ def compute_density(model, tok, prompts, k=10, alpha=1.0, max_ratio=None, mix=0.
 
 
 # -----------------------------------------------------------------------------
-# reading the weights back (RM, DPO, GRPO)
+# reading density.jsonl back (RM, DPO, their metrics and the diversity report)
 
 DENSITY_WRITER = "python -m scripts.kat_density"
 
@@ -299,6 +298,16 @@ def load_density(path):
         raise InputError(f"{path}: all {len(weights)} weights are 0, so no prompt can be sampled; write it again "
                          f"with {DENSITY_WRITER}")
     return weights
+
+
+def read_densities(path):
+    """{prompt_id: density} of a density.jsonl, for metrics by density; its rows checked as load_density checks them."""
+    densities = {}
+    for lineno, row in density_rows(path):
+        if not isinstance(row.get("density"), (int, float)):
+            raise InputError(f"{path} line {lineno}: field 'density' must be a number")
+        densities[row["prompt_id"]] = float(row["density"])
+    return densities
 
 
 def pair_weights(prompt_ids, weight_by_id):

@@ -2,9 +2,10 @@
 Direct Preference Optimization (Rafailov et al. 2023) and two variants of its loss, against a frozen reference.
 
 Log-probs. A reply's log-prob is the sum of log p(token | everything before it) over the reply's target tokens
-only: the tokens its render mask marks (the reply and its <|assistant_end|>, see nanochat/rm.py for rendering and
-the max_len cut). Prompt tokens never count. Chosen and rejected rows of a micro-batch go through one forward,
-right-padded; only target positions reach the LM head.
+only: the tokens its render mask marks (the reply and its <|assistant_end|>, see nanochat/preference.py for
+rendering and the max_len cut), made targets by nanochat/batching.py's `collate_targets`. Prompt tokens never
+count. Chosen and rejected rows of a micro-batch go through one forward, right-padded; only target positions reach
+the LM head.
 
 Losses, with h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected)), summed log-probs:
     sigmoid  -log sigmoid(beta h)             DPO
@@ -26,34 +27,19 @@ accuracy and, for DPO, the implicit-reward accuracy are reported beside it.
 import torch
 import torch.nn.functional as F
 
+from nanochat.batching import IGNORE_INDEX, collate_targets
 from nanochat.common import all_reduce_sum, autocast_ctx, get_rank, get_world_size
 from nanochat.evaluate import evaluate_task
-from nanochat.rm import pair_correct, render_pairs
+from nanochat.preference import pair_correct, render_pairs
 from nanochat.tasks import world as world_task
 from nanochat.training import optimizer_step
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-IGNORE = -1
-
-
-def collate_targets(rendered, device="cpu"):
-    """
-    Right-padded inputs (B, T) and targets (B, T) of renders [(ids, mask)]: targets[t] = ids[t + 1] where the mask
-    of token t + 1 is 1, else -1.
-    """
-    width = max(len(ids) for ids, _ in rendered) - 1
-    inputs = torch.zeros(len(rendered), width, dtype=torch.long)
-    targets = torch.full((len(rendered), width), IGNORE, dtype=torch.long)
-    for row, (ids, mask) in enumerate(rendered):
-        ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
-        inputs[row, :len(ids) - 1] = ids[:-1]
-        targets[row, :len(ids) - 1] = torch.where(mask[1:], ids[1:], IGNORE)
-    return inputs.to(device), targets.to(device)
 
 
 def sequence_logprobs(model, inputs, targets):
-    """(B,) fp32: each row's summed log-probability of its targets >= 0."""
-    keep = targets != IGNORE
+    """(B,) fp32: each row's summed log-probability of its targets (those not IGNORE_INDEX)."""
+    keep = targets != IGNORE_INDEX
     with autocast_ctx(inputs.device):
         # the LM head and the softmax over the vocabulary run only where a target is scored
         logits = model.logits_from_hidden(model.hidden_states(inputs)[keep])
@@ -116,7 +102,7 @@ def pair_logprobs(model, tok, rows, batch_size=32, max_len=None):
     for start in range(0, len(local), batch_size):
         batch = local[start:start + batch_size]
         inputs, targets = collate_targets(render_pairs(tok, [rows[i] for i in batch], max_len), device)
-        logprobs, tokens = sequence_logprobs(model, inputs, targets), (targets != IGNORE).sum(1).float()
+        logprobs, tokens = sequence_logprobs(model, inputs, targets), (targets != IGNORE_INDEX).sum(1).float()
         n = len(batch)
         out[:, batch] = torch.stack([logprobs[:n], logprobs[n:], tokens[:n], tokens[n:]])
     return dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), all_reduce_sum(out).cpu()))

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.batching import IGNORE_INDEX
+
 
 @dataclass
 class GPTConfig:
@@ -250,11 +252,11 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, valid=None):
-        """Logits (B, T, V) when `targets` is None, else the cross-entropy (ignore index -1)."""
+        """Logits (B, T, V) when `targets` is None, else the cross-entropy (targets IGNORE_INDEX are skipped)."""
         logits = self.logits_from_hidden(self.hidden_states(idx, kv_cache, valid))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 

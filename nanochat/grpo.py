@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nanochat.batching import pad_left, pad_right
 from nanochat.common import all_reduce_sum, autocast_ctx, get_rank, get_world_size
 from nanochat.gpt import PrefixKV
 from nanochat.training import optimizer_step
@@ -119,19 +120,9 @@ def pack_groups(prompts, completions, pad_id):
     """
     if len(completions) % len(prompts):
         raise ValueError(f"{len(completions)} completions do not divide into groups of {len(prompts)} prompts")
-    tp = max(len(p) for p in prompts)
-    tc = max(max(len(c) for c in completions), 1)
-    prompt_ids = torch.full((len(prompts), tp), pad_id, dtype=torch.long)
-    prompt_valid = torch.zeros(len(prompts), tp, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, tp - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_valid[i, tp - len(p):] = True
-    completion_ids = torch.full((len(completions), tc), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(completions), tc, dtype=torch.bool)
-    for i, c in enumerate(completions):
-        completion_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, :len(c)] = True
-    return GroupBatch(prompt_ids, prompt_valid, completion_ids, mask)
+    prompt_ids, prompt_valid = pad_left(prompts, pad_id)
+    completion_ids, completion_mask = pad_right(completions, pad_id, width=max(max(len(c) for c in completions), 1))
+    return GroupBatch(prompt_ids, prompt_valid, completion_ids, completion_mask)
 
 
 def token_logprobs(model, hidden, tokens, temperature=1.0, with_entropy=False):
@@ -284,10 +275,9 @@ def grpo_step(policy, reference, optimizers, engine, prompts, reward_fn, config,
     num_tokens = all_reduce_sum(train_batch.completion_mask.sum().float()).clamp(min=1)
     stats = policy_update(policy, optimizers, train_batch, ref_logprobs, advantages, config,
                           num_sequences_global=world_size * rows, num_tokens_global=num_tokens)
-    sums = all_reduce_sum(torch.stack([rewards.double().sum(), (rewards.double() ** 2).sum(),
-                                       batch.completion_mask.sum().double(), truncated.double().sum()]))
-    n = world_size * rows
-    reward_mean = (sums[0] / n).item()
-    stats |= {"reward": reward_mean, "reward_std": max((sums[1] / n).item() - reward_mean ** 2, 0.0) ** 0.5,
-              "completion_length": (sums[2] / n).item(), "truncated": (sums[3] / n).item()}
+    local = {"reward": rewards.double().sum(), "reward_sq": (rewards.double() ** 2).sum(),
+             "completion_length": batch.completion_mask.sum().double(), "truncated": truncated.double().sum()}
+    means = dict(zip(local, (all_reduce_sum(torch.stack(list(local.values()))) / (world_size * rows)).tolist()))
+    stats |= {"reward": means["reward"], "reward_std": max(means["reward_sq"] - means["reward"] ** 2, 0.0) ** 0.5,
+              "completion_length": means["completion_length"], "truncated": means["truncated"]}
     return stats, batch, rewards

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from nanochat.batching import IGNORE_INDEX
 from nanochat.common import all_reduce_grads, all_reduce_sum, autocast_ctx
 
 
@@ -34,7 +35,7 @@ def optimizer_step(model, optimizers, grad_clip):
 def train_step(model, optimizers, micro_batches, grad_clip=1.0):
     """One optimizer step over this rank's `micro_batches` [(inputs, targets)]. Returns (loss, grad_norm)."""
     device = micro_batches[0][0].device
-    local_tokens = sum((y >= 0).sum() for _, y in micro_batches).float().to(device)
+    local_tokens = sum((y != IGNORE_INDEX).sum() for _, y in micro_batches).float().to(device)
     global_tokens = all_reduce_sum(local_tokens.clone()).clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
@@ -59,7 +60,8 @@ def evaluate_bpb(model, batches, token_bytes):
     for inputs, targets in batches:
         with autocast_ctx(device):
             loss = model(inputs, targets, loss_reduction="none").float()
-        nbytes = token_bytes[targets.clamp(min=0)] * (targets >= 0)
+        # IGNORE_INDEX is no token: clamped to a valid index for the lookup, then zeroed
+        nbytes = token_bytes[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
         nats += (loss * (nbytes > 0)).sum()
         num_bytes += nbytes.sum()
     all_reduce_sum(nats)
@@ -76,7 +78,7 @@ def evaluate_loss(model, batches):
     for inputs, targets in batches:
         with autocast_ctx(device):
             total += model(inputs, targets, loss_reduction="sum").float()
-        count += (targets >= 0).sum()
+        count += (targets != IGNORE_INDEX).sum()
     all_reduce_sum(total)
     all_reduce_sum(count)
     return (total / count.clamp(min=1)).item()

@@ -23,9 +23,10 @@ import torch
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
                              nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
                              seed_everything, str2bool)
-from nanochat.data import PackedLoader, pretrain_documents
+from nanochat.data import pretrain_documents
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth, lr_multiplier, model_size_summary, set_lr
+from nanochat.loaders import PackedLoader
 from nanochat.stage import Stage
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import evaluate_bpb, train_step

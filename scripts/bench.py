@@ -85,13 +85,14 @@ import time
 
 import torch
 
+from nanochat.batching import collate_right, collate_targets
 from nanochat.common import atomic_write_json, parse_flags, seed_everything, str2bool
 from nanochat.density import densities, density_weights, knn
-from nanochat.dpo import collate_targets, dpo_train_step
+from nanochat.dpo import dpo_train_step
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
 from nanochat.grpo import GRPOConfig, batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
-from nanochat.rm import RewardModel, collate_right, rm_train_step, setup_rm_optimizers
+from nanochat.rm import RewardModel, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from nanochat.training import train_step

@@ -13,8 +13,8 @@ replies and their end token). The synthetic conversations keep some planted mode
 import argparse
 
 from nanochat.common import parse_flags, run_script
-from nanochat.data import SFTLoader
 from nanochat.finetune import add_finetune_flags, finetune
+from nanochat.loaders import SFTLoader
 
 
 def main(argv=None):

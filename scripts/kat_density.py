@@ -1,5 +1,6 @@
 """
-RLHF stage 3: density weights of the prompts, for density-aware sampling in RM, DPO and GRPO.
+RLHF stage 3: density weights of the prompts, for density-aware sampling in RM and DPO (GRPO does not read this
+file: it computes the weights of its own training prompts with nanochat.density.compute_density).
 
     python -m scripts.kat_density                                  # .cache/data/prompts_all.jsonl, model outs/sft
     python -m scripts.kat_density --density_alpha=0.5 --density_max_ratio=20 --density_mix=0.1

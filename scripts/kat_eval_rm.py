@@ -22,10 +22,11 @@ import os
 
 from nanochat.checkpoint import CheckpointError, load_tokenizer
 from nanochat.common import atomic_write_json, dist_cleanup, dist_init, is_master, parse_flags, print0, run_script
+from nanochat.density import read_densities
 from nanochat.pairs import read_pairs
+from nanochat.preference import split_by_prompt
 from nanochat.report import write_report
-from nanochat.rm import flat_metrics, load_reward_model, metrics_table, pair_margins, preference_metrics, \
-    read_densities, split_by_prompt
+from nanochat.rm import flat_metrics, load_reward_model, metrics_table, pair_margins, preference_metrics
 
 
 def main(argv=None):

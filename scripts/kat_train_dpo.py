@@ -36,9 +36,10 @@ import torch
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (dist_cleanup, dist_init, nonnegative_float, nonnegative_int, parse_flags, positive_float,
                              positive_int, print0, run_script, seed_everything, str2bool)
-from nanochat.dpo import LOSS_TYPES, collate_targets, dpo_train_step, pair_logprobs, preference_eval, world_eval
+from nanochat.batching import collate_targets
+from nanochat.dpo import LOSS_TYPES, dpo_train_step, pair_logprobs, preference_eval, world_eval
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
-from nanochat.rm import add_pair_flags, load_pair_data, micro_batches, pair_batch
+from nanochat.preference import add_pair_flags, load_pair_data, micro_batches, pair_batch
 from nanochat.stage import Stage
 
 TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

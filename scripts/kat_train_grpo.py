@@ -23,6 +23,7 @@ import argparse
 
 import torch
 
+from nanochat.batching import cut_left
 from nanochat.checkpoint import check_same_tokenizer, load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_cleanup, dist_init, fraction,
                              nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float,
@@ -118,8 +119,7 @@ def main(argv=None):
     max_prompt = policy.config.sequence_len - args.max_new_tokens
 
     def prompt_ids(messages):
-        ids = tok.render_for_completion(messages)
-        return ids if len(ids) <= max_prompt else [tok.bos_token_id] + ids[len(ids) - max_prompt + 1:]
+        return cut_left(tok.render_for_completion(messages), max_prompt)
 
     train_rows, log = read_pairs(args.pairs_path, "--pairs_path")
     if log.total():
@@ -176,26 +176,27 @@ def main(argv=None):
                                           global_rows=(first * args.eval_samples,
                                                        len(eval_prompts) * args.eval_samples)).completions()
         prompts_of_rows = [(p, i) for p, i in zip(mine, ids) for _ in range(args.eval_samples)]
-        reward_sum = 0.0
+        sums = {"reward": 0.0, "samples": len(completions), "score": 0.0, "correct": 0.0, "artifacted": 0.0,
+                "gold_samples": 0}
         if completions:  # the samples of each prompt are consecutive
-            reward_sum = rewards_for_ids(rm, [i + c for (_, i), c in zip(prompts_of_rows, completions)]).double().sum()
-        gold = {"score": 0.0, "correct": 0.0, "artifacted": 0.0, "n": 0}
+            rewards = rewards_for_ids(rm, [i + c for (_, i), c in zip(prompts_of_rows, completions)])
+            sums["reward"] = float(rewards.double().sum())
         if world is not None:
             for (p, _), c in zip(prompts_of_rows, completions):
                 if p["src"] != "synthetic":
                     continue
                 text = tok.decode([t for t in c if t not in stop_tokens])
                 g = world.gold_score(p["messages"], text)
-                gold["score"] += g["score"]
-                gold["correct"] += g["correct"]
-                gold["artifacted"] += g["artifacts"] > 0
-                gold["n"] += 1
-        stats = all_reduce_sum(torch.tensor([float(reward_sum), len(completions), gold["score"], gold["correct"],
-                                             gold["artifacted"], gold["n"]], dtype=torch.float64, device=device))
-        n_gold = max(stats[5].item(), 1)
+                sums["score"] += g["score"]
+                sums["correct"] += g["correct"]
+                sums["artifacted"] += g["artifacts"] > 0
+                sums["gold_samples"] += 1
+        totals = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device)).tolist()
+        sums = dict(zip(sums, totals))
+        n_gold = max(sums["gold_samples"], 1)
         policy.train()
-        return {"reward": stats[0].item() / max(stats[1].item(), 1), "gold_score": stats[2].item() / n_gold,
-                "gold_correct": stats[3].item() / n_gold, "artifact_rate": stats[4].item() / n_gold}
+        return {"reward": sums["reward"] / max(sums["samples"], 1), "gold_score": sums["score"] / n_gold,
+                "gold_correct": sums["correct"] / n_gold, "artifact_rate": sums["artifacted"] / n_gold}
 
     per_rank = args.prompts_per_step // world_size
     policy.train()

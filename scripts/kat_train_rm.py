@@ -36,12 +36,14 @@ import time
 
 import torch
 
+from nanochat.batching import collate_right
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (dist_cleanup, dist_init, fraction, nonnegative_float, parse_flags,
                              positive_int, print0, run_script, seed_everything, str2bool)
+from nanochat.density import read_densities
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
-from nanochat.rm import (RM_KIND, RewardModel, add_pair_flags, collate_right, flat_metrics, load_pair_data,
-                         metrics_table, micro_batches, pair_batch, pair_margins, preference_metrics, read_densities,
+from nanochat.preference import add_pair_flags, load_pair_data, micro_batches, pair_batch
+from nanochat.rm import (RM_KIND, RewardModel, flat_metrics, metrics_table, pair_margins, preference_metrics,
                          rm_train_step, setup_rm_optimizers)
 from nanochat.stage import Stage
 

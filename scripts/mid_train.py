@@ -12,8 +12,8 @@ pretraining, with the loss on every token. Reads outs/base/, writes outs/mid/.
 import argparse
 
 from nanochat.common import parse_flags, run_script
-from nanochat.data import PackedLoader
 from nanochat.finetune import add_finetune_flags, finetune
+from nanochat.loaders import PackedLoader
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """
-Tests for nanochat/data.py: the file readers and their error messages, packing, rank sharding, exact resume, SFT
-masking, and the resumable shard download against a local HTTP server. Nothing here touches the network.
+Tests for nanochat/data.py and nanochat/loaders.py: the file readers and their error messages, packing, rank
+sharding, exact resume, SFT masking, and the resumable shard download against a local HTTP server. Nothing here
+touches the network.
 """
 
 import http.server
@@ -16,7 +17,8 @@ import torch
 
 from nanochat import data
 from nanochat.common import InputError
-from nanochat.data import PackedLoader, SFTLoader, chat_conversations, pretrain_documents
+from nanochat.data import chat_conversations, pretrain_documents
+from nanochat.loaders import PackedLoader, SFTLoader
 from nanochat.tokenizer import train_tokenizer
 
 WORDS = "the cat sat on a mat while seven dogs ran past the old red barn near the river".split()

@@ -200,9 +200,9 @@ def prompts_of(texts):
     return [{"id": f"{i:016x}", "prompt": t, "messages": user(t)} for i, t in enumerate(texts)]
 
 
-def test_max_len_keeps_the_end_of_the_prompt(tok):
+def test_max_len_keeps_bos_and_the_end_of_the_prompt(tok):
     full = tok.render_for_completion(user(" ".join(WORDS)))
-    assert density.render_prompts(tok, [user(" ".join(WORDS))], 5) == [full[-5:]]
+    assert density.render_prompts(tok, [user(" ".join(WORDS))], 5) == [[tok.bos_token_id] + full[-4:]]
 
 
 def test_embedding_cache_reused_when_identical_and_rebuilt_when_prompts_change(tmp_path, model, tok, monkeypatch,

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
+from nanochat.batching import collate_targets
 from nanochat.checkpoint import save_checkpoint
-from nanochat.dpo import (collate_targets, dpo_losses, dpo_train_step, pair_logprobs, preference_eval,
-                          sequence_logprobs)
-from nanochat.rm import render_pairs
+from nanochat.dpo import dpo_losses, dpo_train_step, pair_logprobs, preference_eval, sequence_logprobs
+from nanochat.preference import render_pairs
 from scripts import kat_train_dpo
 
 

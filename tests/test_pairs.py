@@ -1,8 +1,9 @@
 """
-Tests for the preference-data stages (nanochat/pairs.py, scripts/kat_download_pairs.py, scripts/kat_make_prompts.py):
-small files written in each source's hub layout and schema (hh's gzipped jsonl subsets, uf's parquet with message
-lists and a README naming the splits, SE's per-site parquet with answer structs), read through the same `datasets`
-call as the hub, and checked against rows written out by hand. Nothing here touches the network.
+Tests for the preference-data stages (nanochat/pair_sources.py, nanochat/pairs.py, scripts/kat_download_pairs.py,
+scripts/kat_make_prompts.py): small files written in each source's hub layout and schema (hh's gzipped jsonl
+subsets, uf's parquet with message lists and a README naming the splits, SE's per-site parquet with answer
+structs), read through the same `datasets` call as the hub, and checked against rows written out by hand. Nothing
+here touches the network.
 """
 
 import argparse
@@ -15,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import pairs
+from nanochat import pair_sources, pairs
 from nanochat.common import InputError
-from nanochat.pairs import (check_pair, escape_tsv, extract_prompts, html_to_text, parse_hh_transcript, read_pairs,
-                            SkipRow)
+from nanochat.pair_sources import SkipRow, html_to_text, parse_hh_transcript
+from nanochat.pairs import check_pair, escape_tsv, extract_prompts, read_pairs
 from nanochat.synthetic import conversation_id, pair_id
 from scripts import kat_density, kat_download_pairs, kat_make_prompts
 from scripts.kat_download_pairs import selected_sources
@@ -47,7 +48,7 @@ def hh_line(prefix, chosen, rejected):
 
 def write_hh(root, files):
     """files: {"helpful-base/train": [row, ...]}; every subset gets both splits, empty when not given."""
-    for subset in pairs.HH_SUBSETS:
+    for subset in pair_sources.HH_SUBSETS:
         for split in ("train", "test"):
             path = root / HH / subset / f"{split}.jsonl.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +330,7 @@ def test_no_network_fails_fast_naming_the_offline_ways(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    assert "cannot reach http://127.0.0.1:9" in pairs.hub_unreachable(timeout=2)
+    assert "cannot reach http://127.0.0.1:9" in pair_sources.hub_unreachable(timeout=2)
 
 
 def test_interrupted_download_leaves_the_previous_files(tmp_path, monkeypatch):
@@ -337,7 +338,7 @@ def test_interrupted_download_leaves_the_previous_files(tmp_path, monkeypatch):
     before = (tmp_path / "data" / "pairs_all.jsonl").read_bytes()
 
     def interrupted(seed, size, n):
-        yield from list(pairs.synthetic_stream(seed, size, n))[:10]
+        yield from list(pair_sources.synthetic_stream(seed, size, n))[:10]
         raise KeyboardInterrupt
 
     monkeypatch.setattr(kat_download_pairs, "synthetic_stream", interrupted)
@@ -351,7 +352,7 @@ def test_interrupted_download_leaves_the_previous_files(tmp_path, monkeypatch):
 # reading pairs files, prompts
 
 def good_row(messages, chosen="Yes.", rejected="No.", src="hh-rlhf"):
-    return pairs.make_pair(src, messages, chosen, rejected)
+    return pair_sources.make_pair(src, messages, chosen, rejected)
 
 
 def test_read_pairs_skips_bad_lines_with_their_line_numbers(tmp_path):

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
+from nanochat.batching import collate_right
 from nanochat.checkpoint import CheckpointError, save_checkpoint
-from nanochat.rm import (RewardModel, bt_losses, collate_right, load_reward_model, pair_batch, pair_margins,
-                         preference_metrics, read_densities, render_pairs, render_reply, rewards_for_ids,
-                         rm_train_step, split_by_prompt)
+from nanochat.density import read_densities
+from nanochat.preference import pair_batch, render_pairs
+from nanochat.rm import (RewardModel, bt_losses, load_reward_model, pair_margins, preference_metrics, rewards_for_ids,
+                         rm_train_step)
 from scripts import kat_eval_rm, kat_train_rm
 
 
@@ -42,19 +44,7 @@ def write_jsonl(path, rows):
 
 
 # -----------------------------------------------------------------------------
-# rendering and the reward
-
-def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
-    messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    ids, mask = render_reply(tok, messages, "2 + 3 = 5.")
-    reply = tok.encode("2 + 3 = 5.")
-    assert ids[-1] == tok.encode_special("<|assistant_end|>")
-    assert ids[-len(reply) - 1:-1] == reply and ids[-len(reply) - 2] == tok.encode_special("<|assistant_start|>")
-    assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
-    cut, cut_mask = render_reply(tok, messages, "2 + 3 = 5.", max_len=8)
-    assert cut == [tok.bos_token_id] + ids[-7:] and cut_mask == [0] + mask[-7:]
-    assert render_reply(tok, messages, "2 + 3 = 5.", max_len=len(ids)) == (ids, mask)
-
+# the reward
 
 def test_reward_in_a_right_padded_batch_equals_the_row_alone(tok, rows):
     rm = random_rm().eval()
@@ -121,29 +111,7 @@ def test_swapping_chosen_and_rejected_flips_every_margin(tok, rows):
 
 
 # -----------------------------------------------------------------------------
-# data: split, sampling, metrics
-
-def test_split_by_prompt_never_puts_a_prompt_on_both_sides():
-    rows = [{"prompt_id": f"p{i % 50}", "i": i} for i in range(400)]
-    train, val = split_by_prompt(rows, 0.2, seed=3)
-    assert {r["prompt_id"] for r in train}.isdisjoint({r["prompt_id"] for r in val})
-    assert len(train) + len(val) == 400 and 0 < len(val) < 200
-    assert split_by_prompt(rows, 0.2, seed=3) == (train, val) and split_by_prompt(rows, 0.2, seed=4) != (train, val)
-
-
-def test_uniform_batches_walk_seeded_epochs_and_density_batches_follow_the_weights():
-    batches = [pair_batch(step, 10, 4, seed=0) for step in range(5)]
-    flat = sum(batches, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert flat[:10] != flat[10:20]  # a fresh permutation per epoch
-    assert pair_batch(3, 10, 4, seed=0) == batches[3] and pair_batch(3, 10, 4, seed=1) != batches[3]
-    weights = torch.tensor([0.0, 1.0, 3.0, 0.0], dtype=torch.float64)
-    drawn = torch.tensor(sum((pair_batch(s, 4, 100, seed=0, weights=weights) for s in range(40)), []))
-    counts = torch.bincount(drawn, minlength=4)
-    assert counts[0] == 0 and counts[3] == 0
-    assert counts[2] / counts[1] == pytest.approx(3.0, rel=0.1)
-    assert pair_batch(7, 4, 16, seed=0, weights=weights) == pair_batch(7, 4, 16, seed=0, weights=weights)
-
+# metrics
 
 def test_preference_metrics_by_group_and_density_quartile():
     rows = [{"prompt_id": f"p{i}", "src": "a" if i < 4 else "b", "cluster": "c"} for i in range(8)]

@@ -1,0 +1,166 @@
+"""
+Preference pairs as the RM and DPO stages use them: rendering a reply, the validation split, the global batch of a
+step, density weights per pair, and the flags and data loading both stages share. Its own module because both
+stages train on the same pairs the same way and neither should import the other's model.
+
+Rendering. A (messages, reply) pair is the chat `messages + [{"role": "assistant", "content": reply}]` rendered by
+`tok.render_conversation`: its ids end with <|assistant_end|>, and its mask is 1 on the reply's tokens and that
+end token. A render longer than max_len is cut by nanochat/batching.py's `cut_left`: <|bos|>, then its last
+max_len - 1 tokens, the end of the reply and the question right before it being what a reward or a log-prob is
+about. A reply that alone is longer than max_len - 1 tokens loses its beginning.
+
+Micro-batches hold n chosen renders, then their n rejected renders, in the same order: both losses read row i
+against row n + i.
+
+Accuracy counts a pair right when its margin (chosen minus rejected: a reward difference for the RM, a log-prob
+or implicit-reward difference for DPO) is > 0 and half right when it is exactly 0, so a model that cannot tell the
+two replies apart (or two identical replies) scores exactly chance, 0.5.
+"""
+
+import hashlib
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from nanochat.batching import cut_left
+from nanochat.common import (InputError, add_common_flags, fraction, nonnegative_float, nonnegative_int,
+                             positive_int, print0, str2bool)
+from nanochat.density import load_density, pair_weights, sample_indices
+from nanochat.pairs import read_pairs
+
+
+# -----------------------------------------------------------------------------
+# rendering and micro-batches
+
+def render_reply(tok, messages, reply, max_len=None):
+    """(ids, mask) of the conversation `messages` answered by `reply`; cut from the left to max_len tokens."""
+    ids, mask = tok.render_conversation(messages + [{"role": "assistant", "content": reply}], max_tokens=None)
+    return cut_left(ids, max_len), cut_left(mask, max_len)
+
+
+def render_pairs(tok, rows, max_len=None):
+    """Renders of the chosen replies of `rows`, then of their rejected replies: 2 * len(rows) (ids, mask)."""
+    return [render_reply(tok, row["messages"], row[side], max_len) for side in ("chosen", "rejected") for row in rows]
+
+
+def micro_batches(tok, rows, pairs_per_batch, max_len=None):
+    """
+    Renders of pair rows cut into micro-batches of `pairs_per_batch` pairs, each laid out as its chosen renders then
+    its rejected renders. Pairs are ordered by length first, so a micro-batch pads its rows to similar lengths; a
+    step's summed loss does not depend on how its pairs are grouped.
+    """
+    pairs = [(render_reply(tok, row["messages"], row["chosen"], max_len),
+              render_reply(tok, row["messages"], row["rejected"], max_len)) for row in rows]
+    pairs.sort(key=lambda pair: max(len(pair[0][0]), len(pair[1][0])))
+    chunks = [pairs[i:i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
+    return [[chosen for chosen, _ in chunk] + [rejected for _, rejected in chunk] for chunk in chunks]
+
+
+def pair_correct(margins):
+    """1 per pair with margin > 0, 0.5 per tie, 0 otherwise."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
+# -----------------------------------------------------------------------------
+# split, sampling, density
+
+def split_by_prompt(rows, share, seed):
+    """
+    (train, val) rows: a seeded hash coin per prompt_id puts a `share` of the conversations, with all their pairs,
+    into val, so no prompt is on both sides. The salt differs from the train/test split of
+    nanochat/pair_sources.py, which has already removed its own held-out prompts from pairs_all.jsonl.
+    """
+    train, val = [], []
+    for row in rows:
+        h = int(hashlib.sha256(f"rm-val-{seed}-{row['prompt_id']}".encode()).hexdigest()[:15], 16)
+        (val if h < share * 16 ** 15 else train).append(row)
+    return train, val
+
+
+def density_pair_weights(rows, density_path):
+    """Per-row sampling weights: each prompt's density weight, shared evenly among the rows of the prompt."""
+    return pair_weights([row["prompt_id"] for row in rows], load_density(density_path))
+
+
+def pair_batch(step, num_rows, batch_size, seed, weights=None):
+    """
+    The global batch of row indices for optimizer step `step`, a pure function of (seed, step): every rank draws
+    the same one, and --resume needs no sampler state. Uniform (weights None): walks seeded permutations of all
+    rows, epoch after epoch, so every pair is seen once per epoch. Density-aware: `batch_size` draws with
+    replacement, probability proportional to `weights`, from a generator seeded by (seed, step).
+    """
+    if weights is not None:
+        stream_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+        return sample_indices(weights, batch_size, torch.Generator().manual_seed(stream_seed)).tolist()
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos + len(out), num_rows)
+        permutation = np.random.default_rng([seed, epoch]).permutation(num_rows)
+        out += permutation[offset:offset + batch_size - len(out)].tolist()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# what the preference stages (scripts/kat_train_rm.py, scripts/kat_train_dpo.py) share: flags and data
+
+def add_pair_flags(parser):
+    """Flags shared by the preference stages (RM and DPO)."""
+    parser.add_argument("--sft_ckpt_path", type=str, default="outs/sft/ckpt.pt", help="the model to start from")
+    parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl")
+    parser.add_argument("--test_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
+                        help="held-out pairs evaluated at the end (skipped with a note when missing)")
+    parser.add_argument("--density_path", type=str, default=".cache/data/density.jsonl")
+    parser.add_argument("--val_share", type=fraction, default=0.05, help="share of prompt ids held out for validation")
+    parser.add_argument("--max_len", type=nonnegative_int, default=0,
+                        help="tokens per reply render, cut from the left (0: the SFT model's context length)")
+    parser.add_argument("--warmup_steps", type=nonnegative_int, default=10)
+    parser.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--eval_every", type=nonnegative_int, default=50,
+                        help="validation every N steps (0: only at the end)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=64, help="rows per evaluation forward")
+    parser.add_argument("--save_every", type=nonnegative_int, default=100, help="resume state every N steps (0: never)")
+    parser.add_argument("--log_every", type=positive_int, default=10)
+    parser.add_argument("--resume", type=str2bool, default=False, help="continue from the output directory")
+    add_common_flags(parser)
+    return parser
+
+
+class PairData(NamedTuple):
+    """The pairs of a preference stage: split, held out, and how training draws them."""
+    train: list            # pair rows to train on
+    val: list              # pair rows of the held-out prompt ids (split_by_prompt)
+    test: list             # the rows of --test_pairs_path, or None when it is missing or empty
+    weights: torch.Tensor  # per-train-row sampling weights (float64), or None for uniform sampling
+
+
+def load_pair_data(args, world_size):
+    """The PairData of a preference stage's flags, with checks and printed notes."""
+    if args.batch_size_pairs % (args.device_batch_size * world_size):
+        raise InputError(f"--batch_size_pairs={args.batch_size_pairs} must be a multiple of --device_batch_size x "
+                         f"world size = {args.device_batch_size * world_size}")
+    rows, log = read_pairs(args.pairs_path, "--pairs_path")
+    if log.total():
+        print0(log.note(args.pairs_path))
+    train, val = split_by_prompt(rows, args.val_share, args.seed)
+    if not train:
+        raise InputError(f"{args.pairs_path}: no usable training pairs")
+    test = None
+    if args.test_pairs_path and os.path.exists(args.test_pairs_path) and os.path.getsize(args.test_pairs_path):
+        test, test_log = read_pairs(args.test_pairs_path, "--test_pairs_path")
+        if test_log.total():
+            print0(test_log.note(args.test_pairs_path))
+    elif args.test_pairs_path:
+        print0(f"note: {args.test_pairs_path} is missing or empty; no test evaluation")
+    weights = None
+    if args.density_aware:
+        try:
+            weights = density_pair_weights(train, args.density_path)
+        except InputError as e:
+            raise InputError(f"--density_aware: {e} (write it with python -m scripts.kat_density, or pass "
+                             f"--density_aware=False)") from e
+    print0(f"{len(rows)} pairs: {len(train)} training, {len(val)} validation ({args.val_share:.0%} of prompt ids); "
+           f"{len(test) if test is not None else 0} test; sampling "
+           f"{'by density weight' if weights is not None else 'uniform'}")
+    return PairData(train, val, test, weights)
