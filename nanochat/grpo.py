@@ -130,7 +130,10 @@ def token_logprobs(model, hidden, tokens, temperature=1.0, with_entropy=False):
     Log-probabilities of `tokens` (B, T) under softmax(logits / temperature) from the hidden states that predict
     them, and optionally that distribution's entropy.
     """
-    logp = F.log_softmax(model.logits_from_hidden(hidden).float() / temperature, dim=-1)
+    logits = model.logits_from_hidden(hidden).float()
+    if temperature != 1.0:  # skips a vocabulary-sized pass (and its backward) at the default temperature
+        logits = logits / temperature
+    logp = F.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, tokens[:, :, None]).squeeze(-1)
     if not with_entropy:
         return chosen
