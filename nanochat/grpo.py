@@ -220,13 +220,13 @@ def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, nu
     """
     The `config.num_iterations` optimisation passes over one batch (this rank's GroupBatch; its completion mask
     says which tokens enter the loss), in micro-batches of whole groups of about `config.device_batch_size` rows.
-    Returns statistics averaged over the passes, each a mean over all loss tokens of all ranks (loss, pg, kl,
-    clipped share, entropy), and the last pass's gradient norm.
+    Returns statistics averaged over the passes, each a mean over all loss tokens of all ranks (loss, pg_loss, kl,
+    clip_ratio: the share of tokens where the clip was active, entropy), and the last pass's gradient norm.
     """
     denominator = num_tokens_global if config.loss_type == "token" else num_sequences_global
     device = batch.prompt_ids.device
     old_logprobs = None
-    totals = {k: torch.zeros((), device=device) for k in ("loss", "pg", "kl", "clipped", "entropy")}
+    totals = {k: torch.zeros((), device=device) for k in ("loss", "pg_loss", "kl", "clip_ratio", "entropy")}
     for iteration in range(config.num_iterations):
         first_pass = []
         for sl, sub in micro_batches(batch, config.device_batch_size):
@@ -239,7 +239,7 @@ def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, nu
             mask = sub.completion_mask
             reduce_tokens(loss, mask, config.loss_type, denominator).backward()
             with torch.no_grad():
-                for name, values in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped),
+                for name, values in (("loss", loss), ("pg_loss", pg), ("kl", kl), ("clip_ratio", clipped),
                                      ("entropy", entropy)):
                     totals[name] += reduce_tokens(values, mask, "token", num_tokens_global)
         if old_logprobs is None:

@@ -214,9 +214,9 @@ def main(argv=None):
         stats, _, _ = grpo_step(policy, reference, optimizers, engine, prompt_batch, reward_model, config,
                                 stop_tokens, seed=step_seed, pad_id=tok.bos_token_id)
         stage.log(step + 1, stats | {"lr_multiplier": lr},
-                  f"Loss: {stats['loss']:.4f}  PG Loss: {stats['pg']:.4f}, KL Loss: {args.beta * stats['kl']:.4f}, "
+                  f"Loss: {stats['loss']:.4f}  PG Loss: {stats['pg_loss']:.4f}, KL Loss: {args.beta * stats['kl']:.4f}, "
                   f"Total: {stats['loss']:.4f} | reward {stats['reward']:.3f} ± {stats['reward_std']:.3f} | KL "
-                  f"{stats['kl']:.4f} | clip {stats['clipped']:.3f} | len {stats['completion_length']:.1f} "
+                  f"{stats['kl']:.4f} | clip {stats['clip_ratio']:.3f} | len {stats['completion_length']:.1f} "
                   f"(truncated {stats['truncated']:.0%}) | entropy {stats['entropy']:.3f}")
         stage.maybe_save(step + 1, policy, optimizers)
 
