@@ -136,7 +136,7 @@ class Stage:
         self.finished = bool(args.resume) and status == "complete"
         if self.finished:
             print0(f"{self.out_dir} already holds a finished run (ckpt.pt, no optim.pt): nothing to resume")
-        if is_master():
+        if is_master() and not self.finished:  # a finished run's directory is left exactly as it is
             try:
                 os.makedirs(self.out_dir, exist_ok=True)
             except OSError as e:
