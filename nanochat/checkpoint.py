@@ -176,7 +176,7 @@ def save_resume_state(out_dir, model, step, optimizers, identity, extra_state=No
 # -----------------------------------------------------------------------------
 # reading
 
-def _torch_load(file, device, what):
+def _load_plain(file, device, what):
     try:
         return torch.load(file, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -199,7 +199,7 @@ def load_payload(path, device="cpu"):
     if not os.path.exists(file):
         raise CheckpointError(f"checkpoint not found: {file} (run the stage that writes it, or pass the right "
                               f"--*_path / --ckpt_path)")
-    payload = _torch_load(file, device, "checkpoint")
+    payload = _load_plain(file, device, "checkpoint")
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"{file} is not a nanochat-kat checkpoint (no model/config entries)")
     if payload.get("format") != FORMAT:
@@ -295,7 +295,7 @@ def load_resume_state(out_dir, model, optimizers, identity, device="cpu"):
     optim_file = os.path.join(out_dir, OPTIM_NAME)
     if not os.path.exists(optim_file):
         return 0, None
-    state = _torch_load(optim_file, device, "--resume: the run state")
+    state = _load_plain(optim_file, device, "--resume: the run state")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"--resume: {optim_file} was written by another version of nanochat-kat; rerun "
                               f"without --resume to start over")

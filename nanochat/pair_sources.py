@@ -20,7 +20,6 @@ test file is dropped (`prompt_in_test`), so no prompt is in both files.
 
 import hashlib
 import itertools
-import json
 import os
 import random
 import re
@@ -28,7 +27,7 @@ from collections import namedtuple
 from html.parser import HTMLParser
 
 from nanochat.data import hf_endpoint, hf_offline, host_unreachable
-from nanochat.pairs import SkipLog, check_pair, encode_row
+from nanochat.pairs import SkipLog, check_pair, encode_row, jsonl_lines
 from nanochat.synthetic import conversation_id, make_world, pair_id
 
 HH_ID = "Anthropic/hh-rlhf"
@@ -143,21 +142,11 @@ def hh_rows(location, path):
 
     url = os.path.join(location, path) if os.path.isdir(location) else f"hf://datasets/{location}/{path}"
     with fsspec.open(url, "rb", compression="gzip") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{location}/{path} line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, SkipRow("invalid_utf8", f"byte {e.start} is not UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, SkipRow("invalid_json", f"{e.msg} (column {e.colno})")
-                continue
-            yield where, row if isinstance(row, dict) else SkipRow("not_an_object", f"a JSON {type(row).__name__}")
+        for where, _, row, problem in jsonl_lines(f, f"{location}/{path}"):
+            if problem is not None:
+                yield where, SkipRow(*problem)
+            else:
+                yield where, row if isinstance(row, dict) else SkipRow("not_an_object", f"a JSON {type(row).__name__}")
 
 
 def hh_stream(location, split):

@@ -131,6 +131,26 @@ def encode_row(row):
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+def jsonl_lines(f, name):
+    """
+    (where, line, row, problem) per non-blank line of a binary jsonl file object, where = "<name> line N": the
+    parsed row and problem None, or row None and problem (reason, detail) for a line that is not UTF-8 or not JSON.
+    """
+    for lineno, raw in enumerate(f, 1):
+        where = f"{name} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, None, None, ("invalid_utf8", f"byte {e.start} is not UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield where, line, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield where, line, None, ("invalid_json", f"{e.msg} (column {e.colno})")
+
+
 def iter_pairs(path, log, what="pairs file"):
     """
     Yield the usable rows of a pairs jsonl in file order; each line left out goes into the SkipLog `log` as
@@ -141,22 +161,9 @@ def iter_pairs(path, log, what="pairs file"):
         raise InputError(f"{what} {path} not found; write it with {PAIRS_WRITER}")
     seen = set()
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path} line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                log.add("invalid_utf8", where, f"byte {e.start} is not UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                log.add("invalid_json", where, f"{e.msg} (column {e.colno})")
-                continue
-            problem = None
-            if _SURROGATE_ESCAPE.search(line):  # a lone "\ud800" escape is legal JSON, but no hash or file holds it
+        for where, line, row, problem in jsonl_lines(f, path):
+            # a lone "\ud800" escape is legal JSON, but no hash or file holds it
+            if problem is None and _SURROGATE_ESCAPE.search(line):
                 try:
                     encode_row(row)
                 except UnicodeEncodeError:

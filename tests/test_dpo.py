@@ -135,8 +135,8 @@ def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(stage, tm
     monkeypatch.undo()
     kat_train_dpo.main(flags + [f"--out_dir={tmp_path / 'killed'}", "--resume=true"])
 
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4 and a["extra"]["loss_type"] == "sigmoid"
     for name, tensor in a["model"].items():
         assert torch.equal(b["model"][name], tensor), name
@@ -172,8 +172,8 @@ def test_torchrun_two_processes_match_one_process(stage, tmp_path):
            "scripts.kat_train_dpo", "--", *flags, f"--out_dir={tmp_path / 'two'}"]
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
     ma = json.load(open(tmp_path / "one" / "meta.json"))["metrics"]

@@ -259,7 +259,7 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
     # of the uninterrupted run
     uniform = ["--density_aware=False"]
     kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "uniform") + uniform)
-    expected = torch.load(grpo_stage / "uniform" / "ckpt.pt", weights_only=False)["model"]
+    expected = torch.load(grpo_stage / "uniform" / "ckpt.pt", weights_only=True)["model"]
     calls = []
 
     def killed_in_step_3(*args, **kwargs):
@@ -273,6 +273,6 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
         kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "killed") + uniform)
     monkeypatch.undo()
     kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "killed") + uniform + ["--resume=true"])
-    resumed = torch.load(grpo_stage / "killed" / "ckpt.pt", weights_only=False)["model"]
+    resumed = torch.load(grpo_stage / "killed" / "ckpt.pt", weights_only=True)["model"]
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), name

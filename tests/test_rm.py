@@ -170,8 +170,8 @@ def test_torchrun_two_processes_match_one_process_and_eval_reads_the_checkpoint(
            "scripts.kat_train_rm", "--", *rm_flags(stage, two / "ckpt.pt")]
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    a = torch.load(one / "ckpt.pt", weights_only=False)
-    b = torch.load(two / "ckpt.pt", weights_only=False)
+    a = torch.load(one / "ckpt.pt", weights_only=True)
+    b = torch.load(two / "ckpt.pt", weights_only=True)
     assert a["kind"] == "rm" and a["step"] == 3
     assert a["model"]["head.weight"].abs().max() > 0
     for name in a["model"]:
@@ -205,8 +205,8 @@ def test_resume_after_a_checkpoint_ends_like_an_uninterrupted_run(stage, monkeyp
         kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}"])
     monkeypatch.undo()
     kat_train_rm.main(flags + [f"--out_path={stage / 'killed'}", "--resume=true"])
-    a = torch.load(stage / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(stage / "killed" / "ckpt.pt", weights_only=False)
+    a = torch.load(stage / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(stage / "killed" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for name, tensor in a["model"].items():
         assert torch.equal(b["model"][name], tensor), name

@@ -39,7 +39,7 @@ def final_loss(out_dir):
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tokenizer_dir):
     flags = TINY + [f"--tokenizer_dir={tokenizer_dir}", "--max_steps=30", "--save_every=5"]
     base_train.main(flags + [f"--out_dir={tmp_path / 'straight'}"])
-    reference = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    reference = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
 
     killed = tmp_path / "killed"
     proc = run_script(["-m", "scripts.base_train", *flags, f"--out_dir={killed}"])
@@ -49,11 +49,11 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tokenizer
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    interrupted_at = torch.load(killed / "optim.pt", weights_only=False)["step"]
+    interrupted_at = torch.load(killed / "optim.pt", weights_only=True)["step"]
     assert 0 < interrupted_at < 30
 
     base_train.main(flags + [f"--out_dir={killed}", "--resume=true"])
-    resumed = torch.load(killed / "ckpt.pt", weights_only=False)
+    resumed = torch.load(killed / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 30
     assert final_loss(killed)["final_train_loss"] == final_loss(tmp_path / "straight")["final_train_loss"]
     for name, tensor in reference["model"].items():
@@ -69,8 +69,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tokenizer_dir):
     two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                       "scripts.base_train", "--", *flags, f"--out_dir={tmp_path / 'two'}"])
     assert two.wait(timeout=300) == 0, two.stdout.read()[-3000:]
-    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-4), (name, (a[name] - b[name]).abs().max())
     la, lb = final_loss(tmp_path / "one"), final_loss(tmp_path / "two")
