@@ -37,6 +37,7 @@ import time
 from nanochat import checkpoint
 from nanochat.charts import plot_history
 from nanochat.common import DivergedError, InputError, dist_barrier, is_master, print0
+from nanochat.data import host_unreachable
 from nanochat.report import write_report
 
 # flags that may change when a run is resumed: they do not change what the run computes
@@ -95,8 +96,9 @@ class WandbLogger:
             return
         try:
             import wandb
-            if "WANDB_MODE" not in os.environ and not _reachable("api.wandb.ai", 443):
-                print0("wandb: api.wandb.ai is unreachable; logging offline (wandb sync uploads it later)")
+            unreachable = "WANDB_MODE" not in os.environ and host_unreachable("https://api.wandb.ai")
+            if unreachable:
+                print0(f"wandb: {unreachable}; logging offline (wandb sync uploads it later)")
                 os.environ["WANDB_MODE"] = "offline"
             self.run = wandb.init(project="nanochat-kat", group=run_name, name=f"{run_name}-{group}", config=config,
                                   settings=wandb.Settings(init_timeout=30))
@@ -110,15 +112,6 @@ class WandbLogger:
     def finish(self):
         if self.run is not None:
             self.run.finish()
-
-
-def _reachable(host, port, timeout=3.0):
-    import socket
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 class Stage:

@@ -491,3 +491,23 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(files, tmp
     assert (out / "ckpt.pt").read_bytes() == good
     assert checkpoint.load_payload(out)["step"] == 1
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_wandb_goes_offline_at_once_when_its_server_is_unreachable(monkeypatch):
+    # catches: wandb.init blocking on its network retries (about 100 s per stage offline), or a failure being fatal
+    import wandb
+
+    from nanochat import stage as stage_module
+    seen = {}
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(stage_module, "host_unreachable", lambda url: f"cannot reach {url}")
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(mode=os.environ.get("WANDB_MODE"), **kw) or None)
+    stage_module.WandbLogger("myrun", "rm", {"lr": 1.0})
+    assert seen["mode"] == "offline" and seen["settings"].init_timeout <= 30 and seen["group"] == "myrun"
+
+    def broken(**kw):
+        raise RuntimeError("no login")
+    monkeypatch.setattr(wandb, "init", broken)
+    logger = stage_module.WandbLogger("myrun", "rm", {})
+    logger.log({"train/loss": 1.0}, 1)  # a logger that could not start is a no-op, not a crash
+    logger.finish()
