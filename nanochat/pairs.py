@@ -25,6 +25,7 @@ Skipped lines are counted in a `SkipLog`, by reason, with the first few places o
 import hashlib
 import json
 import os
+import random
 import re
 from collections import Counter, defaultdict
 
@@ -217,6 +218,26 @@ def extract_prompts(rows):
         else:
             p["n_pairs"] += 1
     return list(prompts.values()), per_src
+
+
+def heldout_sample(prompts, n, seed):
+    """
+    n of `prompts` (all when there are fewer) for a held-out evaluation: a seeded sample stratified by `src`, each
+    source getting its share of n by largest remainder, in input order. pairs_test.jsonl is written source by
+    source, so its first n lines would all come from one source.
+    """
+    if n >= len(prompts):
+        return list(prompts)
+    by_src = {}
+    for i, p in enumerate(prompts):
+        by_src.setdefault(p["src"], []).append(i)
+    quotas = {src: n * len(ids) / len(prompts) for src, ids in by_src.items()}
+    counts = {src: int(q) for src, q in quotas.items()}
+    for src in sorted(quotas, key=lambda s: counts[s] - quotas[s])[:n - sum(counts.values())]:
+        counts[src] += 1
+    rng = random.Random(f"heldout-{seed}")
+    chosen = sorted(i for src, ids in by_src.items() for i in rng.sample(ids, counts[src]))
+    return [prompts[i] for i in chosen]
 
 
 def escape_tsv(text):

@@ -565,3 +565,18 @@ def test_a_kill_between_renames_is_caught_by_the_reader(tmp_path, monkeypatch, f
                             f"again with python -m scripts.kat_make_prompts")
     make_prompts(tmp_path, tmp_path / "new.jsonl")  # a rerun mends it
     assert len(kat_density.read_prompts(str(data / "prompts_all.jsonl"))) == 4
+
+
+def test_heldout_sample_is_stratified_by_source_seeded_and_in_input_order():
+    # catches: taking the first n prompts (pairs_test.jsonl is written source by source, so that sees only the
+    # first source), a quota that ignores small sources, and a sample that changes between calls
+    prompts = ([{"src": "hh", "i": i} for i in range(70)] + [{"src": "uf", "i": i} for i in range(25)]
+               + [{"src": "synthetic", "i": i} for i in range(5)])
+    sample = pairs.heldout_sample(prompts, 20, seed=0)
+    assert [p["src"] for p in sample].count("hh") == 14
+    assert [p["src"] for p in sample].count("uf") == 5
+    assert [p["src"] for p in sample].count("synthetic") == 1
+    assert sample == pairs.heldout_sample(prompts, 20, seed=0)
+    assert sample != pairs.heldout_sample(prompts, 20, seed=1)
+    assert [prompts.index(p) for p in sample] == sorted(prompts.index(p) for p in sample)
+    assert pairs.heldout_sample(prompts[:3], 20, seed=0) == prompts[:3]
