@@ -2,9 +2,9 @@
 Density-aware prompt weights: sample a prompt inversely to how crowded its neighbourhood is in embedding space, so a
 long sparse tail of rare prompts is not drowned by a few dense clusters of near-duplicates.
 
-Pipeline (`compute_density` runs it: scripts/kat_density.py writes its weights to density.jsonl, which RM and DPO
-read back with `load_density`; GRPO calls it on its own training prompts with its policy, so its weights always
-match the prompts it samples):
+Pipeline (`compute_density` runs it; scripts/kat_density.py writes its weights to density.jsonl, the one source of
+weights that RM, DPO and GRPO read back with `load_density`, and `check_density_meta` refuses a file built from
+another SFT model or prompt set):
 
 1. `embed_prompts`: the model's own final normed hidden states, mean-pooled over the real tokens of the
    chat-rendered prompt (`tok.render_for_completion`, cut to max_len by nanochat/batching.py's `cut_left`, which
@@ -15,6 +15,10 @@ match the prompts it samples):
    distance, so an exact duplicate still counts as a neighbour at distance 0.
 3. `densities`: 1 / (mean distance to the k neighbours + eps).
 4. `density_weights`: w proportional to density^-alpha, capped at max_ratio x median, mixed with uniform, mean 1.
+
+Held-out prompts get the density of the training distribution, not of their own set: `knn_to` finds each one's k
+nearest TRAINING prompts (same embedding, same k), and `density_quartiles` places it among the training prompts'
+density quartiles (q1 = sparsest), so "rare" in a report means rare where the weights were built.
 
 Embeddings are cached in `cache_dir` as density_embeddings_<model fingerprint>.pt together with the prompt ids and
 a digest of every token fed to the model; a cache whose ids or tokens differ from this run's is rebuilt (with a
@@ -117,6 +121,25 @@ def knn(embeddings, k, block_size=2048):
     return (1 - best_sims).clamp_(min=0), best_idx
 
 
+@torch.no_grad()
+def knn_to(queries, keys, k, block_size=2048):
+    """
+    (distances (Nq, k), indices into keys (Nq, k)) of each query's k nearest keys by cosine distance, nearest first:
+    the kNN of held-out prompts among the training prompts. The queries are not among the keys, so nothing is
+    excluded. Memory is one block x block tile plus the running top k.
+    """
+    if not 1 <= k <= keys.size(0):
+        raise ValueError(f"knn_to needs 1 <= k <= number of keys, got k={k} for {keys.size(0)} keys")
+    q_all = torch.nn.functional.normalize(queries.float(), dim=1)
+    x = torch.nn.functional.normalize(keys.float(), dim=1).to(q_all.device)
+    best_sims = torch.full((q_all.size(0), k), float("-inf"), device=q_all.device)
+    best_idx = torch.zeros(q_all.size(0), k, dtype=torch.long, device=q_all.device)
+    for q0 in range(0, q_all.size(0), block_size):
+        for k0 in range(0, x.size(0), block_size):
+            _merge_topk(best_sims, best_idx, q0, q_all[q0:q0 + block_size] @ x[k0:k0 + block_size].T, k0)
+    return (1 - best_sims).clamp_(min=0), best_idx
+
+
 def densities(mean_knn_distance, eps=DENSITY_EPS):
     """Density 1 / (mean kNN distance + eps); see DENSITY_EPS for why eps."""
     return 1.0 / (mean_knn_distance.double() + eps)
@@ -168,6 +191,20 @@ def weight_histogram(weights, width=40):
         bar = "#" * math.ceil(width * count / counts.max().item()) if count else ""
         lines.append(f"[{2.0 ** e:>9.4g}, {2.0 ** (e + 1):>9.4g})  {count:>8d}  {bar}")
     return "\n".join(lines)
+
+
+QUARTILES = ("q1", "q2", "q3", "q4")  # q1 = sparsest (rare) .. q4 = densest
+
+
+def quartile_edges(density):
+    """The 25th, 50th and 75th percentiles of the training prompts' densities."""
+    return torch.quantile(density.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+
+
+def density_quartiles(density, edges):
+    """"q1" (sparsest) .. "q4" (densest) of each density, by the training prompts' quartile `edges`."""
+    index = torch.searchsorted(torch.tensor(edges, dtype=torch.float64), density.double(), right=True)
+    return [QUARTILES[i] for i in index.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -280,6 +317,42 @@ def density_rows(path):
         raise InputError(f"{path} has no rows; write it again with {DENSITY_WRITER}")
 
 
+def meta_path(density_path):
+    """The sidecar of a density.jsonl that says how it was built: density.jsonl -> density.meta.json."""
+    return os.path.splitext(density_path)[0] + ".meta.json"
+
+
+def read_density_meta(density_path):
+    """The sidecar's dict (sft_ckpt_path, model_fingerprint, k, alpha, max_ratio, mix, max_len, quartile_edges, ...)."""
+    path = meta_path(density_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path} not found (it says which model built {density_path}); write both again with "
+                         f"{DENSITY_WRITER}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({e}); write it again with {DENSITY_WRITER}") from None
+    missing = [key for key in ("model_fingerprint", "sft_ckpt_path", "k") if key not in meta]
+    if not isinstance(meta, dict) or missing:
+        raise InputError(f"{path}: missing {', '.join(missing) or 'everything'}; write it again with "
+                         f"{DENSITY_WRITER}")
+    return meta
+
+
+def check_density_model(density_path, model, ckpt_path):
+    """
+    The sidecar of density_path, after checking that its weights were built from the embeddings of exactly this
+    model (the SFT checkpoint at ckpt_path): weights of another model are another experiment.
+    """
+    meta = read_density_meta(density_path)
+    if meta["model_fingerprint"] != model_fingerprint(model):
+        raise InputError(f"{density_path} was built from the embeddings of {meta['sft_ckpt_path']}, whose weights "
+                         f"differ from {ckpt_path}; write it again with {DENSITY_WRITER} "
+                         f"--sft_ckpt_path={ckpt_path}")
+    return meta
+
+
 class DensityWeights(dict):
     """{prompt_id: weight} read from the file `path`, which errors about these weights name."""
 
@@ -308,6 +381,17 @@ def read_densities(path):
             raise InputError(f"{path} line {lineno}: field 'density' must be a number")
         densities[row["prompt_id"]] = float(row["density"])
     return densities
+
+
+def read_quartiles(path):
+    """{prompt_id: "q1".."q4"} of a density.jsonl: each training prompt's density quartile (q1 = sparsest)."""
+    quartiles = {}
+    for lineno, row in density_rows(path):
+        if row.get("quartile") not in QUARTILES:
+            raise InputError(f"{path} line {lineno}: field 'quartile' must be one of {', '.join(QUARTILES)}; "
+                             f"write the file again with {DENSITY_WRITER}")
+        quartiles[row["prompt_id"]] = row["quartile"]
+    return quartiles
 
 
 def pair_weights(prompt_ids, weight_by_id):

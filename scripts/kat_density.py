@@ -1,18 +1,25 @@
 """
-RLHF stage 3: density weights of the prompts, for density-aware sampling in RM and DPO (GRPO does not read this
-file: it computes the weights of its own training prompts with nanochat.density.compute_density).
+RLHF stage 3: density weights of the training prompts, the one source of weights for density-aware sampling in RM,
+DPO and GRPO, and the training-distribution density of every held-out prompt, for the reports' "rare prompts".
 
     python -m scripts.kat_density                                  # .cache/data/prompts_all.jsonl, model outs/sft
     python -m scripts.kat_density --density_alpha=0.5 --density_max_ratio=20 --density_mix=0.1
     python -m scripts.kat_density --sft_ckpt_path=outs/base --prompts_path=my_prompts.jsonl \
-        --density_path=my_density.jsonl
+        --density_path=my_density.jsonl --test_density_path=my_density_test.jsonl
 
 Embeds every prompt with --sft_ckpt_path (mean-pooled final hidden states, cached under --cache_dir), finds its
 --density_k nearest neighbours by cosine distance, and writes --density_path atomically, one row per prompt in
 prompt order:
-    {"prompt_id", "density", "weight", "knn_mean_distance"}
+    {"prompt_id", "density", "weight", "knn_mean_distance", "quartile"}
 density = 1 / (mean kNN distance + 1e-4); weight is proportional to density^-alpha, capped at
---density_max_ratio x the median (0 disables the cap), mixed with uniform (--density_mix), mean 1 over all prompts.
+--density_max_ratio x the median (0 disables the cap), mixed with uniform (--density_mix), mean 1 over all prompts;
+quartile is "q1" (sparsest) .. "q4" (densest) among the training prompts. Beside it, density.meta.json records the
+model's weight fingerprint and the flags, so GRPO can refuse weights built from another SFT model.
+
+The distinct conversations of --test_pairs_path (held out) are embedded by the same model and each gets the density
+of its --density_k nearest TRAINING prompts and its quartile by the training quartile edges, written to
+--test_density_path: {"prompt_id", "density", "knn_mean_distance", "quartile"}. A missing test file is a note.
+
 The summary (weight histogram, effective sample size, densest and sparsest prompts, and the mean weight per
 cluster when the synthetic pairs name clusters) goes to stdout and --report_dir/report.md.
 
@@ -28,10 +35,11 @@ import time
 import torch
 
 from nanochat.checkpoint import load_model, load_tokenizer
-from nanochat.common import InputError, atomic_path, autodetect_device, parse_flags
+from nanochat.common import InputError, atomic_path, atomic_write_json, autodetect_device, parse_flags
 from nanochat.data import jsonl_rows
-from nanochat.density import DENSITY_EPS, compute_density, weight_histogram
-from nanochat.pairs import prompt_set_mismatch
+from nanochat.density import (DENSITY_EPS, compute_density, densities, density_quartiles, embed_token_ids, knn_to,
+                              meta_path, model_fingerprint, quartile_edges, render_prompts, weight_histogram)
+from nanochat.pairs import extract_prompts, prompt_set_id, prompt_set_mismatch, read_pairs
 from nanochat.report import write_report
 
 
@@ -118,6 +126,37 @@ def summary_markdown(prompts, result, clusters, n_shown=5):
     return "\n".join(parts)
 
 
+def write_rows(path, rows):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def heldout_densities(args, model, tok, prompts, result, edges):
+    """
+    Write --test_density_path: each held-out prompt's density among the TRAINING prompts (its k nearest of them,
+    same embedding) and its training quartile. Returns a line for the report.
+    """
+    if not os.path.exists(args.test_pairs_path):
+        return f"No held-out densities: {args.test_pairs_path} not found."
+    try:
+        test_prompts, _ = extract_prompts(read_pairs(args.test_pairs_path, "--test_pairs_path")[0])
+    except InputError as e:
+        raise SystemExit(f"kat_density: {e}") from None
+    rendered = render_prompts(tok, [p["messages"] for p in test_prompts], args.max_len)
+    embeddings = embed_token_ids(model, rendered, args.batch_size)
+    distances, _ = knn_to(embeddings, result["embeddings"], result["k"], args.block_size)
+    mean_distance = distances.double().mean(1)
+    density = densities(mean_distance)
+    quartiles = density_quartiles(density, edges)
+    write_rows(args.test_density_path, [{"prompt_id": p["id"], "density": density[i].item(),
+                                         "knn_mean_distance": mean_distance[i].item(), "quartile": quartiles[i]}
+                                        for i, p in enumerate(test_prompts)])
+    shares = ", ".join(f"{q} {quartiles.count(q) / len(quartiles):.0%}" for q in ("q1", "q2", "q3", "q4"))
+    return (f"{len(test_prompts)} held-out prompts of {args.test_pairs_path}: training-density quartiles {shares}; "
+            f"wrote {args.test_density_path}")
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -136,6 +175,10 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=2048, help="kNN tile side: memory ~ block_size^2 floats")
     parser.add_argument("--cache_dir", type=str, default=".cache/data", help="where embeddings are cached")
     parser.add_argument("--density_path", type=str, default=".cache/data/density.jsonl", help="where to write")
+    parser.add_argument("--test_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
+                        help="held-out pairs whose prompts get a training-distribution density")
+    parser.add_argument("--test_density_path", type=str, default=".cache/data/density_test.jsonl",
+                        help="where the held-out prompts' densities go")
     parser.add_argument("--report_dir", type=str, default="outs/density")
     parser.add_argument("--device", type=str, default=None, help="cuda | mps | cpu (default: autodetect)")
     args = parse_flags(parser, argv)
@@ -153,16 +196,22 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"kat_density: {args.prompts_path}: {e}") from None
 
-    with atomic_path(args.density_path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i, p in enumerate(prompts):
-                f.write(json.dumps({"prompt_id": p["id"], "density": result["density"][i].item(),
+    edges = quartile_edges(result["density"])
+    quartiles = density_quartiles(result["density"], edges)
+    write_rows(args.density_path, [{"prompt_id": p["id"], "density": result["density"][i].item(),
                                     "weight": result["weight"][i].item(),
-                                    "knn_mean_distance": result["knn_mean_distance"][i].item()}) + "\n")
+                                    "knn_mean_distance": result["knn_mean_distance"][i].item(),
+                                    "quartile": quartiles[i]} for i, p in enumerate(prompts)])
+    atomic_write_json(meta_path(args.density_path), {
+        "sft_ckpt_path": payload["path"], "model_fingerprint": model_fingerprint(model),
+        "prompts_path": args.prompts_path, "prompt_set": prompt_set_id([p["id"] for p in prompts]),
+        "prompts": len(prompts), "k": result["k"], "alpha": args.density_alpha, "max_ratio": max_ratio,
+        "mix": args.density_mix, "max_len": args.max_len, "quartile_edges": edges})
+    test_note = heldout_densities(args, model, tok, prompts, result, edges)
 
     stats = result["weight_stats"]
     clusters, unreadable = prompt_clusters(prompts, args.pairs_path)
-    notes = summary_markdown(prompts, result, clusters)
+    notes = summary_markdown(prompts, result, clusters) + "\n" + test_note + "\n"
     if unreadable:
         notes += f"\n{unreadable} lines of {args.pairs_path} were not JSON and gave no cluster.\n"
     metrics = {"prompts": len(prompts), "k": result["k"], **stats, "density_min": result["density"].min().item(),
@@ -172,7 +221,8 @@ def main(argv=None):
     print(notes)
     print(f"{len(prompts)} prompts, k={result['k']}: ESS {stats['ess']:.1f} ({stats['ess_fraction']:.1%} of N), "
           f"weights min {stats['weight_min']:.4g} median {stats['weight_median']:.4g} max {stats['weight_max']:.4g}")
-    print(f"Wrote {args.density_path}")
+    print(test_note)
+    print(f"Wrote {args.density_path} and {meta_path(args.density_path)}")
     write_report(args.report_dir, metrics, timings, vars(args), device, notes)
     return result
 

@@ -1,38 +1,46 @@
 """
 GRPO on the preference prompts, with density-aware prompt sampling (the default) or uniform sampling.
 
-    python -m scripts.kat_train_grpo                              # density-aware -> outs/grpo_density/
-    python -m scripts.kat_train_grpo --density_aware=False        # uniform baseline -> outs/grpo_baseline/
+    python -m scripts.kat_train_grpo                              # density-aware -> outs/grpo_density_s42/
+    python -m scripts.kat_train_grpo --density_aware=False --seed=1   # uniform baseline -> outs/grpo_baseline_s1/
     torchrun --standalone --nproc_per_node=8 -m scripts.kat_train_grpo -- --prompts_per_step=64
     python -m scripts.kat_train_grpo --resume                     # continue after an interruption
 
-Each step samples `--prompts_per_step` prompts (weights from nanochat.density on the SFT model's embeddings when
-density-aware), `--num_generations` completions per prompt, scores them with the reward model on the sampled ids,
+Each step samples `--prompts_per_step` prompts with replacement: by the weights of --density_path when
+density-aware (written by scripts.kat_density from the embeddings of this --sft_ckpt_path, which is checked), with
+equal weights otherwise, so the two arms differ only in the weights. Then `--num_generations` completions per
+prompt, scores them with the reward model on the sampled ids,
 normalises rewards within each prompt's group and takes `--num_iterations` clipped policy-gradient steps with a
 `--beta`-weighted KL penalty to the frozen SFT model (nanochat/grpo.py has the formulas). Under torchrun each
-rank samples and scores its share of the prompts; gradients are summed over ranks.
+rank samples and scores its share of the prompts; gradients are summed over ranks. Training seeds are the
+experiment's replicates: speedrun.sh trains each arm with SEEDS seeds, into outs/grpo_<arm>_s<seed>/. Each run
+writes drawn_prompts.json: how often it drew prompts of each training-density quartile and cluster.
 
 Held-out evaluation at the start, every `--eval_every` steps and at the end: `--eval_samples` answers to each of
-`--eval_prompts` prompts of pairs_test.jsonl, sampled at `--eval_temperature` with the same seed every time (so two
-evaluations differ only by the policy), their mean reward and, for synthetic prompts, the world's gold score and
-planted-artifact rate (the check against reward hacking). Sampled rather than greedy on purpose: SFT puts its
-artifacts in the tail of its distribution, where greedy decoding never goes, and that tail is what GRPO trims.
+`--eval_prompts` prompts of pairs_test.jsonl (a fixed sample stratified by source, the same for every seed), sampled
+at `--eval_temperature` with the same seed every time (so two evaluations differ only by the policy), their mean
+reward and, for synthetic prompts, the world's gold score and planted-artifact rate (the check against reward
+hacking). Sampled rather than greedy on purpose: SFT puts its artifacts in the tail of its distribution, where
+greedy decoding never goes, and that tail is what GRPO trims.
 """
 
 import argparse
+import os
+from collections import Counter
 
 import torch
 
 from nanochat.batching import cut_left
 from nanochat.checkpoint import check_same_tokenizer, load_model, load_tokenizer, tokenizer_dir
-from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_cleanup, dist_init, fraction,
+from nanochat.common import (InputError, add_common_flags, all_reduce_sum, atomic_write_json, dist_cleanup, dist_init,
                              nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float,
                              positive_int, print0, run_script, seed_everything, str2bool)
-from nanochat.density import compute_density, sample_indices
+from nanochat.density import (QUARTILES, check_density_model, load_density, pair_weights, read_quartiles,
+                              sample_indices, weight_stats)
 from nanochat.engine import Engine
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.grpo import GRPOConfig, group_rewards, grpo_step
-from nanochat.pairs import extract_prompts, read_pairs
+from nanochat.pairs import extract_prompts, heldout_sample, read_pairs
 from nanochat.rm import load_reward_model, rewards_for_ids
 from nanochat.stage import Stage
 
@@ -45,6 +53,29 @@ def group_size(text):
     return value
 
 
+def step_seed(seed, step):
+    """The seed of a step's prompt draw and sampling: every rank draws the same batch, and --resume needs no RNG."""
+    return seed * 1_000_003 + step
+
+
+def draw_prompts(weights, n, seed, step):
+    """The step's global prompt batch: n indices drawn with replacement by weight, a pure function of (seed, step)."""
+    return sample_indices(weights, n, torch.Generator().manual_seed(step_seed(seed, step)))
+
+
+def drawn_prompts(ids, quartile_of, cluster_of):
+    """drawn_prompts.json: how many of the drawn prompt ids fall in each training-density quartile and cluster."""
+    by_quartile, by_cluster = Counter(), Counter()
+    for i in ids:
+        if i in quartile_of:
+            by_quartile[quartile_of[i]] += 1
+        if i in cluster_of:
+            by_cluster[cluster_of[i]] += 1
+    return {"draws": len(ids), "distinct_prompts": len(set(ids)),
+            "by_quartile": {q: by_quartile[q] for q in QUARTILES} if quartile_of else {},
+            "by_cluster": dict(by_cluster.most_common())}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft_ckpt_path", type=str, default="outs/sft/ckpt.pt", help="policy init and reference")
@@ -53,11 +84,8 @@ def main(argv=None):
     parser.add_argument("--test_pairs_path", type=str, default=".cache/data/pairs_test.jsonl",
                         help="held-out prompts for evaluation")
     parser.add_argument("--density_aware", type=str2bool, default=True, help="sample prompts by inverse density")
-    parser.add_argument("--density_k", type=positive_int, default=10)
-    parser.add_argument("--density_alpha", type=nonnegative_float, default=1.0)
-    parser.add_argument("--density_max_ratio", type=nonnegative_float, default=10.0, help="0 disables the cap")
-    parser.add_argument("--density_mix", type=fraction, default=0.0)
-    parser.add_argument("--cache_dir", type=str, default=".cache/data", help="prompt embedding cache")
+    parser.add_argument("--density_path", type=str, default=".cache/data/density.jsonl",
+                        help="weights and quartiles of the training prompts (python -m scripts.kat_density)")
     parser.add_argument("--prompts_per_step", type=positive_int, default=16)
     parser.add_argument("--num_generations", type=group_size, default=8,
                         help="G: completions per prompt (at least 2: advantages compare a completion to its group)")
@@ -94,10 +122,10 @@ def main(argv=None):
     parser.add_argument("--eval_temperature", type=nonnegative_float, default=1.0, help="0 for greedy answers")
     parser.add_argument("--resume", type=str2bool, default=False)
     parser.add_argument("--out_dir", type=str, default=None,
-                        help="default outs/grpo_density or outs/grpo_baseline, by --density_aware")
+                        help="default outs/grpo_density_s<seed> or outs/grpo_baseline_s<seed>, by --density_aware")
     add_common_flags(parser)
     args = parse_flags(parser, argv)
-    args.out_dir = args.out_dir or ("outs/grpo_density" if args.density_aware else "outs/grpo_baseline")
+    args.out_dir = args.out_dir or f"outs/grpo_{'density' if args.density_aware else 'baseline'}_s{args.seed}"
 
     rank, world_size, device = dist_init(args.device)
     stage = Stage(args.out_dir, args, script="kat_train_grpo")
@@ -129,22 +157,24 @@ def main(argv=None):
     cut = sum(len(tok.render_for_completion(p["messages"])) > max_prompt for p in prompts)
     if cut:
         print0(f"note: {cut} of {len(prompts)} prompts are longer than {max_prompt} tokens and lose their beginning")
-    if args.density_aware:
-        density = compute_density(policy, tok, prompts, k=args.density_k, alpha=args.density_alpha,
-                                  max_ratio=args.density_max_ratio or None, mix=args.density_mix,
-                                  cache_dir=args.cache_dir)
-        weights = density["weight"]
-        ws = density["weight_stats"]
-        print0(f"density-aware sampling over {len(prompts)} prompts: effective sample size {ws['ess']:.0f} "
-               f"({ws['ess_fraction']:.0%}), weights {ws['weight_min']:.3f} .. {ws['weight_max']:.3f}")
+    if args.density_aware:  # before resume: the check is against the SFT weights the run starts from
+        meta = check_density_model(args.density_path, policy, args.sft_ckpt_path)
+        weights = pair_weights([p["id"] for p in prompts], load_density(args.density_path))
+        ws = weight_stats(weights)
+        print0(f"density-aware sampling over {len(prompts)} prompts ({args.density_path}: k={meta['k']}, alpha "
+               f"{meta['alpha']}, cap {meta['max_ratio']}, mix {meta['mix']}): effective sample size "
+               f"{ws['ess']:.0f} ({ws['ess_fraction']:.0%}), weights {ws['weight_min']:.3f} .. {ws['weight_max']:.3f}")
     else:
         weights = torch.ones(len(prompts), dtype=torch.float64)
         print0(f"uniform sampling over {len(prompts)} prompts")
+    # for drawn_prompts.json only: which training-density quartile and cluster each drawn prompt is in
+    quartile_of = read_quartiles(args.density_path) if os.path.exists(args.density_path) else {}
+    cluster_of = {row["prompt_id"]: row["cluster"] for row in train_rows if "cluster" in row}
     eval_rows, eval_log = read_pairs(args.test_pairs_path, "--test_pairs_path")
     if eval_log.total():
         print0(eval_log.note(args.test_pairs_path))
-    eval_prompts, _ = extract_prompts(eval_rows)
-    eval_prompts = eval_prompts[:args.eval_prompts]
+    # one fixed held-out sample (seed 0, not --seed), so the runs of every seed and arm are evaluated alike
+    eval_prompts = heldout_sample(extract_prompts(eval_rows)[0], args.eval_prompts, seed=0)
     world = None  # the gold scorer of the world the SFT model learnt (its checkpoint's lineage says which)
     if payload["world"] is not None and any(p["src"] == "synthetic" for p in eval_prompts):
         from nanochat.synthetic import make_world
@@ -205,19 +235,18 @@ def main(argv=None):
             stage.log_eval(step, evaluate(), prefix="eval")
         lr = lr_multiplier(step, args.max_steps, args.warmup_steps, 1.0)
         set_lr(optimizers, lr)
-        # every rank draws the same global prompt batch from a per-step seed (so --resume needs no RNG state)
-        # and keeps its own slice
-        step_seed = args.seed * 1_000_003 + step
-        chosen = sample_indices(weights, args.prompts_per_step, torch.Generator().manual_seed(step_seed))
+        # every rank draws the same global prompt batch and keeps its own slice
+        chosen = draw_prompts(weights, args.prompts_per_step, args.seed, step)
         prompt_batch = [rendered[i] for i in chosen[rank * per_rank:(rank + 1) * per_rank].tolist()]
         # scored on exactly the sampled ids, each prompt once per group
         stats, _, _ = grpo_step(policy, reference, optimizers, engine, prompt_batch, reward_model, config,
-                                stop_tokens, seed=step_seed, pad_id=tok.bos_token_id)
+                                stop_tokens, seed=step_seed(args.seed, step), pad_id=tok.bos_token_id)
         stage.log(step + 1, stats | {"lr_multiplier": lr},
-                  f"Loss: {stats['loss']:.4f}  PG Loss: {stats['pg_loss']:.4f}, KL Loss: {args.beta * stats['kl']:.4f}, "
-                  f"Total: {stats['loss']:.4f} | reward {stats['reward']:.3f} ± {stats['reward_std']:.3f} | KL "
-                  f"{stats['kl']:.4f} | clip {stats['clip_ratio']:.3f} | len {stats['completion_length']:.1f} "
-                  f"(truncated {stats['truncated']:.0%}) | entropy {stats['entropy']:.3f}")
+                  f"Loss: {stats['loss']:.4f}  PG Loss: {stats['pg_loss']:.4f}, "
+                  f"KL Loss: {args.beta * stats['kl']:.4f}, Total: {stats['loss']:.4f} | reward "
+                  f"{stats['reward']:.3f} ± {stats['reward_std']:.3f} | KL {stats['kl']:.4f} | clip "
+                  f"{stats['clip_ratio']:.3f} | len {stats['completion_length']:.1f} (truncated "
+                  f"{stats['truncated']:.0%}) | entropy {stats['entropy']:.3f}")
         stage.maybe_save(step + 1, policy, optimizers)
 
     stage.log_eval(args.max_steps, evaluate(), prefix="eval")
@@ -227,6 +256,14 @@ def main(argv=None):
     metrics.update({"steps": args.max_steps, "train_prompts": len(prompts),
                     "eval_history": [f"{h['step']}:{h['eval/reward']:.3f}/{h['eval/gold_score']:.3f}"
                                      for h in evals]})
+    # the draws are a pure function of (seed, step), so a resumed run counts the steps before its restart too
+    drawn = drawn_prompts([prompts[i]["id"] for step in range(args.max_steps)
+                           for i in draw_prompts(weights, args.prompts_per_step, args.seed, step).tolist()],
+                          quartile_of, cluster_of)
+    if rank == 0:
+        atomic_write_json(os.path.join(args.out_dir, "drawn_prompts.json"), drawn)
+    metrics.update({f"drawn_{q}": n / drawn["draws"] for q, n in drawn["by_quartile"].items()})
+    metrics["drawn_distinct_prompts"] = drawn["distinct_prompts"]
     stage.finish(policy, tokenizer_dir(payload), metrics, {"train_seconds": stage.elapsed()},
                  extra={"method": "grpo"}, parents=[payload, rm_payload], world=payload["world"], device=device)
     dist_cleanup()

@@ -11,6 +11,7 @@ from conftest import make_tiny_model
 from nanochat import density
 from nanochat.checkpoint import save_checkpoint
 from nanochat.common import InputError
+from nanochat.synthetic import conversation_id
 from nanochat.tokenizer import train_tokenizer
 from scripts import kat_density
 
@@ -81,6 +82,36 @@ def test_blocked_knn_equals_brute_force():
         dist, idx = density.knn(x, 7, block_size=block_size)
         assert np.array_equal(idx.numpy(), ref_idx), block_size
         assert np.allclose(dist.numpy(), ref_dist, atol=1e-5), block_size
+
+
+def test_knn_to_training_prompts_equals_brute_force():
+    # catches: a held-out prompt measured against its own set instead of the training prompts, a tile merge that
+    # drops candidates (block narrower than k, ragged last block), self-exclusion applied to unrelated indices
+    g = torch.Generator().manual_seed(2)
+    keys, queries = torch.randn(123, 16, generator=g), torch.randn(37, 16, generator=g)
+    unit = lambda x: x.double().numpy() / np.linalg.norm(x.double().numpy(), axis=1, keepdims=True)  # noqa: E731
+    dist = 1.0 - unit(queries) @ unit(keys).T
+    ref_idx = np.argsort(dist, axis=1, kind="stable")[:, :5]
+    for block_size in (3, 50, 4096):
+        d, idx = density.knn_to(queries, keys, 5, block_size=block_size)
+        assert np.array_equal(idx.numpy(), ref_idx), block_size
+        assert np.allclose(d.numpy(), np.take_along_axis(dist, ref_idx, axis=1), atol=1e-5), block_size
+    # a query equal to a key is at distance 0 from it: nothing is excluded as "self"
+    d, idx = density.knn_to(keys[:4], keys, 1)
+    assert idx[:, 0].tolist() == [0, 1, 2, 3] and d.max() < 1e-5
+    with pytest.raises(ValueError, match="k=124"):
+        density.knn_to(queries, keys, 124)
+
+
+def test_quartiles_follow_the_training_edges():
+    # catches: quartiles re-taken among the queried densities, and a reversed order (q1 must be the sparsest)
+    train = torch.arange(1.0, 101.0)
+    edges = density.quartile_edges(train)
+    assert edges == pytest.approx([25.75, 50.5, 75.25])
+    assert density.density_quartiles(torch.tensor([1.0, 30.0, 60.0, 99.0, 1000.0]), edges) == \
+        ["q1", "q2", "q3", "q4", "q4"]
+    # a held-out set that is all sparse stays all q1: its own quartiles would spread it over q1..q4
+    assert density.density_quartiles(torch.tensor([2.0, 3.0, 4.0, 5.0]), edges) == ["q1"] * 4
 
 
 def test_weights_have_mean_one():
@@ -256,9 +287,17 @@ def test_script_end_to_end(tmp_path, model, tok):
     pairs_path = tmp_path / "pairs_all.jsonl"
     pairs_path.write_text("".join(json.dumps({"prompt_id": p["id"], "cluster": "colour" if i < 18 else "tail"})
                                   + "\n" for i, p in enumerate(prompts)) + "not json\n")
-    out = tmp_path / "density.jsonl"
+    # held out: a copy of a dense question (rare nowhere) and a random word salad (rare in training)
+    heldout = prompts_of(["what colour is the red apple", " ".join(rng.choice(WORDS, 9))])
+    test_pairs_path = tmp_path / "pairs_test.jsonl"
+    test_pairs_path.write_text("".join(json.dumps({"id": f"t{i}", "prompt_id": conversation_id(p["messages"]),
+                                                   "prompt": p["messages"][-1]["content"], "messages": p["messages"],
+                                                   "chosen": "yes", "rejected": "no", "src": "synthetic"}) + "\n"
+                                       for i, p in enumerate(heldout)))
+    out, out_test = tmp_path / "density.jsonl", tmp_path / "density_test.jsonl"
     argv = [f"--prompts_path={prompts_path}", f"--pairs_path={pairs_path}", f"--sft_ckpt_path={tmp_path / 'sft'}",
             "--density_k=3", "--density_max_ratio=0", f"--cache_dir={tmp_path}", f"--density_path={out}",
+            f"--test_pairs_path={test_pairs_path}", f"--test_density_path={out_test}",
             f"--report_dir={tmp_path / 'outs' / 'density'}", "--device=cpu"]
     kat_density.main(argv)
 
@@ -270,6 +309,24 @@ def test_script_end_to_end(tmp_path, model, tok):
     assert weights[18:].min() > weights[:18].max()
     assert all(r["density"] == pytest.approx(1 / (r["knn_mean_distance"] + density.DENSITY_EPS)) for r in rows)
     assert density.load_density(out) == {r["prompt_id"]: r["weight"] for r in rows}
+    assert [r["quartile"] for r in rows[18:]] == ["q1"] * 4 and "q1" not in {r["quartile"] for r in rows[:18]}
+
+    # held-out prompts: density among the TRAINING prompts (brute force here), quartile by the training edges
+    test_rows = [json.loads(line) for line in out_test.read_text().splitlines()]
+    assert [r["prompt_id"] for r in test_rows] == [conversation_id(p["messages"]) for p in heldout]
+    assert [r["quartile"] for r in test_rows] == ["q4", "q1"]
+    train_emb = density.embed_prompts(model, tok, [p["messages"] for p in prompts], max_len=256)
+    test_emb = density.embed_prompts(model, tok, [p["messages"] for p in heldout], max_len=256)
+    unit = lambda x: x.double() / x.double().norm(dim=1, keepdim=True)  # noqa: E731
+    nearest = (1 - unit(test_emb) @ unit(train_emb).T).sort(dim=1).values[:, :3].mean(1)
+    assert [r["knn_mean_distance"] for r in test_rows] == pytest.approx(nearest.tolist(), abs=1e-5)
+
+    # the sidecar names the model; weights built from another model are refused
+    meta = density.read_density_meta(out)
+    assert meta["k"] == 3 and meta["sft_ckpt_path"].endswith("ckpt.pt")
+    assert density.check_density_model(out, model, "sft")["model_fingerprint"] == meta["model_fingerprint"]
+    with pytest.raises(InputError, match="was built from the embeddings of .* whose weights differ from other"):
+        density.check_density_model(out, make_tiny_model(seed=5, vocab_size=300, sequence_len=64), "other")
 
     report = (tmp_path / "outs" / "density" / "report.md").read_text()
     for expected in ("Weight histogram", "Densest prompts", "Sparsest prompts", "| colour | 18 |", "| tail | 4 |",

@@ -217,6 +217,7 @@ def grpo_stage(tmp_path_factory):
     from nanochat.rm import RewardModel
     from nanochat.synthetic import make_world
     from nanochat.tokenizer import train_tokenizer
+    from scripts import kat_density, kat_make_prompts
 
     root = tmp_path_factory.mktemp("grpo")
     world = make_world(seed=0)
@@ -231,14 +232,22 @@ def grpo_stage(tmp_path_factory):
     pairs = world.preference_pairs(40, seed=0)
     for name, rows in (("pairs_all.jsonl", pairs[:30]), ("pairs_test.jsonl", pairs[30:])):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the density weights as the pipeline makes them: prompts, then kat_density on the SFT model
+    kat_make_prompts.main([f"--pairs_path={root / 'pairs_all.jsonl'}", f"--out_dir={root}",
+                           f"--report_dir={root / 'outs' / 'prompts'}"])
+    kat_density.main([f"--prompts_path={root / 'prompts_all.jsonl'}", f"--pairs_path={root / 'pairs_all.jsonl'}",
+                      f"--sft_ckpt_path={root / 'sft'}", "--density_k=3", f"--cache_dir={root}",
+                      f"--density_path={root / 'density.jsonl'}", f"--test_pairs_path={root / 'pairs_test.jsonl'}",
+                      f"--test_density_path={root / 'density_test.jsonl'}",
+                      f"--report_dir={root / 'outs' / 'density'}", "--device=cpu"])
     return root
 
 
 def grpo_flags(root, **overrides):
     flags = {"sft_ckpt_path": root / "sft", "rm_ckpt_path": root / "rm", "pairs_path": root / "pairs_all.jsonl",
-             "test_pairs_path": root / "pairs_test.jsonl", "cache_dir": root / "cache", "prompts_per_step": 2,
-             "num_generations": 3, "max_new_tokens": 6, "max_steps": 4, "save_every": 2, "eval_every": 2,
-             "eval_prompts": 4, "density_k": 3, "device_batch_size": 4, "learning_rate": 1e-3}
+             "test_pairs_path": root / "pairs_test.jsonl", "density_path": root / "density.jsonl",
+             "prompts_per_step": 2, "num_generations": 3, "max_new_tokens": 6, "max_steps": 4, "save_every": 2,
+             "eval_every": 2, "eval_prompts": 4, "device_batch_size": 4, "learning_rate": 1e-3}
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
 
@@ -254,6 +263,13 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
     meta = json.load(open(grpo_stage / "straight" / "meta.json"))
     assert meta["metrics"]["steps"] == 4 and "gold_score_final" in meta["metrics"]
     assert (grpo_stage / "straight" / "report.md").exists()
+    # drawn_prompts.json counts every draw of the 4 steps x 2 prompts by training quartile and cluster
+    drawn = json.load(open(grpo_stage / "straight" / "drawn_prompts.json"))
+    quartile_of = {r["prompt_id"]: r["quartile"] for r in map(json.loads, open(grpo_stage / "density.jsonl"))}
+    cluster_of = {r["prompt_id"]: r["cluster"] for r in map(json.loads, open(grpo_stage / "pairs_all.jsonl"))}
+    assert drawn["draws"] == 8 and sum(drawn["by_quartile"].values()) == 8 and sum(drawn["by_cluster"].values()) == 8
+    assert set(drawn["by_quartile"]) == {"q1", "q2", "q3", "q4"} and set(drawn["by_cluster"]) <= set(cluster_of.values())
+    assert set(quartile_of) == set(cluster_of)
 
     # a uniform run killed during step 3 (after the step-2 checkpoint), then resumed, ends with the weights
     # of the uninterrupted run
@@ -276,3 +292,19 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
     resumed = torch.load(grpo_stage / "killed" / "ckpt.pt", weights_only=True)["model"]
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), name
+    # the resumed run counts the draws of the steps before its restart too
+    assert json.load(open(grpo_stage / "killed" / "drawn_prompts.json")) == \
+        json.load(open(grpo_stage / "uniform" / "drawn_prompts.json"))
+
+
+def test_grpo_refuses_density_weights_built_from_another_model(grpo_stage, tmp_path):
+    # catches: density weights of another SFT model (or a recomputation with other flags) silently used: the one
+    # source of weights is kat_density's file for exactly this --sft_ckpt_path
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.common import InputError
+    from scripts import kat_train_grpo
+
+    save_checkpoint(tmp_path / "other_sft", make_tiny_model(seed=9, vocab_size=300, sequence_len=128), 0,
+                    str(grpo_stage / "tokenizer"), world={"seed": 0, "size": 1})
+    with pytest.raises(InputError, match="density.jsonl was built from the embeddings of .*sft.*whose weights differ"):
+        kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=tmp_path / "run", sft_ckpt_path=tmp_path / "other_sft"))

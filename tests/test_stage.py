@@ -70,7 +70,8 @@ def pair_flags(files):
 def grpo_flags(files, out_dir, *extra):
     return [f"--sft_ckpt_path={files / 'sft'}", f"--rm_ckpt_path={files / 'rm'}",
             f"--pairs_path={files / 'pairs_all.jsonl'}", f"--test_pairs_path={files / 'pairs_test.jsonl'}",
-            f"--cache_dir={out_dir}_cache", "--density_aware=False", "--prompts_per_step=2", "--num_generations=3",
+            f"--density_path={files / 'none.jsonl'}", "--density_aware=False", "--prompts_per_step=2",
+            "--num_generations=3",
             "--max_new_tokens=6", "--max_steps=2", "--save_every=0", "--eval_every=0", "--eval_prompts=4",
             "--eval_samples=2", "--device_batch_size=3", "--learning_rate=1e-3", "--warmup_steps=0",
             "--device=cpu", f"--out_dir={out_dir}", *extra]
