@@ -2,6 +2,10 @@
 Stage reports: each stage writes a markdown section (metrics, timings, flags, environment) to
 `outs/<stage>/report.md` and puts the same section into `outs/report.md`, the run's whole story. A rerun of a
 stage replaces its section in `outs/report.md` in place instead of adding a second copy.
+
+`outs/report.md` opens with a one-screen summary: one row per stage with its headline numbers, the metrics of
+HEADLINE_METRICS that the stage reports (one list here rather than a choice in every script, so the summary reads
+alike for every stage), rebuilt from the sections on every write.
 """
 
 import os
@@ -14,6 +18,16 @@ import time
 import torch
 
 from nanochat.common import atomic_write, get_world_size, is_master
+
+
+# the numbers a reader looks for first, in this order, wherever a stage reports them
+HEADLINE_METRICS = (
+    "val_bytes_per_token", "val_bpb_final", "val_loss_final", "pairs_train", "pairs_test", "shorter_wins",
+    "unique_prompts", "world/accuracy", "ess_fraction", "test/accuracy", "test/length_balanced_accuracy",
+    "test/rejected_kind=wrong/accuracy", "reward_start", "reward_final", "gold_score_final", "artifact_rate_start",
+    "artifact_rate_final", "drawn_q1", "drawn_q4", "primary_effect", "primary_ci_seeds",
+)
+SUMMARY_BEGIN, SUMMARY_END = "<!-- summary -->", "<!-- /summary -->"
 
 
 def _git_commit():
@@ -56,7 +70,9 @@ def _table(rows):
 def render_section(stage, metrics, timings, flags, device=None, notes=None, charts=(), chart_dir=""):
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     command = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
-    parts = [f"## {stage}\n", f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
+    headline = "; ".join(f"{key} {_fmt(metrics[key])}" for key in HEADLINE_METRICS if key in metrics)
+    parts = [f"## {stage}\n", f"<!-- headline: {headline} -->",
+             f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
     parts += [f"![{os.path.splitext(name)[0]}]({chart_dir}{name})\n" for name in charts]
     if notes:
         parts.append(notes.strip() + "\n")
@@ -87,5 +103,16 @@ def write_report(stage_dir, metrics, timings=None, flags=None, device=None, note
             whole = f.read()
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n", re.S)
     whole = pattern.sub(lambda _: block, whole, count=1) if pattern.search(whole) else whole + block + "\n"
-    atomic_write(whole_path, whole)
+    atomic_write(whole_path, with_summary(whole))
     return section
+
+
+def with_summary(whole):
+    """The whole report with its summary table (one row per stage section, in order) rebuilt after the title."""
+    rows = [f"| [{stage}](#{stage}) | {headline} |" for stage, headline in
+            re.findall(r"<!-- stage:(\S+) -->\n## \S+\n\n<!-- headline: (.*?) -->", whole)]
+    summary = "\n".join([SUMMARY_BEGIN, "## Summary\n", "| stage | headline numbers |", "|---|---|", *rows,
+                         SUMMARY_END]) + "\n\n"
+    whole = re.sub(re.escape(SUMMARY_BEGIN) + r".*?" + re.escape(SUMMARY_END) + r"\n\n", "", whole, flags=re.S)
+    title, _, rest = whole.partition("\n\n")
+    return f"{title}\n\n{summary}{rest}"

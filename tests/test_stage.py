@@ -512,3 +512,18 @@ def test_wandb_goes_offline_at_once_when_its_server_is_unreachable(monkeypatch):
     logger = stage_module.WandbLogger("myrun", "rm", {})
     logger.log({"train/loss": 1.0}, 1)  # a logger that could not start is a no-op, not a crash
     logger.finish()
+
+
+def test_the_whole_report_opens_with_one_summary_row_per_stage(tmp_path):
+    # catches: a summary appended again on every write (two tables), a rerun stage listed twice or with its old
+    # numbers, and a summary that is not at the top
+    from nanochat.report import write_report
+
+    write_report(tmp_path / "base", {"val_bpb_final": 0.5, "steps": 10})
+    write_report(tmp_path / "rm", {"test/accuracy": 0.9, "train_pairs": 3})
+    write_report(tmp_path / "base", {"val_bpb_final": 0.25, "steps": 10})  # a rerun replaces its section
+    whole = (tmp_path / "report.md").read_text()
+    assert whole.count("## Summary") == 1 and whole.index("## Summary") < whole.index("## base")
+    assert "| [base](#base) | val_bpb_final 0.25 |" in whole and "val_bpb_final 0.5 " not in whole
+    assert "| [rm](#rm) | test/accuracy 0.9 |" in whole and whole.count("| [base](#base)") == 1
+    assert whole.index("[base](#base)") < whole.index("[rm](#rm)")
