@@ -176,21 +176,30 @@ def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compi
 def micro_batches(batch, rows_per_batch):
     """
     Yield (row slice, GroupBatch) of a GroupBatch, whole groups at a time: max(1, rows_per_batch // G) prompts and
-    their completions per micro-batch.
+    their completions per micro-batch. Each micro-batch's completions are cut to its last column with a masked-in
+    token: columns after it only hold padding, and a completion whose mask is all 0 (a truncated one kept out of the
+    loss) would otherwise make every row of its micro-batch run to --max_new_tokens.
     """
     G = batch.completion_ids.size(0) // batch.prompt_ids.size(0)
     prompts_per_batch = max(1, rows_per_batch // G)
     for p0 in range(0, batch.prompt_ids.size(0), prompts_per_batch):
         ps, rows = slice(p0, p0 + prompts_per_batch), slice(p0 * G, (p0 + prompts_per_batch) * G)
-        yield rows, GroupBatch(batch.prompt_ids[ps], batch.prompt_valid[ps], batch.completion_ids[rows],
-                               batch.completion_mask[rows])
+        used = batch.completion_mask[rows].any(dim=0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        yield rows, GroupBatch(batch.prompt_ids[ps], batch.prompt_valid[ps], batch.completion_ids[rows, :width],
+                               batch.completion_mask[rows, :width])
+
+
+def full_width(chunks, width):
+    """Per-micro-batch (rows, width_i) tensors side by side as one (rows, width), zero in the cut-off columns."""
+    return torch.cat([F.pad(c, (0, width - c.size(1))) for c in chunks])
 
 
 @torch.no_grad()
 def batch_logprobs(model, batch, rows_per_batch, temperature=1.0, compile=False):
-    """completion_logprobs of a whole GroupBatch, without gradients (the frozen reference's)."""
-    return torch.cat([completion_logprobs(model, sub, temperature, compile=compile)
-                      for _, sub in micro_batches(batch, rows_per_batch)])
+    """completion_logprobs of a whole GroupBatch, without gradients (the frozen reference's); 0 past each mask."""
+    return full_width([completion_logprobs(model, sub, temperature, compile=compile)
+                       for _, sub in micro_batches(batch, rows_per_batch)], batch.completion_ids.size(1))
 
 
 @torch.no_grad()
@@ -232,9 +241,10 @@ def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, nu
         for sl, sub in micro_batches(batch, config.device_batch_size):
             logprobs, entropy = completion_logprobs(model, sub, config.temperature, with_entropy=True,
                                                     compile=config.compile)
-            old = logprobs.detach() if old_logprobs is None else old_logprobs[sl]
+            width = logprobs.size(1)
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[sl, :width]
             first_pass.append(logprobs.detach())
-            loss, pg, kl, clipped = grpo_token_losses(logprobs, old, ref_logprobs[sl], advantages[sl],
+            loss, pg, kl, clipped = grpo_token_losses(logprobs, old, ref_logprobs[sl, :width], advantages[sl],
                                                       config.clip_eps, config.beta, config.epsilon_high)
             mask = sub.completion_mask
             reduce_tokens(loss, mask, config.loss_type, denominator).backward()
@@ -243,7 +253,7 @@ def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, nu
                                      ("entropy", entropy)):
                     totals[name] += reduce_tokens(values, mask, "token", num_tokens_global)
         if old_logprobs is None:
-            old_logprobs = torch.cat(first_pass)
+            old_logprobs = full_width(first_pass, batch.completion_ids.size(1))
         grad_norm = optimizer_step(model, optimizers, config.grad_clip)
     return {name: all_reduce_sum(t).item() / config.num_iterations for name, t in totals.items()} | \
         {"grad_norm": grad_norm}

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_model
 from nanochat.engine import Engine
 from nanochat.grpo import (GRPOConfig, batch_logprobs, completion_logprobs, group_advantages, group_rewards,
-                           grpo_step, grpo_token_losses, pack_groups, policy_update, reduce_tokens)
+                           grpo_step, grpo_token_losses, micro_batches, pack_groups, policy_update, reduce_tokens)
 from nanochat.rm import RewardModel, rewards_for_ids
 
 
@@ -124,6 +124,33 @@ def test_one_pass_ratio_is_one_so_the_update_is_the_plain_policy_gradient():
     for name, p in plain.named_parameters():
         step = before[name] - model.state_dict()[name]
         assert torch.allclose(step, p.grad, atol=1e-6), name
+
+
+def test_micro_batches_cut_padding_but_the_update_equals_one_full_width_pass():
+    # catches: an off-by-one cut that drops each micro-batch's last real token, a cut by row instead of column,
+    # and a masked-out long completion (truncated) that still makes every row of its micro-batch run full width
+    prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 6]]
+    completions = [[3, 8], [2], [6, 6, 2], [5], list(range(10, 22)), [9, 3]]  # row 4 ran into the limit
+    batch = pack_groups(prompts, completions, pad_id=0)
+    batch = batch._replace(completion_mask=batch.completion_mask & (torch.arange(6) != 4)[:, None])
+    assert [sub.completion_ids.size(1) for _, sub in micro_batches(batch, 2)] == [2, 3, 2]
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.5, -2.0])
+    config = GRPOConfig(device_batch_size=2, beta=0.1, grad_clip=0.0)
+    n_tokens = int(batch.completion_mask.sum())
+    model, reference = make_tiny_model(), make_tiny_model(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = batch_logprobs(reference, batch, 2)
+    policy_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], batch, ref, advantages, config, 6, n_tokens)
+
+    # reference computation: one full-width pass over every row, no micro-batches
+    plain = make_tiny_model()
+    logp = completion_logprobs(plain, batch)
+    with torch.no_grad():
+        ref_full = completion_logprobs(reference, batch)
+    loss, *_ = grpo_token_losses(logp, logp.detach(), ref_full, advantages, 0.2, 0.1)
+    reduce_tokens(loss, batch.completion_mask, "token", n_tokens).backward()
+    for name, p in plain.named_parameters():
+        assert torch.allclose(before[name] - model.state_dict()[name], p.grad, atol=1e-6), name
 
 
 def test_upper_clip_epsilon_high_by_hand():
@@ -268,7 +295,8 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
     quartile_of = {r["prompt_id"]: r["quartile"] for r in map(json.loads, open(grpo_stage / "density.jsonl"))}
     cluster_of = {r["prompt_id"]: r["cluster"] for r in map(json.loads, open(grpo_stage / "pairs_all.jsonl"))}
     assert drawn["draws"] == 8 and sum(drawn["by_quartile"].values()) == 8 and sum(drawn["by_cluster"].values()) == 8
-    assert set(drawn["by_quartile"]) == {"q1", "q2", "q3", "q4"} and set(drawn["by_cluster"]) <= set(cluster_of.values())
+    assert set(drawn["by_quartile"]) == {"q1", "q2", "q3", "q4"}
+    assert set(drawn["by_cluster"]) <= set(cluster_of.values())
     assert set(quartile_of) == set(cluster_of)
 
     # a uniform run killed during step 3 (after the step-2 checkpoint), then resumed, ends with the weights
