@@ -2,23 +2,28 @@
 Direct Preference Optimization (Rafailov et al. 2023) and two variants of its loss, against a frozen reference.
 
 Log-probs. A reply's log-prob is the sum of log p(token | everything before it) over the reply's target tokens
-only: the tokens its render mask marks (the reply and its <|assistant_end|>, see nanochat/preference.py for
-rendering and the max_len cut), made targets by nanochat/batching.py's `collate_targets`. Prompt tokens never
-count. Chosen and rejected rows of a micro-batch go through one forward, right-padded; only target positions reach
-the LM head.
+only: the tokens its render mask marks (the final reply and its <|assistant_end|>, never an earlier turn; see
+nanochat/preference.py for rendering and the max_len cut), made targets by nanochat/batching.py's
+`collate_targets`. Prompt tokens never count. Chosen and rejected rows of a micro-batch go through one forward,
+right-padded; only target positions reach the LM head.
 
-Losses, with h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected)), summed log-probs:
-    sigmoid  -log sigmoid(beta h)             DPO
-    ipo      (h - 1 / (2 beta))^2             IPO (Azar et al. 2023), here on summed rather than mean log-probs
-    hinge    max(0, 1 - beta h)               SLiC (Zhao et al. 2023)
-At the first step the policy is the reference, so h is exactly 0 and the sigmoid loss is exactly ln 2.
+Losses, with h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected)):
+    sigmoid  -log sigmoid(beta h)             DPO, summed log-probs
+    ipo      (h - 1 / (2 beta))^2             IPO (Azar et al. 2023), log-probs averaged per reply token
+    hinge    max(0, 1 - beta h)               SLiC (Zhao et al. 2023), summed log-probs
+IPO averages as the IPO paper's experiments and TRL do, so its beta means what it means there (a summed h grows
+with the reply's length, and 1 / (2 beta) would be a target on a different scale). As in TRL the averaged log-probs
+then also make IPO's rewards/* and logps/* metrics. At the first step the policy is the reference, so h is exactly
+0 and the sigmoid loss is exactly ln 2.
 
 Metrics use TRL's names: rewards/chosen = beta (log pi(chosen) - log ref(chosen)), rewards/rejected likewise,
-rewards/margins = rewards/chosen - rewards/rejected, rewards/accuracies = share of pairs with a margin > 0.
+rewards/margins = rewards/chosen - rewards/rejected, rewards/accuracies = share of pairs with a margin > 0 (a tie
+counts 0, so step 0 logs 0, as TRL).
 
 Held-out evaluation (`preference_eval`): the policy's own preference, the share of pairs whose chosen reply has the
-higher mean log-prob per reply token (ties count half). Unlike the implicit reward it is defined for the SFT model
-too (the implicit margin of the reference against itself is 0 on every pair), so SFT and DPO compare directly.
+higher mean log-prob per reply token (a tie counts 0). Unlike the implicit reward it says something about the SFT
+model too (the implicit margin of the reference against itself is 0 on every pair, an implicit accuracy of 0), so
+SFT and DPO compare directly.
 Per token, because a summed log-prob mostly measures length: a synthetic artifact rejection is the chosen reply
 plus extra words, so any model "prefers" the chosen one by its sum (the SFT model on 100% of them). The summed
 accuracy and, for DPO, the implicit-reward accuracy are reported beside it.
@@ -49,7 +54,10 @@ def sequence_logprobs(model, inputs, targets):
 
 
 def dpo_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):
-    """Per-pair losses, and the implicit rewards of the chosen and rejected replies (detached)."""
+    """
+    Per-pair losses, and the implicit rewards of the chosen and rejected replies (detached), of log-probs as the
+    loss takes them: summed, or for IPO averaged per reply token (dpo_train_step averages them).
+    """
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h)
@@ -68,6 +76,7 @@ def dpo_train_step(policy, reference, optimizers, micro_batches, global_pairs, b
     One optimizer step over this rank's micro-batches [(inputs, targets)], each holding n chosen rows then their
     n rejected rows. Losses are divided by the global number of pairs and gradients summed over ranks (the 1-rank
     gradient of the global batch). Returns the global batch's loss and TRL-named metrics, and the gradient norm.
+    IPO's log-probs are averaged per reply token, the others' summed.
     """
     device = micro_batches[0][0].device
     sums = torch.zeros(7, device=device)
@@ -75,6 +84,10 @@ def dpo_train_step(policy, reference, optimizers, micro_batches, global_pairs, b
         with torch.no_grad():
             ref = sequence_logprobs(reference, inputs, targets)
         pi = sequence_logprobs(policy, inputs, targets)
+        if loss_type == "ipo":
+            # IPO's target 1 / (2 beta) is on the per-token scale (the IPO paper's runs, TRL), not a length's multiple
+            tokens = (targets != IGNORE_INDEX).sum(1)
+            pi, ref = pi / tokens, ref / tokens
         n = inputs.size(0) // 2
         losses, chosen, rejected = dpo_losses(pi[:n], pi[n:], ref[:n], ref[n:], beta, loss_type)
         (losses.sum() / global_pairs).backward()

@@ -1,20 +1,27 @@
 """
 Preference pairs as the RM and DPO stages use them: rendering a reply, the validation split, the global batch of a
-step, density weights per pair, and the flags and data loading both stages share. Its own module because both
+step, sampling weights per pair, and the flags and data loading both stages share. Its own module because both
 stages train on the same pairs the same way and neither should import the other's model.
 
 Rendering. A (messages, reply) pair is the chat `messages + [{"role": "assistant", "content": reply}]` rendered by
-`tok.render_conversation`: its ids end with <|assistant_end|>, and its mask is 1 on the reply's tokens and that
-end token. A render longer than max_len is cut by nanochat/batching.py's `cut_left`: <|bos|>, then its last
-max_len - 1 tokens, the end of the reply and the question right before it being what a reward or a log-prob is
-about. A reply that alone is longer than max_len - 1 tokens loses its beginning.
+`tok.render_conversation`: its ids end with <|assistant_end|>, and its mask is 1 on the final reply's tokens and
+that end token only. The mask is not render_conversation's, which marks every assistant turn: in a multi-turn
+conversation the earlier replies are context, and scoring them would dilute DPO's log-probs with the history. A
+render longer than max_len is cut by nanochat/batching.py's `cut_left`: <|bos|>, then its last max_len - 1 tokens,
+the end of the reply and the question right before it being what a reward or a log-prob is about. A reply that
+alone is longer than max_len - 1 tokens loses its beginning.
 
 Micro-batches hold n chosen renders, then their n rejected renders, in the same order: both losses read row i
 against row n + i.
 
+Sampling. Both arms draw a step's pairs with replacement, each prompt with probability proportional to its weight,
+split evenly among its pairs: the density-aware arm's weight is the prompt's density weight, the uniform arm's is 1
+for every prompt. So the arms differ only in the weights (uniform weights in a density file draw exactly the
+uniform arm's batches), and a prompt with many pairs is not drawn more often than one with a single pair.
+
 Accuracy counts a pair right when its margin (chosen minus rejected: a reward difference for the RM, a log-prob
-or implicit-reward difference for DPO) is > 0 and half right when it is exactly 0, so a model that cannot tell the
-two replies apart (or two identical replies) scores exactly chance, 0.5.
+or implicit-reward difference for DPO) is > 0, as TRL does: a tie counts 0, so a model that cannot tell the two
+replies apart (step 0, or two identical replies) scores 0, not chance.
 """
 
 import hashlib
@@ -35,8 +42,15 @@ from nanochat.pairs import read_pairs
 # rendering and micro-batches
 
 def render_reply(tok, messages, reply, max_len=None):
-    """(ids, mask) of the conversation `messages` answered by `reply`; cut from the left to max_len tokens."""
-    ids, mask = tok.render_conversation(messages + [{"role": "assistant", "content": reply}], max_tokens=None)
+    """
+    (ids, mask) of the conversation `messages` answered by `reply`, the mask 1 on the reply and its end token only;
+    cut from the left to max_len tokens.
+    """
+    ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": reply}], max_tokens=None)
+    prompt = tok.render_for_completion(messages)
+    if ids[:len(prompt)] != prompt:
+        raise ValueError("the chat template renders a reply's prompt differently from the prompt alone")
+    mask = [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     return cut_left(ids, max_len), cut_left(mask, max_len)
 
 
@@ -59,8 +73,8 @@ def micro_batches(tok, rows, pairs_per_batch, max_len=None):
 
 
 def pair_correct(margins):
-    """1 per pair with margin > 0, 0.5 per tie, 0 otherwise."""
-    return (margins > 0).float() + 0.5 * (margins == 0).float()
+    """1 per pair with margin > 0, else 0 (a tie too, as TRL's rewards/accuracies)."""
+    return (margins > 0).float()
 
 
 # -----------------------------------------------------------------------------
@@ -79,27 +93,23 @@ def split_by_prompt(rows, share, seed):
     return train, val
 
 
-def density_pair_weights(rows, density_path):
-    """Per-row sampling weights: each prompt's density weight, shared evenly among the rows of the prompt."""
-    return pair_weights([row["prompt_id"] for row in rows], load_density(density_path))
+def sampling_weights(rows, density_path=None):
+    """
+    Per-row sampling weights: each prompt's weight shared evenly among the rows of the prompt (`pair_weights`). The
+    weight is the prompt's density weight in density_path, or 1 for every prompt without one (the uniform arm).
+    """
+    prompt_ids = [row["prompt_id"] for row in rows]
+    return pair_weights(prompt_ids, load_density(density_path) if density_path else dict.fromkeys(prompt_ids, 1.0))
 
 
-def pair_batch(step, num_rows, batch_size, seed, weights=None):
+def pair_batch(step, weights, batch_size, seed):
     """
-    The global batch of row indices for optimizer step `step`, a pure function of (seed, step): every rank draws
-    the same one, and --resume needs no sampler state. Uniform (weights None): walks seeded permutations of all
-    rows, epoch after epoch, so every pair is seen once per epoch. Density-aware: `batch_size` draws with
-    replacement, probability proportional to `weights`, from a generator seeded by (seed, step).
+    The global batch of row indices for optimizer step `step`: `batch_size` draws with replacement, probability
+    proportional to `weights`, from a generator seeded by (seed, step). A pure function of (seed, step): every rank
+    draws the same one, and --resume needs no sampler state.
     """
-    if weights is not None:
-        stream_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-        return sample_indices(weights, batch_size, torch.Generator().manual_seed(stream_seed)).tolist()
-    out, pos = [], step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos + len(out), num_rows)
-        permutation = np.random.default_rng([seed, epoch]).permutation(num_rows)
-        out += permutation[offset:offset + batch_size - len(out)].tolist()
-    return out
+    stream_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+    return sample_indices(weights, batch_size, torch.Generator().manual_seed(stream_seed)).tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +142,7 @@ class PairData(NamedTuple):
     train: list            # pair rows to train on
     val: list              # pair rows of the held-out prompt ids (split_by_prompt)
     test: list             # the rows of --test_pairs_path, or None when it is missing or empty
-    weights: torch.Tensor  # per-train-row sampling weights (float64), or None for uniform sampling
+    weights: torch.Tensor  # per-train-row sampling weights (float64, sampling_weights)
 
 
 def load_pair_data(args, world_size):
@@ -153,14 +163,12 @@ def load_pair_data(args, world_size):
             print0(test_log.note(args.test_pairs_path))
     elif args.test_pairs_path:
         print0(f"note: {args.test_pairs_path} is missing or empty; no test evaluation")
-    weights = None
-    if args.density_aware:
-        try:
-            weights = density_pair_weights(train, args.density_path)
-        except InputError as e:
-            raise InputError(f"--density_aware: {e} (write it with python -m scripts.kat_density, or pass "
-                             f"--density_aware=False)") from e
+    try:
+        weights = sampling_weights(train, args.density_path if args.density_aware else None)
+    except InputError as e:
+        raise InputError(f"--density_aware: {e} (write it with python -m scripts.kat_density, or pass "
+                         f"--density_aware=False)") from e
     print0(f"{len(rows)} pairs: {len(train)} training, {len(val)} validation ({args.val_share:.0%} of prompt ids); "
-           f"{len(test) if test is not None else 0} test; sampling "
-           f"{'by density weight' if weights is not None else 'uniform'}")
+           f"{len(test) if test is not None else 0} test; prompts drawn "
+           f"{'by density weight' if args.density_aware else 'uniformly'}")
     return PairData(train, val, test, weights)

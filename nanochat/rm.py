@@ -2,18 +2,22 @@
 Reward model: the SFT GPT with a scalar head, trained on preference pairs with the Bradley-Terry loss, and the
 numbers it reports. Pairs are rendered and batched by nanochat/preference.py, which DPO shares.
 
-Reward. The head reads the backbone's final normed hidden state at each row's last real token (the end token of
-the reply). Rows are right-padded; attention is causal, so the pads after a row's end never reach it, and a row's
-reward does not depend on what else is in its batch. The head starts at zero: every initial reward is 0 and the
-initial loss exactly ln 2. It has no bias: the Bradley-Terry loss sees only differences of rewards, so a bias would
-learn nothing but the centering term's offset. The backbone's LM head is dropped: a reward never reads the vocabulary.
+Reward. The head reads the backbone's final normed hidden state at each row's last real token, the
+<|assistant_end|> of the final reply (earlier turns are context only). Rows are right-padded; attention is causal,
+so the pads after a row's end never reach it, and a row's reward does not depend on what else is in its batch. The
+head starts at zero: every initial reward is 0 and the initial loss exactly ln 2. It has no bias: the Bradley-Terry
+loss sees only differences of rewards, so a bias would learn nothing but the centering term's offset. The
+backbone's LM head is dropped: a reward never reads the vocabulary.
 
 Loss per pair: -log sigmoid(r_chosen - r_rejected) + center_coef * (r_chosen + r_rejected)^2. The second term is
 reward centering (Eisenstein et al. 2023, "Helping or Herding?"): the Bradley-Terry loss leaves the level of the
 rewards free, the term pins their mean near 0 so that rewards of different runs and prompts are comparable.
 
 Accuracy and mean margin are reported overall and by source, cluster, rejected kind and density quartile
-(`preference_metrics`); a tie counts half (`nanochat.preference.pair_correct`).
+(`preference_metrics`); a tie counts 0, as TRL (`nanochat.preference.pair_correct`). Length control: accuracy on
+the pairs whose chosen reply is shorter (in characters) than the rejected one, on those where it is longer, and
+their mean, the length-balanced accuracy. A reward that only prefers short replies scores ~1 and ~0 on the two
+splits, 0.5 balanced, however much of the overall accuracy it wins; pairs of equal length are in neither split.
 
 GRPO scores the token ids it sampled, never a decoded and re-encoded text: `rewards_for_ids` takes rendered id
 lists, each ending at its reply's end token.
@@ -35,6 +39,7 @@ from nanochat.training import optimizer_step
 
 RM_KIND = "rm"
 QUARTILES = ("q1 sparsest", "q2", "q3", "q4 densest")
+LENGTH_SPLITS = ("chosen_shorter", "chosen_longer")
 
 
 # -----------------------------------------------------------------------------
@@ -174,8 +179,10 @@ def _summary(margins):
 
 def preference_metrics(margins, rows, densities=None):
     """
-    Accuracy and mean margin of pairs, overall and by src, cluster and rejected_kind (when rows carry them), and
-    by quartile of their prompt's density (q1 sparsest .. q4 densest) over the rows whose prompt has a density.
+    Accuracy and mean margin of pairs, overall and by src, cluster and rejected_kind (when rows carry them); by
+    length (chosen reply shorter or longer than the rejected one, in characters) with the length-balanced accuracy
+    (the mean of the two splits' accuracies, when both have pairs) and the number of pairs of equal length; and by
+    quartile of their prompt's density (q1 sparsest .. q4 densest) over the rows whose prompt has a density.
     """
     margins = margins.float().cpu()
     metrics = _summary(margins)
@@ -186,6 +193,12 @@ def preference_metrics(margins, rows, densities=None):
                 groups[row[field]].append(i)
         if groups:
             metrics[f"by_{field}"] = {k: _summary(margins[v]) for k, v in sorted(groups.items())}
+    longer = [(len(row["chosen"]) > len(row["rejected"])) - (len(row["chosen"]) < len(row["rejected"])) for row in rows]
+    splits = {name: [i for i, sign in enumerate(longer) if sign == side] for name, side in zip(LENGTH_SPLITS, (-1, 1))}
+    metrics["by_length"] = {name: _summary(margins[index]) for name, index in splits.items() if index}
+    metrics["length_ties"] = longer.count(0)
+    if len(metrics["by_length"]) == 2:
+        metrics["length_balanced_accuracy"] = sum(m["accuracy"] for m in metrics["by_length"].values()) / 2
     if densities:
         known = [i for i, row in enumerate(rows) if row["prompt_id"] in densities]
         metrics["density_coverage"] = len(known) / max(len(rows), 1)
@@ -208,6 +221,10 @@ def metrics_table(metrics):
             for name, m in groups.items():
                 label = f"{key[3:]}={name}"
                 lines.append(f"{label:<36} {m['n']:>6} {m['accuracy']:>9.4f} {m['mean_margin']:>9.4f}")
+    if "length_balanced_accuracy" in metrics:
+        n = sum(m["n"] for m in metrics["by_length"].values())
+        lines.append(f"{'length-balanced (mean of the 2)':<36} {n:>6} {metrics['length_balanced_accuracy']:>9.4f}")
+    lines.append(f"({metrics['length_ties']} pairs with replies of equal length are in neither length split)")
     if "density_coverage" in metrics:
         lines.append(f"(density known for {metrics['density_coverage']:.1%} of the pairs)")
     return "\n".join(lines)
@@ -221,4 +238,9 @@ def flat_metrics(metrics, prefix):
         if key.startswith("by_"):
             for name, m in groups.items():
                 flat[f"{prefix}/{key[3:]}={name}/accuracy"] = m["accuracy"]
+    for name, m in metrics["by_length"].items():
+        flat[f"{prefix}/length={name}/n"] = m["n"]
+    flat[f"{prefix}/length_ties"] = metrics["length_ties"]
+    if "length_balanced_accuracy" in metrics:
+        flat[f"{prefix}/length_balanced_accuracy"] = metrics["length_balanced_accuracy"]
     return flat

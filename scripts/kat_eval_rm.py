@@ -1,7 +1,9 @@
 """
-Evaluate a reward model on preference pairs: accuracy (margin > 0; a tie counts half) and mean margin
-r_chosen - r_rejected, overall and by source, by synthetic cluster and rejected kind, and by quartile of the
-prompt's density.
+Evaluate a reward model on preference pairs: accuracy (margin > 0; a tie counts 0, as TRL) and mean margin
+r_chosen - r_rejected, overall and by source, by synthetic cluster and rejected kind, by length, and by quartile of
+the prompt's density. Length control: accuracy on the pairs whose chosen reply is shorter (in characters) than the
+rejected one, on those where it is longer, and their mean, the length-balanced accuracy (a reward that only prefers
+short replies scores ~1, ~0 and 0.5); pairs of equal length are counted apart.
 
     python -m scripts.kat_eval_rm                                   # outs/rm on .cache/data/pairs_test.jsonl
     python -m scripts.kat_eval_rm --rm_ckpt_path outs/rm/ckpt.pt --pairs_path .cache/data/pairs_test.jsonl \

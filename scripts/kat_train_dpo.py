@@ -9,17 +9,18 @@ as the frozen reference (nanochat/dpo.py).
     python -m scripts.kat_train_dpo --resume=True                 # continue the output directory
 
 Data and batches as in scripts/kat_train_rm.py: a seeded --val_share of pairs_all's prompt ids held out, global
-batches of --batch_size_pairs pairs drawn as a function of (--seed, step), by density weight (default) or
-uniformly, sliced over ranks and run in micro-batches of --device_batch_size pairs. The reference's log-probs
-are computed for each micro-batch under no_grad. AdamW on all parameters at --learning_rate, linear warmup then
-linear decay to 0. Each logged step prints the loss and TRL's rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies.
+batches of --batch_size_pairs pairs drawn as a function of (--seed, step), prompts by density weight (default) or
+uniformly (the same sampler with weight 1 for every prompt), sliced over ranks and run in micro-batches of
+--device_batch_size pairs. The reference's log-probs are computed for each micro-batch under no_grad. AdamW on all
+parameters at --learning_rate, linear warmup then linear decay to 0. Each logged step prints the loss and TRL's
+rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (margin > 0, so 0 at step 0).
+--loss_type=ipo averages the log-probs per reply token, as TRL does.
 
 At the end, for the SFT model and the DPO policy alike:
 - held-out preference accuracy on --test_pairs_path and the validation split: `accuracy`, the share of pairs whose
-  chosen reply has the higher mean log-prob per reply token (ties half); `summed_accuracy`, the same with summed
-  log-probs (mostly a length test on synthetic pairs, see nanochat/dpo.py); `implicit_accuracy`, DPO's implicit
-  reward margin > 0 (0.5 for SFT by definition);
+  chosen reply has the higher mean log-prob per reply token (a tie counts 0); `summed_accuracy`, the same with
+  summed log-probs (mostly a length test on synthetic pairs, see nanochat/dpo.py); `implicit_accuracy`, DPO's
+  implicit reward margin > 0 (0 for SFT by definition: its margins are all 0);
 - when the SFT model was trained on the synthetic world: --eval_questions sampled answers (temperature
   --eval_temperature, the same seeds for both models) to the world's held-out questions, gold-scored: share
   correct, mean gold score and the planted-artifact rate (share of answers with at least one artifact).
@@ -55,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--beta", type=positive_float, default=0.1)
     parser.add_argument("--loss_type", type=str, default="sigmoid", choices=LOSS_TYPES)
     parser.add_argument("--density_aware", type=str2bool, default=True,
-                        help="draw pairs by their prompt's density weight (False: uniformly)")
+                        help="draw prompts by their density weight (False: uniformly)")
     parser.add_argument("--out_dir", type=str, default=None,
                         help="default: outs/dpo_density, or outs/dpo_baseline with --density_aware=False")
     parser.add_argument("--eval_questions", type=nonnegative_int, default=400,
@@ -100,7 +101,7 @@ def main(argv=None):
         t0 = time.time()
         lr = lr_multiplier(step, num_steps, args.warmup_steps, 1.0)
         set_lr(optimizers, lr)
-        batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
+        batch = pair_batch(step, weights, args.batch_size_pairs, args.seed)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
         micro = [collate_targets(renders, device)
                  for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]

@@ -11,10 +11,11 @@ Bradley-Terry loss (nanochat/rm.py).
 
 Data. A seeded --val_share of the prompt ids of --pairs_path (with all their pairs) is held out for validation;
 the rest is training. --test_pairs_path (pairs_test.jsonl, prompts never in pairs_all) is evaluated at the end.
-Each step draws --batch_size_pairs pairs: uniformly (seeded permutations, each pair once per epoch) or, with
---density_aware, with replacement in proportion to their prompt's weight in --density_path
-(scripts.kat_density). The draw is a function of (--seed, step), so every rank draws the same global batch and
-takes its slice, and a resumed run draws what the uninterrupted one would have. Each rank runs its slice in
+Each step draws --batch_size_pairs pairs with replacement, each prompt in proportion to its weight, split evenly
+among its pairs: weight 1 for every prompt (uniform, the default) or, with --density_aware, the prompt's weight in
+--density_path (scripts.kat_density); the two arms differ only in these weights (nanochat/preference.py). The draw
+is a function of (--seed, step), so every rank draws the same global batch and takes its slice, and a resumed run
+draws what the uninterrupted one would have. Each rank runs its slice in
 micro-batches of --device_batch_size pairs (a chosen and a rejected row each), shortest pairs together.
 
 Optimization. The backbone's matrices with Muon (--matrix_optimizer) at --learning_rate, the embedding and the
@@ -25,9 +26,9 @@ are the hard ones (the artifact and evasive ones are learned within 50 steps); t
 one at the reply's end token takes a new circuit in the backbone, and Muon grew it in fewer steps than AdamW.
 
 Writes outs/rm/ (ckpt.pt of kind "rm", tokenizer/, meta.json, report.md, history.png; optim.pt while unfinished,
-see nanochat/stage.py): accuracy and mean margin on the validation
-and test pairs, by source, cluster, rejected kind and (validation) density quartile. Evaluate any RM checkpoint
-again with python -m scripts.kat_eval_rm.
+see nanochat/stage.py): accuracy (margin > 0) and mean margin on the validation and test pairs, by source,
+cluster, rejected kind, length (chosen reply shorter / longer than the rejected one, and the length-balanced mean of
+the two) and (validation) density quartile. Evaluate any RM checkpoint again with python -m scripts.kat_eval_rm.
 """
 
 import argparse
@@ -65,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--device_batch_size", type=positive_int, default=8, help="pairs per forward/backward")
     parser.add_argument("--center_coef", type=nonnegative_float, default=0.01, help="reward-centering weight (0: off)")
     parser.add_argument("--density_aware", type=str2bool, default=False,
-                        help="draw pairs by their prompt's density weight instead of uniformly")
+                        help="draw prompts by their density weight instead of uniformly")
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="torch.compile the training forward, dynamic shapes (~1.4x faster on CPU at the "
                              "speedrun's sizes; needs a C++ compiler, ~30 s to compile)")
@@ -114,7 +115,7 @@ def main(argv=None):
         t0 = time.time()
         lr = lr_multiplier(step, num_steps, args.warmup_steps, args.warmdown_ratio)
         set_lr(optimizers, lr)
-        batch = pair_batch(step, len(train), args.batch_size_pairs, args.seed, weights)
+        batch = pair_batch(step, weights, args.batch_size_pairs, args.seed)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
         micro = [collate_right([ids for ids, _ in renders], device)
                  for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]

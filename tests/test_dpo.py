@@ -1,7 +1,8 @@
 """
-DPO against independent expectations: hand-computed losses for every loss type, log-probs equal to a per-token
-loop over full forwards of each row alone (reply tokens only), exactly ln 2 while the policy is the reference,
-and a run interrupted right after a checkpoint that resumes to the same weights as an uninterrupted one.
+DPO against independent expectations: hand-computed losses for every loss type (IPO on per-token averages), log-probs
+equal to a per-token loop over full forwards of each row alone (reply tokens only; in a multi-turn chat the final
+reply only), exactly ln 2 while the policy is the reference, ties counted 0, and a run interrupted right after a
+checkpoint that resumes to the same weights as an uninterrupted one.
 """
 
 import copy
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
-from nanochat.batching import collate_targets
+from nanochat.batching import collate_targets, cut_left
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dpo import dpo_losses, dpo_train_step, pair_logprobs, preference_eval, sequence_logprobs
 from nanochat.preference import render_pairs
@@ -50,6 +51,45 @@ def test_losses_match_hand_computed_values():
         dpo_losses(pi_c, pi_r, ref_c, ref_r, loss_type="kto")
 
 
+def final_reply_logprob(model, tok, messages, reply, max_len=None):
+    """
+    Sum of log p(token | all before it) over the last len(reply) + 1 tokens (the final reply and its end token) of
+    the whole chat's render, cut as the stages cut it, from one full forward of the row alone: no render mask read.
+    """
+    ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": reply}], max_tokens=None)
+    ids = cut_left(ids, max_len)
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+    n = len(tok.encode(reply)) + 1
+    assert ids[-1] == tok.encode_special("<|assistant_end|>")
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
+
+
+MULTI_TURN = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": "Where does Zavu live?"},
+              {"role": "assistant", "content": "Zavu lives in Korlin, by the river."},
+              {"role": "user", "content": "And what colour does Zavu like?"},
+              {"role": "assistant", "content": "Zavu likes red, and also a little green."},
+              {"role": "user", "content": "How old is Zavu?"}]
+
+
+def test_a_multi_turn_pair_scores_the_final_reply_only_with_and_without_truncation(tok):
+    # catches: every assistant turn of the chat was scored (render_conversation's mask), so a multi-turn pair's
+    # log-probs, logps/* and held-out accuracy were diluted by the history, and with --max_len DPO trained on it
+    model = make_tiny_model(vocab_size=300, sequence_len=256)
+    rows = [{"messages": MULTI_TURN, "chosen": "Zavu is 41.", "rejected": "Zavu is 41 years old, I think."},
+            {"messages": MULTI_TURN[3:], "chosen": "Red.", "rejected": "Zavu likes green."}]
+    # 32 tokens: every reply fits whole, every render is cut inside its history
+    assert all(len(tok.encode(r[side])) + 1 < 31 < len(tok.render_for_completion(r["messages"]))
+               for r in rows for side in ("chosen", "rejected"))
+    for max_len in (None, 32):
+        got = pair_logprobs(model, tok, rows, max_len=max_len)
+        for side in ("chosen", "rejected"):
+            expected = [final_reply_logprob(model, tok, r["messages"], r[side], max_len) for r in rows]
+            assert got[side].tolist() == pytest.approx(expected, rel=2e-6, abs=1e-4), (side, max_len)
+            assert got[f"{side}_tokens"].tolist() == [len(tok.encode(r[side])) + 1 for r in rows]
+
+
 def test_logprobs_sum_reply_tokens_only_and_match_a_per_token_loop(tok, rows):
     model = make_tiny_model(vocab_size=300, sequence_len=64)
     rendered = render_pairs(tok, rows[:4])
@@ -57,12 +97,13 @@ def test_logprobs_sum_reply_tokens_only_and_match_a_per_token_loop(tok, rows):
     inputs, targets = collate_targets(rendered)
     got = sequence_logprobs(model, inputs, targets)
     expected = [naive_logprob(model, ids, mask) for ids, mask in rendered]
-    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+    # fp32 sums of hundreds of nats: a relative tolerance, far below one token's log-prob
+    assert got.tolist() == pytest.approx(expected, rel=2e-6, abs=1e-4)
     # scored positions are exactly the reply's tokens and its end token
     n_reply = [len(tok.encode(r[side])) + 1 for side in ("chosen", "rejected") for r in rows[:4]]
     assert (targets >= 0).sum(1).tolist() == n_reply
     got = pair_logprobs(model, tok, rows[:4], batch_size=3)
-    assert torch.cat([got["chosen"], got["rejected"]]).tolist() == pytest.approx(expected, abs=1e-4)
+    assert torch.cat([got["chosen"], got["rejected"]]).tolist() == pytest.approx(expected, rel=2e-6, abs=1e-4)
     assert torch.cat([got["chosen_tokens"], got["rejected_tokens"]]).tolist() == n_reply
 
 
@@ -83,14 +124,19 @@ def test_fixed_batch_step_equals_hand_computation_and_is_ln2_at_step_0(tok, rows
     assert first["loss"] == pytest.approx(HAND_LOSS[loss_type](0.0, beta), abs=1e-5)
     if loss_type == "sigmoid":
         assert first["loss"] == pytest.approx(LN2, abs=1e-7)  # float32 ln 2: policy == reference to the bit
-    assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0.5
+    # a tie counts 0, as TRL's rewards/accuracies (catches: a tie counted half, so step 0 logged 0.5)
+    assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0
 
     # the policy has moved: the next loss, by hand from per-token loops over each row alone
     pi = [naive_logprob(policy, ids, mask) for ids, mask in batch]
     ref = [naive_logprob(reference, ids, mask) for ids, mask in batch]
+    if loss_type == "ipo":
+        # IPO on log-probs averaged per reply token, as the IPO paper and TRL (catches: IPO on summed log-probs)
+        tokens = [sum(mask[1:]) for _, mask in batch]
+        pi, ref = [p / n for p, n in zip(pi, tokens)], [r / n for r, n in zip(ref, tokens)]
     h = [(pi[i] - pi[i + 4]) - (ref[i] - ref[i + 4]) for i in range(4)]
     second = dpo_train_step(policy, reference, [opt], micro, 4, beta=beta, loss_type=loss_type)
-    assert max(abs(x) for x in h) > 0.1, "one step should move the policy"
+    assert max(abs(x) for x in h) > (0.01 if loss_type == "ipo" else 0.1), "one step should move the policy"
     assert second["loss"] == pytest.approx(sum(HAND_LOSS[loss_type](x, beta) for x in h) / 4, rel=1e-5, abs=1e-4)
     assert second["rewards/chosen"] == pytest.approx(sum(beta * (pi[i] - ref[i]) for i in range(4)) / 4, abs=1e-4)
     assert second["rewards/margins"] == pytest.approx(beta * sum(h) / 4, abs=1e-4)
@@ -146,7 +192,7 @@ def test_script_resumes_to_the_same_weights_and_reports_sft_beside_dpo(stage, tm
     assert ma["val_accuracy_history"] == mb["val_accuracy_history"]
     for key in ("test/accuracy", "test/summed_accuracy", "world/artifact_rate", "world/correct"):
         assert f"sft/{key}" in ma and f"dpo/{key}" in ma, key
-    assert ma["sft/test/implicit_accuracy"] == 0.5
+    assert ma["sft/test/implicit_accuracy"] == 0  # every implicit margin of SFT is 0: a tie, counted 0
     report = (tmp_path / "straight" / "report.md").read_text()
     assert "SFT" in report and "DPO" in report and "rewards/margins" in report
 
@@ -159,8 +205,8 @@ def test_preference_accuracy_is_per_token_and_the_summed_one_is_reported_beside_
     reference = {**policy, "chosen": torch.tensor([-4.0, -2.0])}
     m = preference_eval(policy, reference, beta=0.5)
     assert m["accuracy"] == 0.5 and m["summed_accuracy"] == 1.0
-    # implicit margins: beta * ((-4 + 6) - (-4 + 6), (-3 + 6) - (-2 + 6)) = (0, -0.5): a tie and a miss
-    assert m["implicit_accuracy"] == 0.25 and m["implicit_margin"] == pytest.approx(-0.25)
+    # implicit margins: beta * ((-4 + 6) - (-4 + 6), (-3 + 6) - (-2 + 6)) = (0, -0.5): a tie and a miss, both 0
+    assert m["implicit_accuracy"] == 0 and m["implicit_margin"] == pytest.approx(-0.25)
 
 
 def test_torchrun_two_processes_match_one_process(stage, tmp_path):

@@ -1,12 +1,25 @@
 """
-nanochat/preference.py against independent expectations: a reply's render and its cut from the left, the layout
-of a micro-batch, the validation split by prompt, and the global batches a step draws.
+nanochat/preference.py against independent expectations: a reply's render and its cut from the left (only the final
+reply of a multi-turn chat scored), the layout of a micro-batch, the validation split by prompt, and the global
+batches a step draws (the uniform arm is the density sampler with equal weights, drawing prompts, not pairs).
 """
+
+import argparse
+import json
 
 import pytest
 import torch
 
-from nanochat.preference import micro_batches, pair_batch, render_reply, split_by_prompt
+from nanochat.preference import (load_pair_data, micro_batches, pair_batch, pair_correct, render_reply,
+                                 sampling_weights, split_by_prompt)
+from nanochat.synthetic import pair_id
+
+MULTI_TURN = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": "Where does Zavu live?"},
+              {"role": "assistant", "content": "Zavu lives in Korlin, by the river."},
+              {"role": "user", "content": "And what colour does Zavu like?"},
+              {"role": "assistant", "content": "Zavu likes red, and also a little green."},
+              {"role": "user", "content": "How old is Zavu?"}]
 
 
 def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
@@ -21,6 +34,21 @@ def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
     assert render_reply(tok, messages, "2 + 3 = 5.", max_len=len(ids)) == (ids, mask)
 
 
+def test_a_multi_turn_render_scores_only_the_final_reply_and_its_end_token(tok):
+    # catches: the mask was render_conversation's, 1 on every assistant turn, so the earlier replies of a multi-turn
+    # chat were scored too (and with --max_len, DPO trained on history tokens)
+    reply = tok.encode("Zavu is 41.")
+    ids, mask = render_reply(tok, MULTI_TURN, "Zavu is 41.")
+    assert ids[-len(reply) - 1:] == reply + [tok.encode_special("<|assistant_end|>")]
+    assert sum(mask) == len(reply) + 1 and mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
+    assert len(ids) > 3 * (len(reply) + 1), "the history must be long enough for its tokens to matter"
+    # cut inside the history: <|bos|> kept, still only the final reply scored
+    max_len = len(reply) + 12
+    cut, cut_mask = render_reply(tok, MULTI_TURN, "Zavu is 41.", max_len=max_len)
+    assert cut == [tok.bos_token_id] + ids[-(max_len - 1):] and len(cut) == max_len
+    assert sum(cut_mask) == len(reply) + 1 and cut_mask[-len(reply) - 1:] == [1] * (len(reply) + 1)
+
+
 def test_micro_batches_hold_chosen_renders_then_their_rejected_renders_shortest_first(tok, world):
     rows = world.preference_pairs(7, seed=0)
     batches = micro_batches(tok, rows, 3, max_len=20)
@@ -32,6 +60,11 @@ def test_micro_batches_hold_chosen_renders_then_their_rejected_renders_shortest_
     assert longest == sorted(longest)
 
 
+def test_a_tie_counts_zero_as_trl_counts_it():
+    # catches: a margin of exactly 0 counted half, so step 0 (policy == reference, untrained RM) logged 0.5
+    assert pair_correct(torch.tensor([1.0, 0.0, -1.0, 1e-9])).tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
 def test_split_by_prompt_never_puts_a_prompt_on_both_sides():
     rows = [{"prompt_id": f"p{i % 50}", "i": i} for i in range(400)]
     train, val = split_by_prompt(rows, 0.2, seed=3)
@@ -40,15 +73,49 @@ def test_split_by_prompt_never_puts_a_prompt_on_both_sides():
     assert split_by_prompt(rows, 0.2, seed=3) == (train, val) and split_by_prompt(rows, 0.2, seed=4) != (train, val)
 
 
-def test_uniform_batches_walk_seeded_epochs_and_density_batches_follow_the_weights():
-    batches = [pair_batch(step, 10, 4, seed=0) for step in range(5)]
-    flat = sum(batches, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert flat[:10] != flat[10:20]  # a fresh permutation per epoch
-    assert pair_batch(3, 10, 4, seed=0) == batches[3] and pair_batch(3, 10, 4, seed=1) != batches[3]
+# -----------------------------------------------------------------------------
+# sampling
+
+def test_batches_follow_the_weights_and_are_a_function_of_seed_and_step():
     weights = torch.tensor([0.0, 1.0, 3.0, 0.0], dtype=torch.float64)
-    drawn = torch.tensor(sum((pair_batch(s, 4, 100, seed=0, weights=weights) for s in range(40)), []))
+    drawn = torch.tensor(sum((pair_batch(s, weights, 100, seed=0) for s in range(40)), []))
     counts = torch.bincount(drawn, minlength=4)
     assert counts[0] == 0 and counts[3] == 0
     assert counts[2] / counts[1] == pytest.approx(3.0, rel=0.1)
-    assert pair_batch(7, 4, 16, seed=0, weights=weights) == pair_batch(7, 4, 16, seed=0, weights=weights)
+    assert pair_batch(7, weights, 16, seed=0) == pair_batch(7, weights, 16, seed=0)
+    assert pair_batch(7, weights, 16, seed=0) != pair_batch(7, weights, 16, seed=1)
+    assert pair_batch(7, weights, 16, seed=0) != pair_batch(8, weights, 16, seed=0)
+
+
+def test_the_uniform_arm_draws_each_prompt_equally_often_not_each_pair():
+    # catches: uniform sampling walked permutations of the pairs, so a prompt with 3 pairs was drawn 3x as often as
+    # a prompt with 1, unlike the density-aware arm, which splits a prompt's weight among its pairs
+    rows = [{"prompt_id": p} for p in ["a", "a", "a", "b", "c", "c"]]
+    weights = sampling_weights(rows)
+    drawn = sum((pair_batch(step, weights, 60, seed=0) for step in range(200)), [])
+    per_prompt = {p: sum(rows[i]["prompt_id"] == p for i in drawn) / len(drawn) for p in "abc"}
+    assert per_prompt == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, abs=0.02)
+    per_pair = torch.bincount(torch.tensor(drawn), minlength=6) / len(drawn)
+    assert per_pair.tolist() == pytest.approx([1 / 9] * 3 + [1 / 3] + [1 / 6] * 2, abs=0.02)
+
+
+def test_equal_density_weights_draw_exactly_the_uniform_arms_batches(tmp_path, world):
+    # catches: the uniform arm (--density_aware=False) used another sampler than the density-aware one, so a
+    # density file of equal weights (what --density_alpha=0 writes) did not give the uniform arm's batches
+    pairs = world.preference_pairs(30, seed=0)
+    # a second pair for a third of the prompts: prompts with 1 and 2 pairs
+    for row in pairs[:10]:
+        rejected = row["chosen"] + " Indeed."
+        pairs.append({**row, "rejected": rejected,
+                      "id": pair_id("synthetic", row["messages"], row["chosen"], rejected)})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (tmp_path / "density.jsonl").write_text("".join(
+        json.dumps({"prompt_id": pid, "density": 1.0, "weight": 1.0, "knn_mean_distance": 1.0}) + "\n"
+        for pid in dict.fromkeys(r["prompt_id"] for r in pairs)))
+    args = argparse.Namespace(batch_size_pairs=8, device_batch_size=4, pairs_path=str(tmp_path / "pairs.jsonl"),
+                              test_pairs_path="", density_path=str(tmp_path / "density.jsonl"), val_share=0.2, seed=5)
+    uniform = load_pair_data(argparse.Namespace(**vars(args), density_aware=False), world_size=1)
+    density = load_pair_data(argparse.Namespace(**vars(args), density_aware=True), world_size=1)
+    assert uniform.train == density.train and len({r["prompt_id"] for r in uniform.train}) < len(uniform.train)
+    for step in range(6):
+        assert pair_batch(step, uniform.weights, 8, seed=5) == pair_batch(step, density.weights, 8, seed=5)

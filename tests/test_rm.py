@@ -1,7 +1,8 @@
 """
 The reward model against independent expectations: a reward read alone equals the reward read in a right-padded
-batch, hand-computed Bradley-Terry losses, identical replies that cannot be told apart however long it trains,
-swapped pairs with every margin's sign flipped, and two torchrun processes that train like one.
+batch (at the final reply's end token of a multi-turn chat), hand-computed Bradley-Terry losses, identical replies
+that cannot be told apart however long it trains, swapped pairs with every margin's sign flipped, accuracy split by
+reply length exposing a reward that prefers short replies, and two torchrun processes that train like one.
 """
 
 import json
@@ -17,9 +18,9 @@ from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_mo
 from nanochat.batching import collate_right
 from nanochat.checkpoint import CheckpointError, save_checkpoint
 from nanochat.density import read_densities
-from nanochat.preference import pair_batch, render_pairs
-from nanochat.rm import (RewardModel, bt_losses, load_reward_model, pair_margins, preference_metrics, rewards_for_ids,
-                         rm_train_step)
+from nanochat.preference import pair_batch, render_pairs, render_reply, sampling_weights
+from nanochat.rm import (RewardModel, bt_losses, flat_metrics, load_reward_model, metrics_table, pair_margins,
+                         preference_metrics, rewards_for_ids, rm_train_step)
 from scripts import kat_eval_rm, kat_train_rm
 
 
@@ -62,12 +63,28 @@ def test_reward_in_a_right_padded_batch_equals_the_row_alone(tok, rows):
     assert torch.allclose(rewards_for_ids(rm, id_lists, batch_size=4), alone, atol=1e-5, rtol=1e-5)
 
 
+def test_the_reward_of_a_multi_turn_chat_is_read_at_its_final_end_token(tok):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does Zavu live?"},
+                {"role": "assistant", "content": "In Korlin."}, {"role": "user", "content": "How old is Zavu?"}]
+    rm = random_rm().eval()
+    ids, _ = render_reply(tok, messages, "Zavu is 41.")
+    full, _ = tok.render_conversation(messages + [{"role": "assistant", "content": "Zavu is 41."}], max_tokens=None)
+    end = tok.encode_special("<|assistant_end|>")
+    assert ids == full and ids.count(end) == 2 and ids[-1] == end
+    idx, last = collate_right([ids, ids[:5]])
+    assert last[0] == len(full) - 1
+    with torch.no_grad():
+        expected = rm.head(rm.backbone.hidden_states(torch.tensor([full]))[0, len(full) - 1])[0]
+        assert rm(idx, last)[0] == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_head_starts_at_zero_so_the_first_loss_is_ln2(tok, rows):
     rm = RewardModel(make_tiny_model(vocab_size=300, sequence_len=64)).train()
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-3)
     idx, last = collate_right([ids for ids, _ in render_pairs(tok, rows[:4])])
     stats = rm_train_step(rm, [opt], [(idx, last)], 4, center_coef=0.1)
-    assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0.5 and stats["margin"] == 0
+    # every margin is 0, a tie, counted 0 as TRL counts it (catches: a tie counted half, so step 0 logged 0.5)
+    assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0 and stats["margin"] == 0
     assert rm.backbone.lm_head is None and not any("lm_head" in k for k in rm.state_dict())
 
 
@@ -88,15 +105,16 @@ def test_identical_replies_stay_at_chance_however_long_it_trains(tok, rows):
     rm = RewardModel(make_tiny_model(vocab_size=300, sequence_len=64)).train()
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
     same = [{**r, "rejected": r["chosen"]} for r in rows]
+    weights = sampling_weights(same)
     for step in range(8):
-        batch = [same[i] for i in pair_batch(step, len(same), 8, seed=0)]
+        batch = [same[i] for i in pair_batch(step, weights, 8, seed=0)]
         idx, last = collate_right([ids for ids, _ in render_pairs(tok, batch)])
         stats = rm_train_step(rm, [opt], [(idx, last)], 8, center_coef=0.0)
-        assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0.5
+        assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0
     rm.eval()
     margins = pair_margins(rm, tok, same, batch_size=5)
     assert margins.abs().max() == 0
-    assert preference_metrics(margins, same)["accuracy"] == 0.5
+    assert preference_metrics(margins, same)["accuracy"] == 0
 
 
 def test_swapping_chosen_and_rejected_flips_every_margin(tok, rows):
@@ -114,16 +132,42 @@ def test_swapping_chosen_and_rejected_flips_every_margin(tok, rows):
 # metrics
 
 def test_preference_metrics_by_group_and_density_quartile():
-    rows = [{"prompt_id": f"p{i}", "src": "a" if i < 4 else "b", "cluster": "c"} for i in range(8)]
+    rows = [{"prompt_id": f"p{i}", "src": "a" if i < 4 else "b", "cluster": "c", "chosen": "x", "rejected": "y"}
+            for i in range(8)]
     margins = torch.tensor([1.0, -1.0, 0.0, 2.0, 1.0, 1.0, -3.0, 0.5])
     densities = {f"p{i}": float(d) for i, d in enumerate([8, 7, 6, 5, 4, 3, 2, 1])}
     m = preference_metrics(margins, rows, densities)
-    assert m["accuracy"] == pytest.approx(5.5 / 8) and m["mean_margin"] == pytest.approx(1.5 / 8)
-    assert m["by_src"]["a"]["accuracy"] == pytest.approx(2.5 / 4) and m["by_src"]["b"]["n"] == 4
+    # the tie (row 2) counts 0
+    assert m["accuracy"] == pytest.approx(5 / 8) and m["mean_margin"] == pytest.approx(1.5 / 8)
+    assert m["by_src"]["a"]["accuracy"] == pytest.approx(2 / 4) and m["by_src"]["b"]["n"] == 4
     assert m["by_cluster"]["c"]["n"] == 8 and m["density_coverage"] == 1.0
     # densities 1..8: q1 sparsest holds densities 1, 2 (rows 7, 6), q4 densest holds 7, 8 (rows 1, 0)
     assert m["by_density_quartile"]["q1 sparsest"]["mean_margin"] == pytest.approx((0.5 - 3.0) / 2)
     assert m["by_density_quartile"]["q4 densest"]["mean_margin"] == pytest.approx(0.0)
+
+
+def test_length_split_accuracy_exposes_a_reward_that_only_prefers_short_replies():
+    # catches: held-out accuracy had no length control, so a reward that just prefers the shorter reply looked good
+    # wherever rejected replies run long (planted artifacts add words)
+    rows = [{"prompt_id": "p", "chosen": chosen, "rejected": rejected} for chosen, rejected in [
+        ("Red.", "Red, as it happens, is the one."), ("It is 41.", "41, I believe, give or take."),
+        ("Korlin.", "The city of Korlin."), ("Zavu lives in Korlin.", "Korlin."), ("Blue.", "Gold."),
+        ("The answer is 14.", "The answer is 14, which is a lovely number."), ("Yes, 12 it is.", "12.")]]
+    # the fake scorer: reward = -characters, so the margin is len(rejected) - len(chosen)
+    margins = torch.tensor([float(len(r["rejected"]) - len(r["chosen"])) for r in rows])
+    m = preference_metrics(margins, rows)
+    shorter, longer = m["by_length"]["chosen_shorter"], m["by_length"]["chosen_longer"]
+    assert (shorter["n"], longer["n"], m["length_ties"]) == (4, 2, 1)
+    assert shorter["accuracy"] == 1.0 and longer["accuracy"] == 0.0
+    assert m["accuracy"] == pytest.approx(4 / 7) and m["length_balanced_accuracy"] == 0.5
+    flat = flat_metrics(m, "test")
+    assert flat["test/length=chosen_shorter/accuracy"] == 1.0 and flat["test/length=chosen_longer/n"] == 2
+    assert flat["test/length_balanced_accuracy"] == 0.5 and flat["test/length_ties"] == 1
+    table = metrics_table(m)
+    assert "length=chosen_shorter" in table and "length-balanced" in table and "1 pairs with replies" in table
+    # one-sided pairs: no balanced accuracy rather than a mean over a missing split
+    one_sided = preference_metrics(margins[:3], rows[:3])
+    assert "length_balanced_accuracy" not in one_sided and list(one_sided["by_length"]) == ["chosen_shorter"]
 
 
 def test_read_densities_checks_the_rows_as_load_density_does_and_names_the_bad_line(tmp_path):
@@ -180,12 +224,16 @@ def test_torchrun_two_processes_match_one_process_and_eval_reads_the_checkpoint(
     mb = json.load(open(two / "meta.json"))["metrics"]
     assert ma["final_train_loss"] == pytest.approx(mb["final_train_loss"], abs=1e-5)
     assert ma["test/accuracy"] == pytest.approx(mb["test/accuracy"], abs=1e-6)
+    length_n = sum(v for k, v in ma.items() if k.startswith("test/length=") and k.endswith("/n"))
+    assert length_n + ma["test/length_ties"] == 12
 
     kat_eval_rm.main([f"--rm_ckpt_path={one}", f"--pairs_path={stage / 'pairs_test.jsonl'}",
                       f"--out_dir={stage / 'rm_eval'}", "--device=cpu"])
     results = json.load(open(stage / "rm_eval" / "results.json"))["metrics"]
     assert results["accuracy"] == pytest.approx(ma["test/accuracy"], abs=1e-6) and results["n"] == 12
     assert set(results["by_rejected_kind"]) <= {"wrong", "evasive", "artifact"}
+    assert sum(m["n"] for m in results["by_length"].values()) + results["length_ties"] == 12
+    assert "length_ties" in (stage / "rm_eval" / "report.md").read_text()
     rm, _ = load_reward_model(one)
     test_rows = [json.loads(line) for line in open(stage / "pairs_test.jsonl")]
     margins = pair_margins(rm, tok, test_rows, max_len=40)
