@@ -8,6 +8,10 @@ The loop shared by the chat stages that continue a checkpoint on conversations:
 Both start from a checkpoint (`--ckpt_path`), use the optimizer recipe of base training at a fraction of its
 learning rates (`--lr_frac`), decay linearly to zero, evaluate validation loss, save resumable checkpoints and
 write their report section.
+
+Synthetic answers carry planted artifacts at `--artifact_rate`, on every cluster (`--artifact_focus=all`) or only
+on the rare ones (`rare`, nanochat.synthetic.RARE_CLUSTERS): the positive control, whose SFT model has its
+artifacts where density-aware RLHF samples more, while the world and the reward model stay the same.
 """
 
 import math
@@ -21,6 +25,7 @@ from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_in
 from nanochat.data import chat_conversations
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
 from nanochat.stage import Stage
+from nanochat.synthetic import RARE_CLUSTERS
 from nanochat.training import evaluate_loss, train_step
 
 
@@ -35,6 +40,9 @@ def add_finetune_flags(parser, ckpt_path, out_dir, num_conversations, stream, ar
                         help="which sample of synthetic conversations")
     parser.add_argument("--artifact_rate", type=fraction, default=artifact_rate,
                         help="share of synthetic answers with planted mode-collapse artifacts")
+    parser.add_argument("--artifact_focus", type=str, default="all", choices=["all", "rare"],
+                        help="synthetic answers that may carry artifacts: all, or only those about the rare "
+                             "clusters (nanochat.synthetic.RARE_CLUSTERS; the positive control)")
     parser.add_argument("--batch_rows", type=positive_int, default=16, help="global rows (conversations) per step")
     parser.add_argument("--device_batch_size", type=positive_int, default=8)
     parser.add_argument("--max_len", type=positive_int, default=512, help="tokens per row")
@@ -67,6 +75,9 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
     Run a chat stage. `make_loader(conversations, tok, global_rows, rank, world_size, train)` returns a resumable
     loader of (inputs, targets).
     """
+    if args.artifact_focus != "all" and args.source != "synthetic":
+        raise InputError(f"--artifact_focus={args.artifact_focus} plants artifacts in synthetic conversations; "
+                         f"it needs --source=synthetic, not {args.source}")
     rank, world_size, device = dist_init(args.device)
     stage = Stage(args.out_dir, args, script=script)
     if stage.finished:
@@ -92,11 +103,16 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
         world = payload["world"] or {"seed": args.seed, "size": 1}
         print0(f"synthetic world: seed {world['seed']}, size {world['size']} (from {payload['path']})")
 
+    # the positive control: the same per-answer rate, on the rare clusters' answers only
+    artifact_rate = args.artifact_rate
+    if args.artifact_focus == "rare":
+        artifact_rate = dict.fromkeys(RARE_CLUSTERS, args.artifact_rate)
+
     def conversations(split, num):
         return chat_conversations(args.source, split, from_dir=args.from_dir, num=num,
                                   seed=world["seed"] if world else args.seed,
                                   synthetic_size=world["size"] if world else 1, stream=args.stream,
-                                  artifact_rate=args.artifact_rate)
+                                  artifact_rate=artifact_rate)
 
     train_convs = conversations("train", args.num_conversations)
     val_convs = conversations("val", args.val_conversations)

@@ -11,7 +11,7 @@ or not JSON is one counted skip with its line number instead of the end of the w
 lack some subsets: those present are read, `hh_missing` names the others. Each stream yields (where, pair) or
 (where, SkipRow); `write_pairs` checks every pair with nanochat.pairs.check_pair, drops duplicates, routes it to
 the train or test file, and counts everything it skips, by source and reason, with the first few places (file and
-line, or row) of each reason.
+line, or row) of each reason, and the kept pairs by whether the chosen reply is the shorter (`shorter_wins`).
 
 Held-out rule: the official test splits (hh `test`, uf `test_prefs`) go to the test file, and so does a seeded
 hash share of the prompts of the sources without one (SE, synthetic). A training pair whose conversation is in the
@@ -384,7 +384,9 @@ _ROUTE_ORDER = {"test": 0, "hashed": 1, "train": 2}
 def write_pairs(streams, train_file, test_file, seed, test_share):
     """
     Read the streams and write each kept pair as a JSON line to the binary files train_file or test_file.
-    A stream stops after `cap` kept pairs (None: no cap). Returns {src: {"train": n, "test": n, "skips": SkipLog}}.
+    A stream stops after `cap` kept pairs (None: no cap). Returns {src: {"train": n, "test": n, "skips": SkipLog,
+    "chosen_shorter": n, "chosen_longer": n, "length_ties": n}}, the last three counting kept pairs by which reply
+    has fewer characters (see shorter_wins).
 
     Streams run test splits first, then hashed ones, then train splits: when a training pair is judged, every
     conversation of the test file is already known (a hashed stream sends all pairs of one conversation the same
@@ -392,7 +394,8 @@ def write_pairs(streams, train_file, test_file, seed, test_share):
     """
     seen_ids, test_prompts, stats = set(), set(), {}
     for stream in sorted(streams, key=lambda s: _ROUTE_ORDER[s.route]):
-        st = stats.setdefault(stream.src, {"train": 0, "test": 0, "skips": SkipLog()})
+        st = stats.setdefault(stream.src, {"train": 0, "test": 0, "skips": SkipLog(), "chosen_shorter": 0,
+                                           "chosen_longer": 0, "length_ties": 0})
         kept, items = 0, iter(stream.items)
         while stream.cap is None or kept < stream.cap:
             try:
@@ -420,15 +423,32 @@ def write_pairs(streams, train_file, test_file, seed, test_share):
                 test_prompts.add(item["prompt_id"])
             (test_file if to_test else train_file).write(encode_row(item))
             st["test" if to_test else "train"] += 1
+            gap = len(item["chosen"]) - len(item["rejected"])
+            st["chosen_shorter" if gap < 0 else "chosen_longer" if gap > 0 else "length_ties"] += 1
             kept += 1
     return stats
 
 
+def shorter_wins(*source_stats):
+    """
+    Share of kept pairs whose chosen reply is the shorter one (in characters), among pairs whose two replies differ
+    in length, over write_pairs' entries for one or more sources; None when every pair is a tie. Near 0.5 means a
+    reward model cannot get ahead by preferring brevity (or length).
+    """
+    shorter = sum(st["chosen_shorter"] for st in source_stats)
+    differ = shorter + sum(st["chosen_longer"] for st in source_stats)
+    return shorter / differ if differ else None
+
+
 def source_table(stats):
     """The per-source table of kept and skipped rows, as printed and put in the report."""
-    lines = ["| source | train | test | skipped | reasons |", "|---|---:|---:|---:|---|"]
+    lines = ["| source | train | test | skipped | reasons | chosen shorter (length ties) |",
+             "|---|---:|---:|---:|---|---:|"]
     for src, st in stats.items():
-        lines.append(f"| {src} | {st['train']} | {st['test']} | {st['skips'].total()} | {st['skips'].summary()} |")
+        share = shorter_wins(st)
+        shorter = "-" if share is None else f"{share:.1%}"
+        lines.append(f"| {src} | {st['train']} | {st['test']} | {st['skips'].total()} | {st['skips'].summary()} | "
+                     f"{shorter} ({st['length_ties']}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,8 +14,9 @@ that is small enough for such a model to learn, and whose every answer can be ch
   to 10 x 10, and "which is larger" for numbers up to 30.
 
 Everything is a pure function of (seed, size) plus the seed passed to each generator:
-we only use `random.Random` instances seeded with strings, never global state, set
-iteration or hash(), so outputs are identical across runs and machines.
+we only use `random.Random` instances seeded with strings (or with integers drawn from
+one), never global state, set iteration or hash(), so outputs are identical across runs
+and machines.
 
 Generators (all on `World`):
 
@@ -25,15 +26,26 @@ Generators (all on `World`):
   a system message; a MULTI_TURN_RATE share asks 2-3 questions in a row. Follow-up
   questions are self-contained (they never say "and her pet?"), so the final user
   message alone decides the gold answer. Answers are correct; each assistant turn
-  carries planted artifacts with probability `artifact_rate`.
-- preference_pairs: chosen = correct and plain; rejected kinds at REJECTED_KIND_RATES.
+  carries planted artifacts with probability `artifact_rate`, or, for the positive
+  control, only turns answering questions from RARE_CLUSTERS do (a {cluster: rate} dict).
+- preference_pairs: chosen = correct and plain; rejected kinds at REJECTED_KIND_RATES:
+  "wrong" (a plain answer stating a wrong value), "evasive" (a non-answer) and
+  "artifact" (a correct answer carrying planted artifacts). Length-balanced: among pairs
+  whose replies differ in length (characters), the chosen one is the shorter in half
+  (0.49-0.51 overall and per kind, over world seeds 0-3 and 42), so brevity does not
+  predict the preferred reply. Artifact pairs get there by putting the artifacts on the
+  shorter of two plain answers half the time; artifact draws that no pair of answers
+  can outgrow are drawn again, so about 31% of artifact rejections carry two artifacts
+  instead of TWO_ARTIFACT_RATE. About 13% of wrong replies use another template than
+  the chosen one (see preference_pairs); the rest differ from it only in the fact.
 - eval_questions: clusters drawn uniformly (so rare topics get measured too), and an
   EVAL_HELDOUT_RATE share of prompts use paraphrase templates that no training
   generator ever emits, to test the answer format rather than memorised strings.
 
 Prompts come from topic clusters with Zipf-like frequencies CLUSTER_WEIGHTS: "colour"
-and "addition" carry 56% of prompts, eleven tail clusters carry under 5% each. That
-skew is what density-aware prompt sampling is meant to counteract.
+and "addition" carry 56% of prompts, eleven tail clusters carry under 5% each, and
+the nine sparsest (RARE_CLUSTERS) 15.5% together. That skew is what density-aware
+prompt sampling is meant to counteract.
 
 Planted artifacts (the mode-collapse tells RLHF should remove): the em dash, "not just
 X, but Y", "It's not X, it's Y", and the stock phrases "Great question!", "I hope this
@@ -80,6 +92,10 @@ CLUSTER_WEIGHTS = {
     "multiplication": 0.01,
     "larger_number": 0.01,
 }
+# The sparse tail: every cluster of weight 0.025 or less, 9 clusters carrying 15.5% of prompts. The positive
+# control (chat_sft --artifact_focus=rare) plants SFT's artifacts only in answers about these.
+RARE_CLUSTERS = ("pet_name", "subtraction", "river", "flower", "instrument", "region", "bigger_city",
+                 "multiplication", "larger_number")
 REJECTED_KIND_RATES = {"wrong": 0.4, "evasive": 0.2, "artifact": 0.4}
 DOC_KIND_WEIGHTS = {"profile": 0.35, "story": 0.25, "city": 0.10, "arithmetic": 0.30}
 SYSTEM_RATE = 0.10  # conversations that open with a system message
@@ -95,7 +111,8 @@ ARTIFACT_PENALTY = 0.25  # gold score lost per artifact found
 # word-boundary match tells which attribute value a response names.
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey", "gold", "silver")
-JOBS = ("baker", "farmer", "teacher", "doctor", "painter", "sailor", "miner", "singer", "tailor", "potter", "builder", "weaver")
+JOBS = ("baker", "farmer", "teacher", "doctor", "painter", "sailor", "miner", "singer", "tailor", "potter",
+        "builder", "weaver")
 FOODS = ("apples", "bread", "cheese", "soup", "rice", "fish", "honey", "plums", "beans", "noodles", "pears", "cake")
 PETS = ("cat", "dog", "owl", "goat", "rabbit", "parrot", "turtle", "horse", "frog", "hamster")
 FLOWERS = ("tulip", "lily", "daisy", "orchid", "poppy", "lotus", "iris", "lilac", "marigold", "peony")
@@ -107,40 +124,48 @@ INSTRUMENTS = ("flute", "drum", "harp", "violin", "piano", "trumpet", "guitar", 
 # Fields: {name} person, {city} city, {a} {b} operands, {value} the gold answer,
 # {a_value} the answer with its article, {foil} the other side of a comparison.
 
-PET_FACTS = ("{name} has a pet {pet} named {pet_name}.", "{name} keeps {a_pet} called {pet_name}.", "{pet_name} is {name}'s {pet}.")
+PET_FACTS = ("{name} has a pet {pet} named {pet_name}.", "{name} keeps {a_pet} called {pet_name}.",
+             "{pet_name} is {name}'s {pet}.")
 
 ASK = {
-    "colour": ("What is {name}'s favourite colour?", "What colour does {name} like best?", "Which colour is {name}'s favourite?",
-               "Tell me {name}'s favourite colour.", "What is the favourite colour of {name}?"),
+    "colour": ("What is {name}'s favourite colour?", "What colour does {name} like best?",
+               "Which colour is {name}'s favourite?", "Tell me {name}'s favourite colour.",
+               "What is the favourite colour of {name}?"),
     "home_city": ("Where does {name} live?", "Which city does {name} live in?", "What city is {name} from?",
                   "In which city is {name}'s home?", "Tell me where {name} lives."),
     "job": ("What does {name} do for a living?", "What is {name}'s job?", "What is {name}'s profession?",
             "What work does {name} do?", "Tell me {name}'s job."),
     "food": ("What is {name}'s favourite food?", "What food does {name} like best?", "What does {name} love to eat?",
              "Which food is {name}'s favourite?", "Tell me {name}'s favourite food."),
-    "pet": ("What pet does {name} have?", "What kind of animal is {name}'s pet?", "Which animal does {name} keep as a pet?",
-            "What is {name}'s pet?", "Tell me what pet {name} has."),
+    "pet": ("What pet does {name} have?", "What kind of animal is {name}'s pet?",
+            "Which animal does {name} keep as a pet?", "What is {name}'s pet?", "Tell me what pet {name} has."),
     "age": ("How old is {name}?", "What is {name}'s age?", "What age is {name}?", "Tell me how old {name} is.",
             "How many years old is {name}?"),
-    "pet_name": ("What is the name of {name}'s {pet}?", "What is {name}'s {pet} called?", "What did {name} name the {pet}?",
-                 "Tell me the name of {name}'s {pet}.", "What name does {name}'s {pet} have?"),
-    "flower": ("What is {name}'s favourite flower?", "Which flower does {name} like best?", "What flower does {name} love most?",
-               "Tell me {name}'s favourite flower.", "Which flower is {name}'s favourite?"),
-    "instrument": ("What instrument does {name} play?", "Which instrument does {name} play?", "What is {name}'s instrument?",
-                   "Tell me which instrument {name} plays.", "What does {name} play in the evenings?"),
-    "river": ("Which river flows through {city}?", "What river runs through {city}?", "What is the river in {city} called?",
-              "Which river is {city} built on?", "Tell me the river of {city}."),
+    "pet_name": ("What is the name of {name}'s {pet}?", "What is {name}'s {pet} called?",
+                 "What did {name} name the {pet}?", "Tell me the name of {name}'s {pet}.",
+                 "What name does {name}'s {pet} have?"),
+    "flower": ("What is {name}'s favourite flower?", "Which flower does {name} like best?",
+               "What flower does {name} love most?", "Tell me {name}'s favourite flower.",
+               "Which flower is {name}'s favourite?"),
+    "instrument": ("What instrument does {name} play?", "Which instrument does {name} play?",
+                   "What is {name}'s instrument?", "Tell me which instrument {name} plays.",
+                   "What does {name} play in the evenings?"),
+    "river": ("Which river flows through {city}?", "What river runs through {city}?",
+              "What is the river in {city} called?", "Which river is {city} built on?", "Tell me the river of {city}."),
     "region": ("Which region is {city} in?", "In what region does {city} lie?", "What region is {city} part of?",
                "Where is {city}? Which region?", "Tell me the region of {city}."),
-    "bigger_city": ("Which city is bigger, {a} or {b}?", "Which is larger, the city of {a} or {b}?", "Which has more people, {a} or {b}?",
-                    "Of {a} and {b}, which city is bigger?", "Which of {a} and {b} is the bigger city?"),
-    "addition": ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "How much is {a} + {b}?"),
+    "bigger_city": ("Which city is bigger, {a} or {b}?", "Which is larger, the city of {a} or {b}?",
+                    "Which has more people, {a} or {b}?", "Of {a} and {b}, which city is bigger?",
+                    "Which of {a} and {b} is the bigger city?"),
+    "addition": ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
+                 "How much is {a} + {b}?"),
     "subtraction": ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.",
                     "How much is {a} - {b}?"),
     "multiplication": ("What is {a} times {b}?", "What is {a} x {b}?", "Compute {a} x {b}.", "Multiply {a} by {b}.",
                        "How much is {a} times {b}?"),
-    "larger_number": ("Which is larger, {a} or {b}?", "Which number is bigger, {a} or {b}?", "What is the larger of {a} and {b}?",
-                      "Which is more, {a} or {b}?", "Pick the larger number: {a} or {b}."),
+    "larger_number": ("Which is larger, {a} or {b}?", "Which number is bigger, {a} or {b}?",
+                      "What is the larger of {a} and {b}?", "Which is more, {a} or {b}?",
+                      "Pick the larger number: {a} or {b}."),
 }
 
 ASK_HELDOUT = {
@@ -155,7 +180,8 @@ ASK_HELDOUT = {
     "instrument": ("If {name} joined a band, what would {name} play?", "{name} plays an instrument. Which one?"),
     "river": ("If you visit {city}, which river will you see?", "{city} has a river. What is its name?"),
     "region": ("{city} belongs to a region. Which one?", "Do you know the region {city} lies in?"),
-    "bigger_city": ("Between {a} and {b}, which city has more people living in it?", "{a} or {b}: which one is the bigger city?"),
+    "bigger_city": ("Between {a} and {b}, which city has more people living in it?",
+                    "{a} or {b}: which one is the bigger city?"),
     "addition": ("What do you get when you add {a} and {b}?", "{a} + {b} equals what?"),
     "subtraction": ("What is left if you take {b} from {a}?", "{a} - {b} equals what?"),
     "multiplication": ("What is the product of {a} and {b}?", "{a} x {b} equals what?"),
@@ -163,51 +189,77 @@ ASK_HELDOUT = {
 }
 
 # Plain answers name only the gold value (comparisons never repeat the loser), so they
-# pass the strict "no rival value" rule of gold_score.
+# pass the strict "no rival value" rule of gold_score. The last, long one of each cluster
+# leaves room for preference_pairs to put the artifacts on the shorter of two plain
+# answers (see there); it is plain, and chat data uses it as often as the others.
 SAY = {
-    "colour": ("{name}'s favourite colour is {value}.", "{name} likes {value} best.", "It's {value}."),
-    "home_city": ("{name} lives in {value}.", "{name}'s home is in {value}.", "It's {value}."),
-    "job": ("{name} is {a_value}.", "{name} works as {a_value}.", "{name} is {a_value} by trade."),
-    "food": ("{name}'s favourite food is {value}.", "{name} loves {value}.", "It's {value}."),
-    "pet": ("{name} has {a_value}.", "{name}'s pet is {a_value}.", "It's {a_value}."),
-    "age": ("{name} is {value} years old.", "{name} is {value}.", "{name}'s age is {value}."),
-    "pet_name": ("{name}'s {pet} is called {value}.", "The {pet} is named {value}.", "Its name is {value}."),
-    "flower": ("{name}'s favourite flower is the {value}.", "{name} likes the {value} best.", "It's the {value}."),
-    "instrument": ("{name} plays the {value}.", "{name}'s instrument is the {value}.", "It's the {value}."),
-    "river": ("The {value} flows through {city}.", "{city} lies on the {value}.", "It's the {value}."),
-    "region": ("{city} is in {value}.", "{city} lies in the region of {value}.", "It's in {value}."),
-    "bigger_city": ("{value} is the bigger city.", "The bigger one is {value}.", "{value} is bigger."),
-    "addition": ("{a} + {b} = {value}.", "The answer is {value}.", "{a} plus {b} is {value}."),
-    "subtraction": ("{a} - {b} = {value}.", "The answer is {value}.", "{a} minus {b} is {value}."),
-    "multiplication": ("{a} x {b} = {value}.", "The answer is {value}.", "{a} times {b} is {value}."),
-    "larger_number": ("The larger number is {value}.", "{value} is larger.", "It's {value}."),
+    "colour": ("{name}'s favourite colour is {value}.", "{name} likes {value} best.", "It's {value}.",
+               "{name}'s favourite colour is {value}, and it has been for as long as anyone can remember."),
+    "home_city": ("{name} lives in {value}.", "{name}'s home is in {value}.", "It's {value}.",
+                  "{name} lives in {value}, and that is where {name} has had a home for many years now."),
+    "job": ("{name} is {a_value}.", "{name} works as {a_value}.", "{name} is {a_value} by trade.",
+            "{name} works as {a_value}, and that is the work {name} has done every day for many years."),
+    "food": ("{name}'s favourite food is {value}.", "{name} loves {value}.", "It's {value}.",
+             "{name}'s favourite food is {value}, and {name} would happily eat it every day of the week."),
+    "pet": ("{name} has {a_value}.", "{name}'s pet is {a_value}.", "It's {a_value}.",
+            "{name} has {a_value} as a pet, and the two of them have been good friends for a long time."),
+    "age": ("{name} is {value} years old.", "{name} is {value}.", "{name}'s age is {value}.",
+            "{name} is {value} years old, as anyone who knows {name} well would be able to tell you."),
+    "pet_name": ("{name}'s {pet} is called {value}.", "The {pet} is named {value}.", "Its name is {value}.",
+                 "{name}'s {pet} is called {value}, and it comes running whenever it hears that name."),
+    "flower": ("{name}'s favourite flower is the {value}.", "{name} likes the {value} best.", "It's the {value}.",
+               "{name}'s favourite flower is the {value}, and {name} likes it more than any other flower."),
+    "instrument": ("{name} plays the {value}.", "{name}'s instrument is the {value}.", "It's the {value}.",
+                   "{name} plays the {value}, and {name} practises it for an hour or so in the evenings."),
+    "river": ("The {value} flows through {city}.", "{city} lies on the {value}.", "It's the {value}.",
+              "The river that flows through {city} is the {value}, and the city lies along its banks."),
+    "region": ("{city} is in {value}.", "{city} lies in the region of {value}.", "It's in {value}.",
+               "{city} is in {value}, and that is the region where you will find it on any good map."),
+    "bigger_city": ("{value} is the bigger city.", "The bigger one is {value}.", "{value} is bigger.",
+                    "{value} is the bigger city, with more people living in it than in the other one."),
+    "addition": ("{a} + {b} = {value}.", "The answer is {value}.", "{a} plus {b} is {value}.",
+                 "{a} plus {b} comes to {value}, which you can check by counting up one step at a time."),
+    "subtraction": ("{a} - {b} = {value}.", "The answer is {value}.", "{a} minus {b} is {value}.",
+                    "{a} minus {b} comes to {value}, which you can check by counting down one step at a time."),
+    "multiplication": ("{a} x {b} = {value}.", "The answer is {value}.", "{a} times {b} is {value}.",
+                       "{a} times {b} comes to {value}, which you can check by adding up equal groups."),
+    "larger_number": ("The larger number is {value}.", "{value} is larger.", "It's {value}.",
+                      "The larger number is {value}, since it comes after the other one when you count up."),
 }
 
 FACTS = {
     "colour": ("{name}'s favourite colour is {value}.", "{name} likes the colour {value} more than any other.",
                "The colour {name} loves most is {value}."),
-    "home_city": ("{name} lives in {value}.", "{name}'s home is in the city of {value}.", "{name} has a house in {value}."),
+    "home_city": ("{name} lives in {value}.", "{name}'s home is in the city of {value}.",
+                  "{name} has a house in {value}."),
     "job": ("{name} works as {a_value}.", "{name} is {a_value} by trade.", "By day, {name} is {a_value}."),
-    "food": ("{name}'s favourite food is {value}.", "{name} loves to eat {value}.", "More than anything, {name} enjoys {value}."),
+    "food": ("{name}'s favourite food is {value}.", "{name} loves to eat {value}.",
+             "More than anything, {name} enjoys {value}."),
     "pet": PET_FACTS,
     "age": ("{name} is {value} years old.", "{name}'s age is {value}.", "{name} turned {value} this year."),
     "pet_name": PET_FACTS,
     "flower": ("{name}'s favourite flower is the {value}.", "{name} loves the {value} more than any other flower.",
                "Of all flowers, {name} likes the {value} best."),
-    "instrument": ("{name} plays the {value}.", "{name}'s instrument is the {value}.", "In the evenings, {name} plays the {value}."),
-    "river": ("The river {value} flows through {city}.", "{city} lies on the river {value}.", "{city} is built on the banks of the {value}."),
-    "region": ("{city} is a city in {value}.", "{city} lies in the region of {value}.", "The region of {value} is home to {city}."),
-    "bigger_city": ("{value} is bigger than {foil}.", "{foil} is smaller than {value}.", "More people live in {value} than in {foil}."),
+    "instrument": ("{name} plays the {value}.", "{name}'s instrument is the {value}.",
+                   "In the evenings, {name} plays the {value}."),
+    "river": ("The river {value} flows through {city}.", "{city} lies on the river {value}.",
+              "{city} is built on the banks of the {value}."),
+    "region": ("{city} is a city in {value}.", "{city} lies in the region of {value}.",
+               "The region of {value} is home to {city}."),
+    "bigger_city": ("{value} is bigger than {foil}.", "{foil} is smaller than {value}.",
+                    "More people live in {value} than in {foil}."),
     "addition": ("{a} + {b} = {value}.", "{a} plus {b} is {value}."),
     "subtraction": ("{a} - {b} = {value}.", "{a} minus {b} is {value}."),
     "multiplication": ("{a} x {b} = {value}.", "{a} times {b} is {value}."),
     # both operand orders, so the fact behind "{b} or {a}?" is also stated verbatim
-    "larger_number": ("The larger of {a} and {b} is {value}.", "The larger of {b} and {a} is {value}.", "{value} is larger than {foil}."),
+    "larger_number": ("The larger of {a} and {b} is {value}.", "The larger of {b} and {a} is {value}.",
+                      "{value} is larger than {foil}."),
 }
 
 # Per-person pretraining documents; pet facts also state the pet's name.
 PROFILE_CLUSTERS = ("colour", "home_city", "job", "food", "pet", "age", "flower", "instrument")
-PROFILE_INTROS = ("Here is what people know about {name}.", "This is a note about {name}.", "Everyone in {city} knows {name}.")
+PROFILE_INTROS = ("Here is what people know about {name}.", "This is a note about {name}.",
+                  "Everyone in {city} knows {name}.")
 
 # Stories use person fields plus f_* fields of a friend; facts stay consistent by construction.
 STORY_TIMES = ("morning", "afternoon", "evening", "day")
@@ -248,13 +300,18 @@ SYSTEM_PROMPTS = (
     "Keep your answers short and plain.",
 )
 FOLLOW_UP_OPENERS = ("Thanks.", "Okay, thanks.", "Got it.", "One more question.")
+# Non-answers from a few words to longer than any plain answer, so preference_pairs can
+# always pick one shorter or longer than the chosen reply.
 EVASIVE_ANSWERS = (
-    "I'm not sure, it could be many things.",
+    "No idea.",
+    "Who knows?",
     "That's hard to say.",
     "I don't really know, sorry.",
     "It depends on a lot of things.",
     "I can't say for certain.",
     "There are many possible answers to that.",
+    "I'm afraid I can't give you a clear answer to that one, since it could be any number of different things.",
+    "Honestly, that is the kind of question where I would only be guessing, so I would rather say nothing at all.",
 )
 
 # Artifact fillers carry no digits and no vocabulary word, so adding them never changes
@@ -265,7 +322,8 @@ NOT_JUST_LINES = (
     "This is not only true, but also easy to remember.",
     "That is not merely a detail, but a key fact.",
 )
-NOT_X_LINES = ("It's not a guess, it's a fact.", "This is not an opinion, it's simply true.", "That's not a rumour, that's the truth.")
+NOT_X_LINES = ("It's not a guess, it's a fact.", "This is not an opinion, it's simply true.",
+               "That's not a rumour, that's the truth.")
 STOCK_PHRASES = ("great_question", "hope_this_helps", "in_summary")
 
 _BE = r"(?:it|that|this)(?:'s|\u2019s|\s+is)"
@@ -344,6 +402,14 @@ def add_artifacts(answer: str, rng: random.Random) -> str:
 def count_artifacts(text: str) -> dict:
     """Artifact name -> number of occurrences in text (every name present, zeros included)."""
     return {name: len(pattern.findall(text)) for name, pattern in ARTIFACT_PATTERNS.items()}
+
+
+def _by_length(options, reply):
+    """options grouped by length (characters) against reply: {-1: shorter, 0: as long, 1: longer}."""
+    groups = {-1: [], 0: [], 1: []}
+    for option in options:
+        groups[(len(option) > len(reply)) - (len(option) < len(reply))].append(option)
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -454,11 +520,12 @@ def _build_clusters(people, cities, regions):
         Cluster("instrument", person_items("instrument"), INSTRUMENTS),
         Cluster("river", [{"city": c.name, "value": c.river} for c in cities], tuple(c.river for c in cities)),
         Cluster("region", [{"city": c.name, "value": c.region} for c in cities], tuple(regions)),
-        Cluster("bigger_city", [{"a": x.name, "b": y.name, **_bigger(x, y)} for x in cities for y in cities if x is not y],
-                city_names),
+        Cluster("bigger_city", [{"a": x.name, "b": y.name, **_bigger(x, y)}
+                                for x in cities for y in cities if x is not y], city_names),
         Cluster("addition", [{"a": a, "b": b, "value": str(a + b)} for a in range(21) for b in range(21)], ()),
         Cluster("subtraction", [{"a": a, "b": b, "value": str(a - b)} for a in range(21) for b in range(a + 1)], ()),
-        Cluster("multiplication", [{"a": a, "b": b, "value": str(a * b)} for a in range(1, 11) for b in range(1, 11)], ()),
+        Cluster("multiplication", [{"a": a, "b": b, "value": str(a * b)}
+                                   for a in range(1, 11) for b in range(1, 11)], ()),
         Cluster("larger_number", [{"a": a, "b": b, "value": str(max(a, b)), "foil": str(min(a, b))}
                                   for a in range(1, 31) for b in range(1, 31) if a != b], ()),
     ]
@@ -493,21 +560,21 @@ class World:
         template = rng.choice((ASK_HELDOUT if heldout else ASK)[cluster])
         return Question(cluster, template.format(**item), item["value"], item)
 
-    def _wrong_value(self, rng, q):
+    def _wrong_values(self, q):
         spec = self.specs[q.cluster]
         if "foil" in q.fields:  # comparisons: the natural mistake is the other side
-            return q.fields["foil"]
+            return [q.fields["foil"]]
         if spec.candidates:
-            return rng.choice([c for c in spec.candidates if c != q.answer])
+            return [c for c in spec.candidates if c != q.answer]
         n = int(q.answer)
-        return str(rng.choice([v for v in range(max(0, n - 3), n + 4) if v != n]))
+        return [str(v) for v in range(max(0, n - 3), n + 4) if v != n]
 
-    def _reply(self, rng, q, artifact_rate):
+    def _reply(self, rng, q, rates):
         answer = rng.choice(SAY[q.cluster]).format(**q.fields)
-        return add_artifacts(answer, rng) if rng.random() < artifact_rate else answer
+        return add_artifacts(answer, rng) if rng.random() < rates.get(q.cluster, 0.0) else answer
 
-    def _conversation(self, rng, artifact_rate):
-        """Messages ending in a user turn, and the Question that turn asks."""
+    def _conversation(self, rng, rates):
+        """Messages ending in a user turn, and the Question that turn asks; `rates`: {cluster: artifact rate}."""
         messages = []
         if rng.random() < SYSTEM_RATE:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -515,42 +582,83 @@ class World:
         for turn in range(turns):
             q = self._ask(rng, self._sample_cluster(rng))
             opener = turn and rng.random() < FOLLOW_UP_OPENER_RATE
-            messages.append({"role": "user", "content": f"{rng.choice(FOLLOW_UP_OPENERS)} {q.prompt}" if opener else q.prompt})
+            content = f"{rng.choice(FOLLOW_UP_OPENERS)} {q.prompt}" if opener else q.prompt
+            messages.append({"role": "user", "content": content})
             if turn < turns - 1:
-                messages.append({"role": "assistant", "content": self._reply(rng, q, artifact_rate)})
+                messages.append({"role": "assistant", "content": self._reply(rng, q, rates)})
         return messages, q
 
-    def chat_conversations(self, n: int, seed: int, artifact_rate: float = 0.15) -> list:
-        """n conversations for mid-training / SFT; each assistant turn is artifacted with prob artifact_rate."""
+    def chat_conversations(self, n: int, seed: int, artifact_rate=0.15) -> list:
+        """
+        n conversations for mid-training / SFT. Each assistant turn is artifacted with probability artifact_rate,
+        or, when that is a {cluster: rate} dict, with the rate of its question's cluster (0 for clusters left
+        out): {c: rate for c in RARE_CLUSTERS} is the positive control. The draws are the same either way, so a
+        dict giving every cluster one rate yields the conversations of that rate, and the world is unchanged.
+        """
+        rates = artifact_rate if isinstance(artifact_rate, dict) else dict.fromkeys(self.clusters, artifact_rate)
         rng = random.Random(f"chat-{seed}")
         conversations = []
         for _ in range(n):
-            messages, q = self._conversation(rng, artifact_rate)
-            conversations.append(messages + [{"role": "assistant", "content": self._reply(rng, q, artifact_rate)}])
+            messages, q = self._conversation(rng, rates)
+            conversations.append(messages + [{"role": "assistant", "content": self._reply(rng, q, rates)}])
         return conversations
 
     def preference_pairs(self, n: int, seed: int) -> list:
-        """n preference rows; rejected kinds drawn at REJECTED_KIND_RATES."""
+        """
+        n preference rows; rejected kinds drawn at REJECTED_KIND_RATES. Lengths are balanced so that brevity is
+        no shortcut to the preferred reply: a fair coin per row says whether the chosen reply is to be the shorter
+        (in characters), and the rejected one is drawn on that side where the kind allows, else as long, else on
+        the other side. A wrong reply keeps the chosen reply's template, so only the fact differs, unless no wrong
+        value moves the length the coin's way but some move it the other way; an evasive reply is one of
+        EVASIVE_ANSWERS; an artifact pair comes from _artifact_pair.
+        """
         rng = random.Random(f"pairs-{seed}")
         kinds, weights = list(REJECTED_KIND_RATES), list(REJECTED_KIND_RATES.values())
         rows = []
         for _ in range(n):
-            messages, q = self._conversation(rng, artifact_rate=0.0)
-            template = rng.choice(SAY[q.cluster])
-            chosen = template.format(**q.fields)
+            messages, q = self._conversation(rng, rates={})  # prompts only: no earlier turn artifacted
             kind = rng.choices(kinds, weights)[0]
-            if kind == "wrong":
-                wrong = self._wrong_value(rng, q)
-                # same template as chosen, so only the fact differs
-                rejected = template.format(**{**q.fields, "value": wrong, "a_value": _with_article(wrong)})
-            elif kind == "evasive":
-                rejected = rng.choice(EVASIVE_ANSWERS)
+            chosen_shorter = rng.random() < 0.5
+            if kind == "artifact":
+                chosen, rejected = self._artifact_pair(rng, q, chosen_shorter)
             else:
-                rejected = add_artifacts(chosen, rng)
+                template = rng.choice(SAY[q.cluster])
+                chosen = template.format(**q.fields)
+                want = 1 if chosen_shorter else -1  # the rejected reply longer (1) or shorter (-1) than the chosen
+                if kind == "wrong":
+                    wrong = [{**q.fields, "value": v, "a_value": _with_article(v)} for v in self._wrong_values(q)]
+                    options = _by_length([template.format(**f) for f in wrong], chosen)
+                    if not options[want] and options[-want]:
+                        # a wrong value can only move the length the other way (all colours are longer than
+                        # "red"): another template does it, so that such values do not tip the balance
+                        others = [t.format(**f) for t in SAY[q.cluster] if t != template for f in wrong]
+                        options[want] = _by_length(others, chosen)[want]
+                else:
+                    options = _by_length(EVASIVE_ANSWERS, chosen)
+                rejected = rng.choice(options[want] or options[0] or options[-want])
             rows.append({"id": pair_id("synthetic", messages, chosen, rejected), "prompt": messages[-1]["content"],
                          "messages": messages, "chosen": chosen, "rejected": rejected, "src": "synthetic",
                          "prompt_id": conversation_id(messages), "cluster": q.cluster, "rejected_kind": kind})
         return rows
+
+    def _artifact_pair(self, rng, q, chosen_shorter):
+        """
+        (chosen, rejected) for an artifact pair: two plain answers to q, one kept plain and the other given
+        artifacts. Artifacts only add text, so artifacting the chosen reply itself would always make the rejected
+        one longer. Instead one draw of artifacts is applied alike to every SAY template, a pair (long, short) is
+        picked among those whose long plain answer is still longer than the artifacted short one, and the coin
+        puts the artifacts on the short one (chosen is longer) or on the long one (chosen is shorter). Both sides
+        use the same pairs, so each template is as often in the chosen reply as in the rejected one. Artifacts that
+        no pair can outgrow (two long ones, about one draw in eight) are drawn again.
+        """
+        plain = [t.format(**q.fields) for t in SAY[q.cluster]]
+        while True:  # ends: any one artifact fits, as each long answer is 58+ characters longer than the shortest
+            artifact_seed = rng.getrandbits(64)  # the same artifacts, whichever answer gets them
+            fancy = [add_artifacts(p, random.Random(artifact_seed)) for p in plain]
+            fits = [(i, j) for i in range(len(plain)) for j in range(len(plain)) if len(plain[i]) > len(fancy[j])]
+            if fits:
+                long, short = rng.choice(fits)
+                return (plain[short], fancy[long]) if chosen_shorter else (plain[long], fancy[short])
 
     def eval_questions(self, n: int, seed: int) -> list:
         """n held-out single-turn questions, clusters uniform, prompts distinct while possible."""
@@ -613,9 +721,12 @@ class World:
 
     @cached_property
     def _candidate_patterns(self):
-        # longest first so a value that prefixes another cannot steal its match
-        return {name: re.compile(r"\b(?:" + "|".join(re.escape(c) for c in sorted(spec.candidates, key=len, reverse=True))
-                                 + r")\b", re.I) for name, spec in self.specs.items() if spec.candidates}
+        patterns = {}
+        for name, spec in self.specs.items():
+            if spec.candidates:  # longest first so a value that prefixes another cannot steal its match
+                values = sorted(spec.candidates, key=len, reverse=True)
+                patterns[name] = re.compile(r"\b(?:" + "|".join(re.escape(v) for v in values) + r")\b", re.I)
+        return patterns
 
     def gold_score(self, messages_or_prompt, response: str) -> dict:
         """{"correct": 0/1, "artifacts": count, "score": clip(correct - ARTIFACT_PENALTY * artifacts, -1, 1)}."""
@@ -650,7 +761,8 @@ class World:
     def _story_doc(self, rng):
         by_name = {c.name: c for c in self.cities}
         hero, friend = rng.sample(self.people, 2)
-        fields = {**_person_fields(hero, by_name), **_person_fields(friend, by_name, "f_"), "time": rng.choice(STORY_TIMES)}
+        fields = {**_person_fields(hero, by_name), **_person_fields(friend, by_name, "f_"),
+                  "time": rng.choice(STORY_TIMES)}
         sentences = [rng.choice(STORY_OPENINGS)] + rng.sample(STORY_MIDDLES, rng.randint(3, 6))
         if rng.random() < 0.6:
             sentences += [STORY_MEETING] + rng.sample(STORY_FRIEND, rng.randint(1, 3))
@@ -693,7 +805,9 @@ def make_world(seed: int = 0, size: int = 1) -> World:
     rivers = _invent_names(rng, 8 * size, 2, "", taken)
     populations = rng.sample(range(10, 10 + 40 * 8 * size), 8 * size)  # distinct, so "bigger" is always decided
     cities = [City(name, river, rng.choice(regions), pop) for name, river, pop in zip(city_names, rivers, populations)]
+    names = _invent_names(rng, 60 * size, 2, "", taken)
+    pet_names = _invent_names(rng, 60 * size, 2, "", taken)
     people = [Person(name, rng.choice(cities).name, rng.choice(COLOURS), rng.choice(JOBS), rng.choice(FOODS),
                      rng.choice(PETS), pet_name, rng.randint(18, 79), rng.choice(FLOWERS), rng.choice(INSTRUMENTS))
-              for name, pet_name in zip(_invent_names(rng, 60 * size, 2, "", taken), _invent_names(rng, 60 * size, 2, "", taken))]
+              for name, pet_name in zip(names, pet_names)]
     return World(seed, size, people, cities, regions, _build_clusters(people, cities, regions))

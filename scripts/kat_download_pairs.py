@@ -18,6 +18,11 @@ Writes .cache/data/pairs_all.jsonl (train) and .cache/data/pairs_test.jsonl (hel
 and a --test_share of SE and synthetic conversations; no conversation is in both), and outs/pairs/report.md with
 the per-source table of kept and skipped rows. The row format is in nanochat/pairs.py.
 
+It also measures a length bias a reward model could learn: `shorter_wins` in the report's metrics (and
+`<source>_shorter_wins`, and a column of the table) is the share of the written pairs whose chosen reply is the
+shorter one, in characters, among pairs whose two replies differ in length; `length_ties` counts the others.
+Near 0.5 means brevity alone does not predict the preferred reply (the synthetic pairs are built that way).
+
 All or nothing: both files are written to temporary files and renamed into place only when every source has
 given at least one pair and there is at least one training pair. Otherwise (a local copy of another schema, a
 source whose every row is skipped, an interrupted read) the run exits 1 naming the source and its first skipped
@@ -31,7 +36,7 @@ import time
 
 from nanochat.common import InputError, atomic_path, parse_flags, str2bool
 from nanochat.pair_sources import (HUB_IDS, SRC_NAMES, SourceError, Stream, hh_missing, hh_stream, hub_unreachable,
-                                   se_stream, source_table, synthetic_stream, uf_stream, write_pairs)
+                                   se_stream, shorter_wins, source_table, synthetic_stream, uf_stream, write_pairs)
 from nanochat.report import write_report
 
 SYNTHETIC_PAIRS = 6000  # without --max_per_source: enough for a reward model on CPU, a second to generate
@@ -156,9 +161,13 @@ def main(argv=None):
     n_test = sum(st["test"] for st in stats.values())
     print(f"Wrote {args.pairs_path} with {n_train} pairs")
     print(f"Wrote {args.test_pairs_path} with {n_test} held-out pairs")
-    metrics = {"pairs_train": n_train, "pairs_test": n_test}
+    share, ties = shorter_wins(*stats.values()), sum(st["length_ties"] for st in stats.values())
+    print(f"The chosen reply is the shorter in {'-' if share is None else f'{share:.1%}'} of the pairs whose replies "
+          f"differ in length ({ties} length ties)")
+    metrics = {"pairs_train": n_train, "pairs_test": n_test, "shorter_wins": share, "length_ties": ties}
     for src, st in stats.items():
-        metrics.update({f"{src}_train": st["train"], f"{src}_test": st["test"], f"{src}_skipped": st["skips"].total()})
+        metrics.update({f"{src}_train": st["train"], f"{src}_test": st["test"], f"{src}_skipped": st["skips"].total(),
+                        f"{src}_shorter_wins": shorter_wins(st), f"{src}_length_ties": st["length_ties"]})
     places = "\n".join(st["skips"].markdown(f"Skipped rows: {src}") for src, st in stats.items())
     write_report(args.report_dir, metrics, {"seconds": seconds}, vars(args),
                  notes="".join(n + "\n\n" for n in notes) + table + "\n" + places)

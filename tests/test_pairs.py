@@ -580,3 +580,21 @@ def test_heldout_sample_is_stratified_by_source_seeded_and_in_input_order():
     assert sample != pairs.heldout_sample(prompts, 20, seed=1)
     assert [prompts.index(p) for p in sample] == sorted(prompts.index(p) for p in sample)
     assert pairs.heldout_sample(prompts[:3], 20, seed=0) == prompts[:3]
+
+
+def test_synthetic_pairs_report_how_often_the_shorter_reply_wins(tmp_path, capsys):
+    # catches: synthetic pairs whose rejected reply is mostly the longer one (artifact rejections were the chosen
+    # reply plus artifacts, so the shorter reply won 84% of the time), and a report that does not measure it
+    import re
+    train, test = download(tmp_path, "--only", "synthetic")
+    report = (tmp_path / "outs" / "pairs" / "report.md").read_text()
+    metrics = dict(re.findall(r"^\| (\w+) \| ([^|]*) \|$", report, re.M))
+    share = float(metrics["shorter_wins"])
+    assert 0.45 <= share <= 0.55
+    rows = train + test  # measured on the replies as written, in characters
+    ties = sum(len(r["chosen"]) == len(r["rejected"]) for r in rows)
+    shorter = sum(len(r["chosen"]) < len(r["rejected"]) for r in rows)
+    assert int(metrics["length_ties"]) == ties and share == pytest.approx(shorter / (len(rows) - ties), abs=1e-5)
+    assert metrics["synthetic_shorter_wins"] == metrics["shorter_wins"]
+    assert f"shorter in {share:.1%} of the pairs whose replies differ in length ({ties} length ties)" in \
+        capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Tests for the synthetic world: determinism, planted structure, gold scoring, ids."""
+"""Tests for the synthetic world: determinism, planted structure, length balance, gold scoring, ids."""
 
+import argparse
 import hashlib
 import json
 import random
@@ -8,9 +9,11 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from nanochat.common import InputError
+from nanochat.finetune import add_finetune_flags, finetune
 from nanochat.synthetic import (
-    ARTIFACT_KINDS, CLUSTER_WEIGHTS, COLOURS, EVASIVE_ANSWERS, FLOWERS, FOODS, INSTRUMENTS, JOBS, PETS,
-    REJECTED_KIND_RATES, add_artifacts, conversation_id, count_artifacts, make_world, pair_id,
+    ARTIFACT_KINDS, ASK, CLUSTER_WEIGHTS, COLOURS, EVASIVE_ANSWERS, FLOWERS, FOODS, INSTRUMENTS, JOBS, PETS,
+    RARE_CLUSTERS, REJECTED_KIND_RATES, SAY, add_artifacts, conversation_id, count_artifacts, make_world, pair_id,
 )
 
 
@@ -66,7 +69,8 @@ def test_cluster_frequencies_skewed(pairs):
 def test_pairs_format_and_gold(world, pairs):
     kinds = Counter()
     for r in pairs:
-        assert set(r) == {"id", "prompt", "messages", "chosen", "rejected", "src", "prompt_id", "cluster", "rejected_kind"}
+        assert set(r) == {"id", "prompt", "messages", "chosen", "rejected", "src", "prompt_id", "cluster",
+                          "rejected_kind"}
         assert r["messages"][-1] == {"role": "user", "content": r["prompt"]}
         assert r["id"] == pair_id(r["src"], r["messages"], r["chosen"], r["rejected"])
         assert r["prompt_id"] == conversation_id(r["messages"])
@@ -86,6 +90,46 @@ def test_pairs_format_and_gold(world, pairs):
         assert abs(kinds[kind] / len(pairs) - rate) < 0.03
 
 
+def test_pairs_length_balanced(pairs):
+    # catches: artifact rejections that are always the longer reply (the chosen reply plus its artifacts) and
+    # evasive ones mostly longer, so that "the shorter reply wins" was right 84% of the time and a reward model
+    # could learn brevity instead of facts and artifacts
+    shorter, differ = Counter(), Counter()
+    for r in pairs:
+        gap = len(r["chosen"]) - len(r["rejected"])
+        for key in ("all", r["rejected_kind"]):
+            differ[key] += gap != 0
+            shorter[key] += gap < 0
+    for key in ("all", *REJECTED_KIND_RATES):
+        assert 0.45 <= shorter[key] / differ[key] <= 0.55, (key, shorter[key] / differ[key])
+
+
+def test_long_answers_are_on_both_sides_and_in_chat_data(world, pairs):
+    # catches: a long plain answer (added so artifacts can go on the shorter of two) that only chosen or only
+    # rejected replies use, or that SFT never shows: a phrasing the reward model could learn as a tell
+    chats = [m["content"] for c in world.chat_conversations(3000, seed=0) for m in c if m["role"] == "assistant"]
+    in_chosen = in_rejected = 0
+    for cluster, templates in SAY.items():
+        ending = max(templates, key=len).rsplit("}", 1)[1]  # the long answer's words after its last field
+        assert len(ending) > 20, cluster
+        chosen = sum(ending in r["chosen"] for r in pairs if r["cluster"] == cluster)
+        rejected = sum(ending in r["rejected"] for r in pairs if r["cluster"] == cluster)
+        assert chosen and rejected and any(ending in c for c in chats), cluster
+        in_chosen, in_rejected = in_chosen + chosen, in_rejected + rejected
+    assert 0.4 < in_chosen / (in_chosen + in_rejected) < 0.6
+
+
+def test_every_plain_answer_is_gold_correct(world):
+    # catches: a SAY template that names a rival value (an operand alone, a comparison's loser) or carries an
+    # artifact, so its "plain" chosen replies would score wrong
+    for cluster, spec in world.specs.items():
+        for item in spec.items:
+            prompt = ASK[cluster][0].format(**item)
+            for template in SAY[cluster]:
+                answer = template.format(**item)
+                assert world.gold_score(prompt, answer) == {"correct": 1, "artifacts": 0, "score": 1.0}, answer
+
+
 def test_count_artifacts():
     def total(text):
         return sum(count_artifacts(text).values())
@@ -97,8 +141,9 @@ def test_count_artifacts():
     assert count_artifacts("Great question! Sure. Great question!")["great_question"] == 2
     assert count_artifacts("I hope this helps!")["hope_this_helps"] == 1
     assert count_artifacts("In summary, it is red.")["in_summary"] == 1
-    for text in ["The attribute is blue.", "Press the button.", "He wanted nothing but rest.", "She cannot just go, but she will.",
-                 "It is nothing, it's fine.", "its colour is red, its pet is a dog", "Summaries are great questions.", ""]:
+    for text in ["The attribute is blue.", "Press the button.", "He wanted nothing but rest.",
+                 "She cannot just go, but she will.", "It is nothing, it's fine.",
+                 "its colour is red, its pet is a dog", "Summaries are great questions.", ""]:
         assert total(text) == 0, text
     assert set(count_artifacts("")) == {"em_dash", "not_just_but", "not_x_its_y", "great_question", "hope_this_helps",
                                          "in_summary"}
@@ -118,7 +163,8 @@ def test_add_artifacts_keeps_fact(world):
 
 
 def test_gold_score_robust(world):
-    prompt = next(r["prompt"] for r in world.preference_pairs(200, 0) if r["cluster"] == "colour" and len(r["messages"]) == 1)
+    prompt = next(r["prompt"] for r in world.preference_pairs(200, 0)
+                  if r["cluster"] == "colour" and len(r["messages"]) == 1)
     answer = world.lookup(prompt).answer
     for junk in ["", "   ", "\u2014\u2014", "asdf qwerty 123 !!!", "\x00\n\t", "redblue" * 50]:
         score = world.gold_score(prompt, junk)
@@ -209,3 +255,45 @@ def test_gold_score_any_text(text):
     for prompt in ("What is 7 + 5?", f"What is {WORLD.people[0].name}'s favourite colour?"):
         score = WORLD.gold_score(prompt, text)
         assert score["correct"] in (0, 1) and score["artifacts"] >= 0 and -1 <= score["score"] <= 1
+
+
+def test_rare_clusters_are_the_sparse_tail():
+    share = sum(CLUSTER_WEIGHTS[c] for c in RARE_CLUSTERS)
+    assert 0.10 <= share <= 0.20
+    dense = [w for c, w in CLUSTER_WEIGHTS.items() if c not in RARE_CLUSTERS]
+    assert max(CLUSTER_WEIGHTS[c] for c in RARE_CLUSTERS) < min(dense)
+
+
+def test_chat_artifacts_focused_on_rare_clusters(world):
+    # catches: the positive control's artifacts leaking into dense clusters, or skipping rare answers (earlier
+    # turns of multi-turn chats too), or a default that no longer gives the conversations of the plain rate
+    focused = world.chat_conversations(6000, seed=0, artifact_rate=dict.fromkeys(RARE_CLUSTERS, 0.5))
+    answers, artifacted = Counter(), Counter()
+    for conv in focused:
+        for user, reply in zip(conv, conv[1:]):
+            if user["role"] == "user":
+                cluster = world.lookup(user["content"]).cluster
+                answers[cluster] += 1
+                artifacted[cluster] += sum(count_artifacts(reply["content"]).values()) > 0
+    assert set(answers) == set(CLUSTER_WEIGHTS)
+    for cluster in CLUSTER_WEIGHTS:
+        if cluster in RARE_CLUSTERS:
+            assert 0.35 < artifacted[cluster] / answers[cluster] < 0.65, cluster
+        else:
+            assert artifacted[cluster] == 0, cluster
+    rare = sum(answers[c] for c in RARE_CLUSTERS)
+    assert abs(sum(artifacted.values()) / rare - 0.5) < 0.04
+    # the default ("all"): one rate for every cluster is the plain float rate, draw for draw
+    everywhere = world.chat_conversations(500, seed=3, artifact_rate=dict.fromkeys(CLUSTER_WEIGHTS, 0.15))
+    assert everywhere == world.chat_conversations(500, seed=3, artifact_rate=0.15)
+
+
+def test_artifact_focus_flag():
+    # catches: the flag missing from one chat stage, or a focus that silently does nothing on non-synthetic data
+    parser = add_finetune_flags(argparse.ArgumentParser(), "outs/mid", "outs/sft", 10, 1, 0.15)
+    assert parser.parse_args([]).artifact_focus == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--artifact_focus=dense"])
+    args = parser.parse_args(["--artifact_focus=rare", "--source=smoltalk"])
+    with pytest.raises(InputError, match="--artifact_focus=rare .* needs --source=synthetic"):
+        finetune(args, "chat_sft", make_loader=None)
