@@ -317,7 +317,8 @@ def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic
     Conversations (lists of {"role", "content"} dicts) for split "train" or "val".
     source "synthetic": sampled from the world (seed, synthetic_size as in pretrain_documents). `stream` picks
     another sample of conversations from the same world (mid-training and SFT see different conversations about
-    the same facts); `artifact_rate` is the share of answers carrying planted mode-collapse artifacts.
+    the same facts); `artifact_rate` is the share of answers carrying planted mode-collapse artifacts, a float for
+    every cluster or a {cluster: rate} dict (the positive control's rare-cluster artifacts).
     source "smoltalk": SmolTalk's train or test split; from the hub, or, with from_dir, from local files in the hub
     layout: DIR/HuggingFaceTB/smol-smoltalk/data/{train,test}-*.parquet (or .jsonl), or those files in DIR itself.
     num: keep the first num conversations (synthetic: how many to sample).

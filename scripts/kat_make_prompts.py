@@ -11,7 +11,9 @@ and writes into --out_dir:
                         conversation, so it is the same on every run and machine
     prompt_id_map.tsv   id <TAB> prompt, with backslash, tab, newline and CR escaped as \\\\ \\t \\n \\r; no header
     stats.txt           "key: value" lines: total_pairs, unique_prompts, prompt_set (the fingerprint below),
-                        src_<name> (pairs per source), dropped_total and dropped_<reason>
+                        src_<name> (pairs per source), dropped_total and dropped_<reason>, shorter_wins (the
+                        share of pairs whose chosen reply is the shorter, in characters, among those whose replies
+                        differ in length: near 0.5 when length tells nothing) and length_ties
 
 The three files describe one prompt set and are committed together: all three are written to temporary files in
 --out_dir and synced first, so a full disk or a kill while writing leaves the previous three untouched; then they
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 
 from nanochat.common import InputError, atomic_path, parse_flags
 from nanochat.pairs import SkipLog, escape_tsv, extract_prompts, iter_pairs, no_pairs_error, prompts_stats
@@ -39,6 +42,14 @@ def write_synced(path, lines):
         os.fsync(f.fileno())
 
 
+def count_lengths(rows, lengths):
+    """Pass rows through, counting in `lengths` whether each chosen reply is shorter, longer or as long (characters)."""
+    for row in rows:
+        gap = len(row["chosen"]) - len(row["rejected"])
+        lengths["shorter" if gap < 0 else "longer" if gap > 0 else "tie"] += 1
+        yield row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs_path", type=str, default=".cache/data/pairs_all.jsonl")
@@ -49,12 +60,16 @@ def main(argv=None):
     t0 = time.time()
     log = SkipLog()
     try:
-        prompts, per_src = extract_prompts(iter_pairs(args.pairs_path, log, "--pairs_path"))
+        lengths = Counter()  # how often the chosen reply is the shorter: the length leak a reward model could learn
+        prompts, per_src = extract_prompts(count_lengths(iter_pairs(args.pairs_path, log, "--pairs_path"), lengths))
         if not prompts:
             raise no_pairs_error(args.pairs_path, log, "--pairs_path")
     except InputError as e:
         raise SystemExit(f"kat_make_prompts: {e}") from None
     stats = prompts_stats(prompts, per_src, log)
+    differ = lengths["shorter"] + lengths["longer"]
+    stats.update({"shorter_wins": round(lengths["shorter"] / differ, 4) if differ else "n/a",
+                  "length_ties": lengths["tie"]})
 
     paths = [os.path.join(args.out_dir, name) for name in ("prompts_all.jsonl", "prompt_id_map.tsv", "stats.txt")]
     # atomic_path renames on leaving its block, innermost first: stats.txt, then the map, then prompts_all.jsonl

@@ -301,9 +301,14 @@ def test_only_synthetic_end_to_end_through_both_stages(tmp_path, capsys):
     assert [p["id"] for p in prompts] == list(dict.fromkeys(r["prompt_id"] for r in train))
     assert sum(p["n_pairs"] for p in prompts) == len(train)
     stats = dict(line.split(": ") for line in (data / "stats.txt").read_text().splitlines())
+    # the length leak, counted independently here: shorter_wins among pairs whose replies differ in length
+    shorter = sum(len(r["chosen"]) < len(r["rejected"]) for r in train)
+    ties = sum(len(r["chosen"]) == len(r["rejected"]) for r in train)
     assert stats == {"total_pairs": str(len(train)), "unique_prompts": str(len(prompts)),
                      "prompt_set": pairs.prompt_set_id([p["id"] for p in prompts]),
-                     "src_synthetic": str(len(train)), "dropped_total": "0"}
+                     "src_synthetic": str(len(train)), "dropped_total": "0",
+                     "shorter_wins": str(round(shorter / (len(train) - ties), 4)), "length_ties": str(ties)}
+    assert 0.4 < float(stats["shorter_wins"]) < 0.6
     assert os.path.exists(tmp_path / "outs" / "prompts" / "report.md")
 
 
@@ -416,7 +421,7 @@ def test_prompts_dedup_on_the_whole_conversation(tmp_path):
     stats = (tmp_path / "data" / "stats.txt").read_text()
     fingerprint = pairs.prompt_set_id([p["id"] for p in prompts])
     assert f"total_pairs: 4\nunique_prompts: 3\nprompt_set: {fingerprint}\nsrc_hh-rlhf: 3\nsrc_synthetic: 1\n" \
-           "dropped_total: 0\n" == stats
+           "dropped_total: 0\nshorter_wins: 0.0\nlength_ties: 0\n" == stats
 
 
 def test_check_pair_and_escape_tsv_edge_cases():
