@@ -1,8 +1,8 @@
 """
-Mode-collapse metrics over sampled responses, with paired (half-sample) bootstrap confidence intervals over prompts
-and a verdict per comparison. scripts/kat_eval_diversity.py samples the models and writes the report; everything
-here is a pure function of texts (and of per-response scores passed in), so it works for any text, not only the
-synthetic world.
+Mode-collapse metrics over sampled responses, with paired (half-sample) bootstrap confidence intervals over prompts,
+Student-t intervals across training seeds and a verdict per comparison. scripts/kat_eval_diversity.py samples the
+models and writes the report; everything here is a pure function of texts (and of per-response scores passed in), so
+it works for any text, not only the synthetic world.
 
 Words are the lowercased runs of letters and digits, an inner apostrophe kept ("don't"; a typographic ’ counts as
 '): `word_tokens`. Every metric has a direction: ↑ higher is better, ↓ lower is better, — descriptive (no
@@ -50,18 +50,44 @@ Centering on the point estimate removes the half-size corpus's own shift (a half
 it changes nothing. Rare-versus-dense gaps (difference on the sparsest quantile minus difference on the densest)
 combine two independent resamplings, as the two quantiles hold different prompts.
 
-Models are any set of names (identifiers, e.g. sft, dpo_density, star_iter2). The differences taken: every other
-model minus the `reference` model (when one is named: how each moved from it), and the `contrast` pair a - b (when
-one is named: the headline comparison, e.g. density-aware minus uniform sampling, whose rare-versus-dense gap gets a
-plain-language answer).
+Models (arms) are any set of names (identifiers, e.g. sft, dpo_density, star_iter2), each one or more training runs
+keyed by seed, all answering the same prompts with the same sampling seed. A model's value is the mean of its runs'
+values. The differences taken: every other model minus the `reference` model (when one is named: how each moved
+from it), and the `contrast` pair a - b (when one is named: e.g. density-aware minus uniform sampling).
 
-Verdict of a difference (first - second): ✅ when the CI excludes 0 on the metric's good side, ❌ when it excludes 0
-on the bad side, ≈ when it includes 0, — for descriptive metrics.
+Two sources of variance, both reported for every difference:
+- evaluation: the half-sample bootstrap above applied to the model-mean statistic, every run of every model measured
+  on the same half-samples (so it stays paired over prompts). It says how much another draw of prompts would move
+  the difference of these checkpoints; not what another training seed would do. Its standard error se_eval is the
+  spread of the half-sample differences, its minimum detectable effect (80% power, two-sided 5%)
+  (z_0.975 + z_0.80) se_eval = (1.960 + 0.842) se_eval.
+- across seeds (`seed_interval`): runs paired by seed value when both arms have the same seeds, the per-seed
+  effects d_s = a_s - b_s, their mean and the Student-t CI mean +- t_(n-1, 0.975) sd(d) / sqrt(n); with different
+  seeds, unpaired: Welch, se = sqrt(var_a / n_a + var_b / n_b), df by Welch-Satterthwaite; when one arm is a single
+  run (the SFT reference every run starts from) each run of the other is set against it and the t has n - 1 df (the
+  single run's own seed variance is not measured); with one run each, no interval ("n/a (1 seed)"). A
+  rare-versus-dense gap uses each run's own gap. Minimum detectable effect (t_(df, 0.975) + t_(df, 0.80)) se. The
+  t quantile inverts the t CDF, 1 - I_x(df/2, 1/2) / 2 at x = df / (df + t^2), by Newton's method; I_x is the
+  regularized incomplete beta function by its continued fraction.
+
+Degenerate intervals are flagged (⚠), not shown as a precise estimate (or, at 0, a precise null): a zero-width
+evaluation CI or CI across seeds, or the two arms' responses byte-identical on most (> 50%) samples of the set (the
+share is reported per pair of runs and overall; runs are compared by seed when paired, else every pair).
+
+The pre-registered primary outcome: the `primary` metric of the contrast a - b on the sparsest quantile, inferred
+across seeds (with one run per arm: over evaluation noise only, and said so), with the within-prompt distinct-n of
+the same contrast beside it. Everything else is exploratory, and the report counts its verdicts: about 5% of true
+nulls come out ✅ or ❌ by chance.
+
+Verdict of a difference (first - second), for either CI: ✅ when the CI excludes 0 on the metric's good side, ❌ when
+it excludes 0 on the bad side, ≈ when it includes 0, — for descriptive metrics, n/a when undefined.
 """
 
+import functools
 import math
 import re
 from collections import Counter
+from statistics import NormalDist
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -116,6 +142,10 @@ METRICS = (
 SCORE_KEYS = ("reward", "gold_score", "gold_correct")
 CORPUS_KEYS = ("gini", "ttr", "mattr", "distinct_2", "distinct_3")
 DIRECTION_SIGNS = {1: "↑", -1: "↓", 0: "—"}
+SELF_DISTINCT_KEYS = ("self_distinct_1", "self_distinct_2", "self_distinct_3")  # beside the primary outcome
+POWER = 0.80  # of the minimum detectable effect
+ZERO_WIDTH = 1e-12  # a CI narrower than this (relative to max(1, |estimate|)) has zero width: flagged degenerate
+MOSTLY_IDENTICAL = 0.5  # a larger share of byte-identical responses between two arms flags their difference
 
 
 # -----------------------------------------------------------------------------
@@ -262,6 +292,125 @@ def verdict(ci, direction):
 
 
 # -----------------------------------------------------------------------------
+# Student's t and intervals across training seeds
+
+def incomplete_beta(a, b, x):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz's method)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    # the fraction converges fast below the mean of Beta(a, b); above it I_x(a, b) = 1 - I_(1-x)(b, a) is below
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 100_000):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for term in (even, odd):
+            d = 1 + term * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + term / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * fraction / a
+
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t with df > 0 degrees of freedom (df need not be an integer: Welch's is not)."""
+    tail = 0.5 * incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t > 0 else tail
+
+
+def t_pdf(t, df):
+    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+                    - (df + 1) / 2 * math.log1p(t * t / df))
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p, df):
+    """The p-quantile of Student's t with df degrees of freedom; df = inf gives the standard normal's."""
+    if not 0 < p < 1:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if math.isinf(df):
+        return NormalDist().inv_cdf(p)
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    # Newton from 0: the CDF is concave on t >= 0, so every step lands short of the root and the steps shrink to it
+    t = 0.0
+    for _ in range(200):
+        step = (t_cdf(t, df) - p) / t_pdf(t, df)
+        t -= step
+        if abs(step) <= 1e-12 * (1 + t):
+            break
+    return t
+
+
+def pairing(seeds_a, seeds_b):
+    """
+    How the runs (training seeds) of arm a are compared with those of arm b: "paired" by seed value when both have
+    the same seeds (>= 2), "welch" (unpaired) when they have different seeds and >= 2 runs each, "fixed_b" /
+    "fixed_a" when that arm is a single run (a fixed point, e.g. the SFT model every run starts from: its own seed
+    variance is not measured), "single" with one run each (no interval across seeds).
+    """
+    if len(seeds_a) == 1 and len(seeds_b) == 1:
+        return "single"
+    if set(seeds_a) == set(seeds_b):
+        return "paired"
+    return "fixed_b" if len(seeds_b) == 1 else "fixed_a" if len(seeds_a) == 1 else "welch"
+
+
+def run_pairs(seeds_a, seeds_b):
+    """The (seed of a, seed of b) runs whose responses are set side by side: the same seed when paired, else all."""
+    if pairing(seeds_a, seeds_b) == "paired":
+        return [(s, s) for s in seeds_a]
+    return [(sa, sb) for sa in seeds_a for sb in seeds_b]
+
+
+def seed_interval(a_runs, b_runs, direction, level=0.95):
+    """
+    Across-seed inference on arm a minus arm b from each run's value, {seed: value} per arm (see `pairing`): the
+    per-seed effects (a - b per seed when paired; each run against the single run of the other arm; None for
+    welch), their mean, its standard error and degrees of freedom (paired or against one run: the effects' sd /
+    sqrt(n), n - 1; welch: sqrt(var_a / n_a + var_b / n_b) with the Welch-Satterthwaite df), the Student-t CI
+    mean +- t_(df, 1 - alpha/2) se, its verdict, and the minimum detectable effect (t_(df, 1 - alpha/2) +
+    t_(df, POWER)) se; and each arm's runs. With one run each: nan CI, verdict "n/a".
+    """
+    mode = pairing(list(a_runs), list(b_runs))
+    a, b = np.array(list(a_runs.values()), dtype=np.float64), np.array(list(b_runs.values()), dtype=np.float64)
+    if mode == "paired":
+        effects = {s: float(a_runs[s] - b_runs[s]) for s in a_runs}
+    elif mode in ("fixed_b", "single"):
+        effects = {s: float(v - b[0]) for s, v in a_runs.items()}
+    elif mode == "fixed_a":
+        effects = {s: float(a[0] - v) for s, v in b_runs.items()}
+    else:
+        effects = None
+    out = {"pairing": mode, "n_a": len(a), "n_b": len(b), "runs_a": {s: float(v) for s, v in a_runs.items()},
+           "runs_b": {s: float(v) for s, v in b_runs.items()}, "effects": effects, "mean": float(a.mean() - b.mean()),
+           "se": math.nan, "df": math.nan, "lo": math.nan, "hi": math.nan, "verdict": "n/a", "mde": math.nan}
+    if mode == "single":
+        return out
+    if effects is not None:
+        d = np.array(list(effects.values()))
+        se, df = d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
+    else:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        se = math.sqrt(va + vb)
+        # both variances 0: a zero-width interval, flagged; any df gives it
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+    t = t_quantile(1 - (1 - level) / 2, df)
+    lo, hi = out["mean"] - t * se, out["mean"] + t * se
+    out.update(se=float(se), df=float(df), lo=float(lo), hi=float(hi), verdict=verdict((lo, hi), direction),
+               mde=float((t + t_quantile(POWER, df)) * se))
+    return out
+
+
+# -----------------------------------------------------------------------------
 # one model's responses -> what its statistics need
 
 def _presence(token_lists_by_prompt, n):
@@ -366,11 +515,41 @@ def statistic(features, key, idx, chunk=200):
 
 
 # -----------------------------------------------------------------------------
-# all models, all prompt sets, all comparisons
+# all models (arms) and their runs, all prompt sets, all comparisons
 
-def _interval(samples, point, direction, level):
+def _identical_by_prompt(responses_a, responses_b):
+    """Per prompt, the share of samples whose texts are byte-identical in two runs (same prompts, same sample order)."""
+    return np.array([np.mean([x == y for x, y in zip(a, b)]) for a, b in zip(responses_a, responses_b)])
+
+
+def _identical_shares(by_run_pair, members):
+    """{"share": mean over the run pairs, "runs": {"seed_a/seed_b": share}} of byte-identical samples on members."""
+    runs = {f"{sa}/{sb}": float(same[members].mean()) for (sa, sb), same in by_run_pair.items()}
+    return {"share": float(np.mean(list(runs.values()))), "runs": runs}
+
+
+def _difference(point, samples, a_runs, b_runs, direction, level, identical):
+    """
+    One difference a - b of arm means: `point` on all prompts of the set, `samples` (B,) on its half-samples. The
+    evaluation CI and verdict, its standard error (the half-sample spread: a half-sample mean spreads like the full
+    mean) and minimum detectable effect (z_(1 - alpha/2) + z_POWER) se; the inference across seeds from the runs'
+    values (seed_interval); the share of byte-identical responses; the reasons the interval is degenerate (or []).
+    """
     lo, hi = centered_ci(point, samples, level)
-    return {"delta": float(point), "lo": lo, "hi": hi, "verdict": verdict((lo, hi), direction)}
+    finite = samples[np.isfinite(samples)]
+    se = float(finite.std()) if len(finite) else math.nan
+    seeds = seed_interval(a_runs, b_runs, direction, level)
+    degenerate = []
+    # a zero width says the data cannot show any spread (e.g. identical responses), not that the difference is exact
+    if hi - lo <= ZERO_WIDTH * max(1.0, abs(point)):
+        degenerate.append("zero-width evaluation CI")
+    if seeds["se"] <= ZERO_WIDTH * max(1.0, abs(seeds["mean"])):
+        degenerate.append("zero-width CI across seeds")
+    if identical > MOSTLY_IDENTICAL:
+        degenerate.append(f"byte-identical responses on {identical:.0%} of samples")
+    z = t_quantile(1 - (1 - level) / 2, math.inf) + t_quantile(POWER, math.inf)
+    return {"delta": float(point), "lo": lo, "hi": hi, "verdict": verdict((lo, hi), direction), "se": se,
+            "mde": z * se, "seeds": seeds, "identical": float(identical), "degenerate": degenerate}
 
 
 def quantile_names(num_quantiles):
@@ -380,14 +559,19 @@ def quantile_names(num_quantiles):
 
 
 def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_resamples=1000, seed=0, level=0.95,
-                    headline="artifact_rate", reference=None, contrast=None):
+                    primary="artifact_rate", reference=None, contrast=None, quantile_basis=None):
     """
-    responses {model: [[sample texts] per prompt]} for any model names (identifiers: they make comparison keys
-    "a-b"), scores {model: {key: (prompts, samples) array}}, quantile (prompts,) ints 0 = sparsest, or None.
-    Differences: every other model minus `reference` (a model name, or None) and the `contrast` pair (a, b) = a - b
-    (or None). Returns a JSON-ready dict: metric definitions, values per prompt set and model, comparisons with CIs
-    and verdicts, and the rare-versus-dense section, with its plain-language answer for the `headline` metric when
-    there is a contrast.
+    responses {model: {seed: [[sample texts] per prompt]}}: each model (an arm) is one or more training runs keyed by
+    their seed, every run answering the same prompts; model names are identifiers (they make comparison keys "a-b").
+    scores {model: {seed: {key: (prompts, samples) array}}}, quantile (prompts,) ints 0 = sparsest, or None, and
+    quantile_basis what the quantiles are quantiles of ("training": the training prompts' densities; "evaluated":
+    the evaluated prompts' own), which the report states.
+    A model's value is the mean of its runs' values. Differences: every other model minus `reference` (a model name,
+    or None) and the `contrast` pair (a, b) = a - b (or None), each with an evaluation CI (the same half-samples for
+    every run of every model, so it stays paired) and inference across seeds (seed_interval).
+    Returns a JSON-ready dict: metric definitions, values per prompt set and model (and per run), comparisons,
+    shares of byte-identical responses, the rare-versus-dense section and the pre-registered primary outcome: the
+    `primary` metric's contrast on the sparsest quantile, inferred across seeds, beside the within-prompt distinct-n.
     """
     models = list(responses)
     if not models or not all(isinstance(m, str) and m.isidentifier() for m in models):
@@ -398,16 +582,20 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
         raise ValueError(f"reference/contrast name unknown models {unknown}; the models are {models}")
     if contrast is not None and (len(contrast) != 2 or contrast[0] == contrast[1]):
         raise ValueError(f"a contrast is two different models (a, b), got {contrast}")
-    n = len(responses[models[0]])
-    if any(len(responses[m]) != n for m in models):
-        raise ValueError(f"every model needs responses to the same {n} prompts, got "
-                         f"{ {m: len(responses[m]) for m in models} }")
-    features = {m: model_features(responses[m], (scores or {}).get(m)) for m in models}
-    score_keys = set.intersection(*(set((scores or {}).get(m, {})) for m in models))
+    runs = {m: list(responses[m]) for m in models}
+    if not all(runs.values()):
+        raise ValueError(f"every model needs at least one run, got seeds {runs}")
+    n = len(responses[models[0]][runs[models[0]][0]])
+    sizes = {m: [len(r) for r in responses[m].values()] for m in models}
+    if any(size != n for per_run in sizes.values() for size in per_run):
+        raise ValueError(f"every run of every model needs responses to the same {n} prompts, got {sizes}")
+    scores = scores or {}
+    features = {m: {r: model_features(responses[m][r], scores.get(m, {}).get(r)) for r in runs[m]} for m in models}
+    score_keys = set.intersection(*(set(scores.get(m, {}).get(r) or {}) for m in models for r in runs[m]))
     metrics = [{"key": key, "label": label, "direction": d, "group": group}
                for key, label, d, group in METRICS if key not in SCORE_KEYS or key in score_keys]
-    if not any(m["key"] == headline and m["direction"] for m in metrics):
-        raise ValueError(f"headline metric {headline!r} is not a measured metric with a direction")
+    if not any(m["key"] == primary and m["direction"] for m in metrics):
+        raise ValueError(f"primary metric {primary!r} is not a measured metric with a direction")
     subsets = {"all": np.arange(n)}
     labels = {"all": "all prompts"}
     if quantile is not None:
@@ -418,43 +606,78 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
     comparisons = [(m, reference) for m in models if reference is not None and m != reference]
     if contrast is not None and tuple(contrast) not in comparisons:
         comparisons.append(tuple(contrast))
-    values, intervals, samples = {}, {}, {}
+    same = {f"{a}-{b}": {(sa, sb): _identical_by_prompt(responses[a][sa], responses[b][sb])
+                         for sa, sb in run_pairs(runs[a], runs[b])} for a, b in comparisons}
+    values, run_values, intervals, identical, arm_samples = {}, {}, {}, {}, {}
     for s, (name, members) in enumerate(subsets.items()):
         idx = members[resample_indices(len(members), num_resamples, [seed, s])]
-        values[name], intervals[name], samples[name] = {}, {}, {}
+        identical[name] = {pair: _identical_shares(by_run_pair, members) for pair, by_run_pair in same.items()}
+        values[name], run_values[name], intervals[name], arm_samples[name] = {}, {}, {}, {}
         for metric in metrics:
             key = metric["key"]
-            point = {m: float(statistic(features[m], key, members[None, :])[0]) for m in models}
-            samples[name][key] = {m: statistic(features[m], key, idx) for m in models}
-            values[name][key] = point
-            intervals[name][key] = {f"{a}-{b}": _interval(samples[name][key][a] - samples[name][key][b],
-                                                          point[a] - point[b], metric["direction"], level)
-                                    for a, b in comparisons}
+            points = {m: {r: float(statistic(features[m][r], key, members[None, :])[0]) for r in runs[m]}
+                      for m in models}
+            # an arm's statistic on a half-sample is the mean of its runs' on that same half-sample
+            samples = {m: np.mean([statistic(features[m][r], key, idx) for r in runs[m]], axis=0) for m in models}
+            value = {m: float(np.mean(list(points[m].values()))) for m in models}
+            values[name][key], run_values[name][key], arm_samples[name][key] = value, points, samples
+            intervals[name][key] = {
+                f"{a}-{b}": _difference(value[a] - value[b], samples[a] - samples[b], points[a], points[b],
+                                        metric["direction"], level, identical[name][f"{a}-{b}"]["share"])
+                for a, b in comparisons}
     quantiles = [name for name in subsets if name != "all"]
     rare_vs_dense = None
     if len(quantiles) >= 2 and comparisons:
         rare, dense = quantiles[0], quantiles[-1]
+        both = np.concatenate([subsets[rare], subsets[dense]])
         rows = {}
         for metric in metrics:
-            key, d, row = metric["key"], metric["direction"], {}
+            key, row = metric["key"], {}
             for a, b in comparisons:
-                diff = {where: samples[where][key][a] - samples[where][key][b] for where in (rare, dense)}
-                point = {where: values[where][key][a] - values[where][key][b] for where in (rare, dense)}
-                row[f"{a}-{b}@rare"] = intervals[rare][key][f"{a}-{b}"]
-                row[f"{a}-{b}@dense"] = intervals[dense][key][f"{a}-{b}"]
-                row[f"{a}-{b}@gap"] = _interval(diff[rare] - diff[dense], point[rare] - point[dense], d, level)
+                pair = f"{a}-{b}"
+                row[f"{pair}@rare"], row[f"{pair}@dense"] = intervals[rare][key][pair], intervals[dense][key][pair]
+                # the two quantiles hold different prompts, so their half-samples are independent of each other
+                diff = {where: arm_samples[where][key][a] - arm_samples[where][key][b] for where in (rare, dense)}
+                gap = {m: {r: run_values[rare][key][m][r] - run_values[dense][key][m][r] for r in runs[m]}
+                       for m in (a, b)}
+                row[f"{pair}@gap"] = _difference(row[f"{pair}@rare"]["delta"] - row[f"{pair}@dense"]["delta"],
+                                                 diff[rare] - diff[dense], gap[a], gap[b], metric["direction"],
+                                                 level, _identical_shares(same[pair], both)["share"])
             rows[key] = row
         rare_vs_dense = {"rare": rare, "dense": dense, "n_rare": len(subsets[rare]), "n_dense": len(subsets[dense]),
                          "pairs": [f"{a}-{b}" for a, b in comparisons], "rows": rows, "answer": None}
         if contrast is not None:
             rare_vs_dense["answer"] = rare_vs_dense_answer(
-                rare_vs_dense, next(m for m in metrics if m["key"] == headline), reference, contrast, level)
-    return {"models": models, "reference": reference, "contrast": None if contrast is None else list(contrast),
-            "n_prompts": n, "samples_per_prompt": len(responses[models[0]][0]) if n else 0,
+                rare_vs_dense, next(m for m in metrics if m["key"] == primary), reference, contrast, level)
+    sparsest = next(iter(quantile_names(num_quantiles)))
+    metric = next(m for m in metrics if m["key"] == primary)
+    outcome = {"metric": primary, "label": metric["label"], "direction": metric["direction"], "subset": sparsest,
+               "contrast": None if contrast is None else list(contrast), "quantile_basis": quantile_basis,
+               "n_prompts": len(subsets.get(sparsest, ())), "measured": False, "inference": None, "verdict": "n/a",
+               "interval": None, "identical": None, "self_distinct": None}
+    if contrast is None:
+        outcome["answer"] = "Not measured: no contrast (a pair of models to compare) was named."
+    elif sparsest not in subsets:
+        outcome["answer"] = ("Not measured: " + ("the prompts have no density quantiles." if quantile is None else
+                                                 f"no evaluated prompt is in {sparsest}."))
+    else:
+        pair = f"{contrast[0]}-{contrast[1]}"
+        iv = intervals[sparsest][primary][pair]
+        across = iv["seeds"]["pairing"] != "single"
+        outcome.update(measured=True, inference="across seeds" if across else "evaluation noise only",
+                       verdict=iv["seeds"]["verdict"] if across else iv["verdict"], interval=iv,
+                       identical=identical[sparsest][pair],
+                       self_distinct={key: {where: intervals[where][key][pair] for where in (sparsest, "all")}
+                                      for key in SELF_DISTINCT_KEYS})
+        outcome["answer"] = primary_answer(outcome, level)
+    return {"models": models, "runs": runs, "reference": reference,
+            "contrast": None if contrast is None else list(contrast), "n_prompts": n,
+            "samples_per_prompt": len(responses[models[0]][runs[models[0]][0]][0]) if n else 0,
             "metrics": metrics, "subsets": {name: {"label": labels[name], "n": len(members)}
                                             for name, members in subsets.items()},
-            "values": values, "comparisons": intervals, "rare_vs_dense": rare_vs_dense,
-            "num_resamples": num_resamples, "level": level, "seed": seed, "headline": headline}
+            "values": values, "run_values": run_values, "comparisons": intervals, "identical": identical,
+            "rare_vs_dense": rare_vs_dense, "primary": outcome, "primary_metric": primary,
+            "quantile_basis": quantile_basis, "num_resamples": num_resamples, "level": level, "seed": seed}
 
 
 # -----------------------------------------------------------------------------
@@ -477,44 +700,111 @@ def _signed(x):
     return "n/a" if not math.isfinite(x) else ("+" if x > 0 else "−" if x < 0 else "") + _num(abs(x), 3)
 
 
+def _ci(lo, hi):
+    return f"[{_signed(lo)}, {_signed(hi)}]"
+
+
 def format_interval(iv, with_verdict=True):
-    text = f"{_signed(iv['delta'])} [{_signed(iv['lo'])}, {_signed(iv['hi'])}]"
-    return f"{text} {iv['verdict']}" if with_verdict else text
+    """
+    A difference as a table cell: 'delta [evaluation CI] verdict', then '; seeds [CI across seeds] verdict' when
+    there is one (not with one run each), then ⚠ when the interval is degenerate.
+    """
+    text = f"{_signed(iv['delta'])} {_ci(iv['lo'], iv['hi'])}" + (f" {iv['verdict']}" if with_verdict else "")
+    seeds = iv["seeds"]
+    if seeds["pairing"] != "single":
+        text += f"; seeds {_ci(seeds['lo'], seeds['hi'])}" + (f" {seeds['verdict']}" if with_verdict else "")
+    return text + (" ⚠" if iv["degenerate"] else "")
 
 
 def _significance(iv):
     return "significant" if iv["lo"] > 0 or iv["hi"] < 0 else "not significant"
 
 
+def pairing_words(seeds, a, b):
+    """How the runs of a and b were set against each other, in words."""
+    first, second = model_label(a), model_label(b)
+    return {"paired": f"paired by seed, {seeds['n_a']} seeds",
+            "welch": f"unpaired, the arms' seeds differ: Welch's t over {seeds['n_a']} and {seeds['n_b']} runs",
+            "fixed_b": f"each of the {seeds['n_a']} {first} runs against the one {second} run, whose own seed "
+                       f"variance is not measured",
+            "fixed_a": f"the one {first} run against each of the {seeds['n_b']} {second} runs, its own seed variance "
+                       f"not measured",
+            "single": "one run each"}[seeds["pairing"]]
+
+
+def _effects_text(seeds, a, b):
+    """The per-seed effects, or (unpaired) each arm's runs."""
+    if seeds["effects"] is not None:
+        return ", ".join(f"seed {s}: {_signed(v)}" for s, v in seeds["effects"].items())
+    return "; ".join(f"{model_label(m)} runs " + ", ".join(f"seed {s}: {_num(v)}" for s, v in runs.items())
+                     for m, runs in ((a, seeds["runs_a"]), (b, seeds["runs_b"])))
+
+
+def primary_answer(outcome, level=0.95):
+    """
+    The primary outcome in words: the verdict and what it rests on (seeds, or evaluation noise alone with one run
+    per arm), the per-seed effects, both CIs, the smallest detectable effects and any degenerate flag.
+    """
+    iv, seeds = outcome["interval"], outcome["interval"]["seeds"]
+    a, b = outcome["contrast"]
+    first, second, label = model_label(a), model_label(b), outcome["label"]
+    better, worse = ("higher", "lower") if outcome["direction"] > 0 else ("lower", "higher")
+    where = f"{outcome['subset']} ({outcome['n_prompts']} prompts)"
+    across = outcome["inference"] == "across seeds"
+    basis = f"across training seeds, {pairing_words(seeds, a, b)}" if across else "over evaluation noise only"
+    finding = {"✅": f"the {first} runs had a significantly {better} {label} than the {second} runs on {where} "
+                    f"({basis}): {first} did better on rare prompts",
+               "❌": f"the {first} runs had a significantly {worse} {label} than the {second} runs on {where} "
+                    f"({basis}): {first} did worse on rare prompts",
+               "≈": f"no significant difference between the {first} and {second} runs on {where} ({basis})"}.get(
+        outcome["verdict"], f"undefined: the {label} has no value on {where}")
+    tail = f"two-sided {1 - level:.0%}"
+    parts = [f"**Answer:** {first} − {second} = {_signed(iv['delta'])}: {finding}."]
+    if across:
+        parts.append(f"Per-seed effects: {_effects_text(seeds, a, b)}; mean {_signed(seeds['mean'])}, {level:.0%} CI "
+                     f"across seeds {_ci(seeds['lo'], seeds['hi'])} (Student t, {_num(seeds['df'], 3)} df).")
+    else:
+        parts.append(f"{level:.0%} CI across seeds: n/a (1 seed). With one training run per arm this verdict covers "
+                     f"evaluation noise only (these two checkpoints on these prompts), not the variation between "
+                     f"training seeds, so it cannot tell the sampling method from the luck of one seed.")
+    parts.append(f"Evaluation CI (which prompts were drawn, for these checkpoints; paired half-sample bootstrap): "
+                 f"{_ci(iv['lo'], iv['hi'])} {iv['verdict']}.")
+    parts.append(f"The smallest effect these runs could have detected ({POWER:.0%} power, {tail}): "
+                 + (f"±{_num(seeds['mde'], 3)} across seeds, " if across else "")
+                 + f"±{_num(iv['mde'], 3)} over evaluation noise.")
+    runs = outcome["identical"]["runs"]
+    parts.append(f"Byte-identical responses between the arms on {outcome['subset']}: {iv['identical']:.0%}"
+                 + (f" (runs {', '.join(f'{pair}: {share:.0%}' for pair, share in runs.items())})"
+                    if len(runs) > 1 else "") + ".")
+    if iv["degenerate"]:
+        parts.append(f"⚠ Degenerate: {'; '.join(iv['degenerate'])}. Such an interval measures no precision: it is "
+                     f"not a precise estimate (nor, at 0, a precise null).")
+    else:
+        parts.append("No degenerate interval.")
+    return " ".join(parts)
+
+
 def rare_vs_dense_answer(rv, metric, reference, contrast, level=0.95):
     """
-    The plain-language answer: did the contrast's first model (a) change the sparsest prompts more than its second
-    (b)? With a reference other than a and b, how each moved from it there comes first.
+    The exploratory reading of the rare-versus-dense gap of the contrast a - b on one metric: a - b on the sparsest
+    and on the densest quantile and their gap, each with its evaluation CI (and its CI across seeds when there is
+    one); with a reference other than a and b, how each moved from it on the sparsest quantile.
     """
     rows, name, d = rv["rows"][metric["key"]], metric["label"], metric["direction"]
     a, b = contrast
-    first, second = model_label(a), model_label(b)
-    better = "higher" if d > 0 else "lower"
+    pair = f"{a}-{b}"
     rare_q = f"the sparsest density quantile ({rv['rare']}, {rv['n_rare']} prompts)"
-    parts = []
-    if reference in (None, a, b):
-        parts.append(f"On {rare_q} the {name} is compared between the {first} and {second} models directly "
-                     f"({better} is better).")
-    else:
-        parts.append(f"On {rare_q}, the {first} model changed the {name} by "
-                     f"{format_interval(rows[f'{a}-{reference}@rare'], False)} relative to {model_label(reference)}, "
-                     f"the {second} model by {format_interval(rows[f'{b}-{reference}@rare'], False)} ({level:.0%} "
-                     f"CIs; {better} is better).")
-    gap = rows[f"{a}-{b}@rare"]
-    outcome = {"✅": f"the {first} model did significantly better than the {second} model on rare prompts",
-               "❌": f"the {first} model did significantly worse than the {second} model on rare prompts"}.get(
-        gap["verdict"], f"the {first} and {second} models did not differ significantly on rare prompts")
-    parts.append(f"The difference {_pair_label(f'{a}-{b}')} there is {format_interval(gap, False)}: {outcome}.")
-    dense, gap_gap = rows[f"{a}-{b}@dense"], rows[f"{a}-{b}@gap"]
-    parts.append(f"On the densest quantile ({rv['dense']}, {rv['n_dense']} prompts) the difference is "
-                 f"{format_interval(dense, False)}; the rare-minus-dense gap of that difference is "
-                 f"{format_interval(gap_gap, False)} ({_significance(gap_gap)}).")
-    return " ".join(parts)
+    text = f"On {rare_q}, {_pair_label(pair)} in the {name} ({'higher' if d > 0 else 'lower'} is better) is " \
+           f"{format_interval(rows[f'{pair}@rare'], False)}"
+    if reference not in (None, a, b):
+        text += (f" (relative to {model_label(reference)}: {model_label(a)} "
+                 f"{format_interval(rows[f'{a}-{reference}@rare'], False)}, {model_label(b)} "
+                 f"{format_interval(rows[f'{b}-{reference}@rare'], False)})")
+    gap = rows[f"{pair}@gap"]
+    seeds = "" if gap["seeds"]["pairing"] == "single" else f", {_significance(gap['seeds'])} across seeds"
+    return (f"{text}; on the densest ({rv['dense']}, {rv['n_dense']} prompts) it is "
+            f"{format_interval(rows[f'{pair}@dense'], False)}; the rare-minus-dense gap is "
+            f"{format_interval(gap, False)} ({_significance(gap)} over evaluation noise{seeds}; {level:.0%} CIs).")
 
 
 def _escape(text, limit=None):
@@ -555,49 +845,166 @@ def rare_vs_dense_table(results):
     return "\n".join(lines)
 
 
-def render_report(results, header="", examples=(), notes=()):
+def primary_section(results):
     """
-    The markdown report: `header` (what was run), notes, the summary table, the rare-versus-dense section, one
-    table per density quantile and `examples` [{"prompt", "subset", "responses": {model: text}}].
+    The pre-registered primary outcome: what decides the question, stated before any number of the run, then the
+    answer in words and a table of it beside the within-prompt distinct-n of the same contrast (sparsest quantile
+    and all prompts).
+    """
+    p, level = results["primary"], results["level"]
+    first, second = (model_label(m) for m in p["contrast"]) if p["contrast"] else ("first", "second")
+    better = "higher" if p["direction"] > 0 else "lower"
+    parts = ["## Primary outcome (pre-registered)\n",
+             f"The question: does sampling RLHF prompts inversely to their density reduce mode collapse, most of all "
+             f"on rare prompts, compared with uniform prompt sampling? One number, fixed before the runs, decides "
+             f"it: the {p['label']} ({better} is better) of the {first} model minus the {second} model on the "
+             f"sparsest density quartile, {p['subset']}: held-out prompts whose kNN density against the training "
+             f"prompts falls in the sparsest quarter of the training prompts' densities. It is inferred across "
+             f"training seeds: the mean of the per-seed differences with its {level:.0%} Student-t confidence "
+             f"interval (runs paired by seed when both arms have the same seeds). ✅ or ❌ there answers the "
+             f"question; ≈ says no effect as large as the minimum detectable one was found. Everything after this "
+             f"section is exploratory.\n"]
+    if p["quantile_basis"] == "evaluated":
+        parts.append(f"⚠ **Here {p['subset']} is not rare in training.** No density file covered the evaluated "
+                     f"prompts (see the notes), so the quartiles are of the evaluated prompts' densities among "
+                     f"themselves: 'rare' means rare among the evaluated prompts, not in the training data.\n")
+    parts.append(p["answer"] + "\n")
+    if not p["measured"]:
+        return "\n".join(parts)
+    pair = "-".join(p["contrast"])
+    n = {name: results["subsets"][name]["n"] for name in (p["subset"], "all")}
+    head = ["metric", "prompts", _pair_label(pair), "per-seed effects", f"{level:.0%} CI across seeds",
+            f"{level:.0%} evaluation CI", "smallest detectable (seeds; evaluation)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(f"**{p['label']} (primary)**", p["direction"], p["subset"], p["interval"])]
+    rows += [(next(m["label"] for m in results["metrics"] if m["key"] == key), +1, where, ivs[where])
+             for key, ivs in p["self_distinct"].items() for where in (p["subset"], "all")]
+    for label, direction, where, iv in rows:
+        seeds = iv["seeds"]
+        across = seeds["pairing"] != "single"
+        lines.append("| " + " | ".join([
+            f"{label} {DIRECTION_SIGNS[direction]}", f"{where} ({n[where]})",
+            _signed(iv["delta"]) + (" ⚠" if iv["degenerate"] else ""),
+            _effects_text(seeds, *p["contrast"]) if across else "n/a (1 seed)",
+            f"{_ci(seeds['lo'], seeds['hi'])} {seeds['verdict']}" if across else "n/a (1 seed)",
+            f"{_ci(iv['lo'], iv['hi'])} {iv['verdict']}",
+            f"{_num(seeds['mde'], 3) if across else 'n/a'}; {_num(iv['mde'], 3)}"]) + " |")
+    parts.append("\n".join(lines) + "\n")
+    flagged = [f"{label} on {where}: {'; '.join(iv['degenerate'])}" for label, _, where, iv in rows
+               if iv["degenerate"]]
+    if flagged:
+        parts.append("⚠ degenerate (not a measured precision): " + " · ".join(flagged) + "\n")
+    return "\n".join(parts)
+
+
+def exploratory_verdicts(results):
+    """(over evaluation noise, across seeds): the ✅/❌/≈ verdicts the exploratory tables hold, each counted once
+    (the rare-vs-dense table's sparsest and densest columns repeat the quantile tables')."""
+    intervals = [iv for subset in results["comparisons"].values() for row in subset.values() for iv in row.values()]
+    rv = results["rare_vs_dense"]
+    if rv is not None:
+        intervals += [row[f"{pair}@gap"] for row in rv["rows"].values() for pair in rv["pairs"]]
+    tests = ("✅", "❌", "≈")
+    return (sum(iv["verdict"] in tests for iv in intervals),
+            sum(iv["seeds"]["verdict"] in tests for iv in intervals))
+
+
+def training_mix_table(mix):
+    """
+    The prompts each arm drew in training, from its runs' drawn_prompts.json: mix {arm: {"runs", "missing" (run
+    directories without the file), "draws", "distinct_prompts" (means over the runs with it), "by_quartile",
+    "by_cluster" ({name: mean share of draws})}}. A table of the arms with files and a line naming the missing.
+    """
+    arms = [arm for arm, m in mix.items() if len(m["missing"]) < m["runs"]]
+    parts = []
+    if arms:
+        quartiles = sorted({q for arm in arms for q in mix[arm]["by_quartile"]})
+        clusters = sorted({c for arm in arms for c in mix[arm]["by_cluster"]})
+        head = (["arm", "runs with the file", "draws", "distinct prompts"]
+                + [f"{q} share" for q in quartiles] + [f"cluster {c}" for c in clusters])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm in arms:
+            m = mix[arm]
+            lines.append("| " + " | ".join(
+                [model_label(arm), f"{m['runs'] - len(m['missing'])} of {m['runs']}", _num(m["draws"]),
+                 _num(m["distinct_prompts"])] + [f"{m['by_quartile'].get(q, 0):.1%}" for q in quartiles]
+                + [f"{m['by_cluster'].get(c, 0):.1%}" for c in clusters]) + " |")
+        parts.append("Means over each arm's runs of their drawn_prompts.json: the share of training draws per "
+                     "training-density quartile (q1 sparsest) and per cluster, and the distinct prompts drawn.\n")
+        parts.append("\n".join(lines) + "\n")
+    missing = [path for m in mix.values() for path in m["missing"]]
+    if missing:
+        parts.append(f"No drawn_prompts.json in {', '.join(missing)}: "
+                     + ("those runs are left out of the means." if arms else "the arms' prompt mix is unknown.") + "\n")
+    return "\n".join(parts)
+
+
+def render_report(results, header="", examples=(), notes=(), training_mix=None):
+    """
+    The markdown report: the pre-registered primary outcome first (no number of the run comes before it), then
+    `header` (what was run), notes, the prompts each arm drew in training (`training_mix`, see training_mix_table;
+    None: no section), the exploratory part (a note on multiple comparisons, the summary table, the rare-versus-dense
+    section, one table per density quantile) and `examples` [{"prompt", "subset", "responses": {model: text}}].
     """
     level = f"{results['level']:.0%}"
-    parts = ["# Diversity and mode-collapse report\n", header.strip() + "\n" if header else ""]
+    parts = ["# Diversity and mode-collapse report\n", primary_section(results)]
+    if header:
+        parts += ["## Run\n", header.strip() + "\n"]
     if notes:
         parts.append("Notes:\n\n" + "\n".join(f"- {note}" for note in notes) + "\n")
-    parts.append(
-        f"{results['n_prompts']} held-out prompts x {results['samples_per_prompt']} samples per model. Each "
-        f"difference is (first − second) with a paired half-sample bootstrap {level} CI over prompts "
-        f"({results['num_resamples']} resamples, seed {results['seed']}); ✅ the CI excludes 0 on the better side "
-        f"(↑ higher is better, ↓ lower is better), ❌ on the worse side, ≈ the CI includes 0, — descriptive. "
-        f"Formulas: nanochat/diversity.py.\n")
-    parts += ["## Summary (all prompts)\n", metric_table(results, "all") + "\n"]
+    if training_mix is not None:
+        parts += ["## Prompts each arm drew in training\n", training_mix_table(training_mix)]
+    by_eval, by_seeds = exploratory_verdicts(results)
+    chance = 1 - results["level"]
+    # how the runs are set against each other depends only on the two models' seeds: one metric's row says it
+    pairings = results["comparisons"]["all"][results["metrics"][0]["key"]]
+    parts += [
+        "## Exploratory results\n",
+        f"Everything below is exploratory. Its tables hold {by_eval + by_seeds} verdicts ({by_eval} over evaluation "
+        f"noise, {by_seeds} across seeds). Each is a test at the {chance:.0%} level, so even if every one were a true "
+        f"null about {chance:.0%} of them, ~{chance * (by_eval + by_seeds):.0f}, would come out ✅ or ❌ by chance: "
+        f"read a ✅ or ❌ here as a lead for the next pre-registered test, not as a finding.\n",
+        f"{results['n_prompts']} held-out prompts x {results['samples_per_prompt']} samples per run; a model's value "
+        f"is the mean over its runs. A cell is a difference of model values (first − second), its {level} "
+        f"evaluation CI (paired half-sample bootstrap over prompts, the same half-samples for every run: "
+        f"{results['num_resamples']} resamples, seed {results['seed']}) and verdict, then, when a model has "
+        f"several runs, 'seeds [..]': its {level} Student-t CI across training seeds and verdict. ✅ the CI "
+        f"excludes 0 on the better side (↑ higher is better, ↓ lower is better), ❌ on the worse side, ≈ it "
+        f"includes 0, — descriptive; ⚠ degenerate: a zero-width CI or byte-identical responses on most samples, "
+        f"which measure no precision. Formulas: nanochat/diversity.py.\n"]
+    if pairings and all(iv["seeds"]["pairing"] == "single" for iv in pairings.values()):
+        parts.append("Every model here is one training run: every verdict covers evaluation noise only (these "
+                     "checkpoints on these prompts), not the variation between training seeds.\n")
+    elif pairings:
+        parts.append("Across seeds: " + "; ".join(
+            f"{_pair_label(pair)}: {pairing_words(iv['seeds'], *pair.split('-'))}"
+            + (" (no CI across seeds: its verdicts cover evaluation noise only)"
+               if iv["seeds"]["pairing"] == "single" else "") for pair, iv in pairings.items()) + ".\n")
+    parts += ["## Exploratory: summary (all prompts)\n", metric_table(results, "all") + "\n"]
     rv, contrast = results["rare_vs_dense"], results["contrast"]
     if contrast is None:
-        parts.append("## Rare vs dense prompts\n")
+        parts.append("## Exploratory: rare vs dense prompts\n")
     else:
-        parts.append(f"## Rare vs dense prompts: did the {model_label(contrast[0])} model change the sparsest prompts "
-                     f"more than the {model_label(contrast[1])} model?\n")
+        parts.append(f"## Exploratory: rare vs dense prompts, {model_label(contrast[0])} against "
+                     f"{model_label(contrast[1])}\n")
     if rv is None:
         parts.append("Not measured: it needs at least two non-empty density quantiles and a reference or a contrast "
                      "(see the notes).\n")
     else:
-        if rv["answer"] is None:
-            parts.append("No contrast, so no answer; the differences from the reference:\n")
-        else:
-            headline = next(m for m in results["metrics"] if m["key"] == results["headline"])
-            parts.append(f"**Answer ({headline['label']}):** {rv['answer']}\n")
+        if rv["answer"] is not None:
+            metric = next(m for m in results["metrics"] if m["key"] == results["primary_metric"])
+            parts.append(f"**{metric['label']}:** {rv['answer']}\n")
         parts += [f"All metrics, {rv['rare']} = sparsest ({rv['n_rare']} prompts), {rv['dense']} = densest "
-                  f"({rv['n_dense']} prompts); each cell a difference with its {level} CI and verdict, the gap "
-                  f"column the sparsest-minus-densest difference of differences:\n",
-                  rare_vs_dense_table(results) + "\n"]
+                  f"({rv['n_dense']} prompts); the gap columns are the sparsest-minus-densest difference of "
+                  f"differences:\n", rare_vs_dense_table(results) + "\n"]
     quantiles = [name for name in results["subsets"] if name != "all"]
     if quantiles:
-        parts.append("## By density quantile of the prompt\n")
+        parts.append("## Exploratory: by density quantile of the prompt\n")
         for name in quantiles:
             parts += [f"### {results['subsets'][name]['label']}: {results['subsets'][name]['n']} prompts\n",
                       metric_table(results, name) + "\n"]
     if examples:
-        parts.append("## Sample responses (first sample of each model)\n")
+        parts.append("## Sample responses (first sample of each model's first run)\n")
         for ex in examples:
             parts.append(f"**{ex['subset']}** — prompt: {_escape(ex['prompt'], 300)}\n")
             parts.append("\n".join(f"- {model_label(m)}: {_escape(text, 300) or '(empty)'}"
@@ -607,7 +1014,8 @@ def render_report(results, header="", examples=(), notes=()):
 
 def write_charts(results, prefix):
     """PNG bar charts `<prefix>_summary.png` (every metric with a direction) and, when there are density quantiles,
-    `<prefix>_quantiles.png` (the headline metric per quantile), each written atomically; their paths."""
+    `<prefix>_quantiles.png` (the primary metric per quantile), each written atomically; their paths. A bar is a
+    model's value, the mean over its runs."""
     models, metrics = results["models"], [m for m in results["metrics"] if m["direction"] != 0]
     cols = 4
     rows = math.ceil(len(metrics) / cols)
@@ -624,7 +1032,7 @@ def write_charts(results, prefix):
     paths = [save_png(fig, f"{prefix}_summary.png")]
     quantiles = [name for name in results["subsets"] if name != "all"]
     if quantiles:
-        key = results["headline"]
+        key = results["primary_metric"]
         fig = Figure(figsize=(7, 4), dpi=100)
         ax = fig.subplots()
         width = 0.8 / len(models)
