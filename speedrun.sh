@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, preference pairs, prompts, evaluation,
-# density weights, reward model, GRPO with density-aware and with uniform prompt sampling, the diversity report;
-# DPO arms too with DPO=1.
+# density weights, reward model, GRPO with density-aware and with uniform prompt sampling (SEEDS training seeds
+# each), the diversity report; DPO arms too with DPO=1; the positive control with CONTROL=1.
 #
 #   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
 #   PROFILE=gpu NPROC_PER_NODE=8 bash speedrun.sh   # FineWeb-Edu + SmolTalk, depth 20, torchrun over 8 GPUs
+#   SEEDS=5 bash speedrun.sh                  # 5 training seeds per arm (default 3): a tighter across-seed CI
+#   CONTROL=1 bash speedrun.sh                # then the positive control: SFT artifacts only on rare clusters
 #   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 DPO=1 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
 #
@@ -26,6 +28,7 @@ case "$PROFILE" in
     *) echo "PROFILE must be cpu or gpu, got '$PROFILE'" >&2; exit 2 ;;
 esac
 COMPILE="${COMPILE:-1}"  # torch.compile for base, mid and reward-model training; COMPILE=0 without a C++ compiler
+SEEDS="${SEEDS:-3}"  # training runs per RLHF arm: the replicates behind the report's across-seed CI
 export WANDB_RUN="${WANDB_RUN:-}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "=== speedrun $(date '+%F %T'): profile=$PROFILE depth=$DEPTH nproc_per_node=$NPROC_PER_NODE ==="
 
@@ -68,8 +71,7 @@ if [ "$PROFILE" = cpu ]; then
         --batch_rows=32 --device_batch_size=16 --max_steps=160 --eval_every=40 --save_every=40 --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
         --device_batch_size=16 --max_steps=60 --compile="$COMPILE"
-    run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --max_len=256 --batch_rows=32 \
-        --device_batch_size=16 --max_steps=100
+    SFT_FLAGS="--max_len=256 --batch_rows=32 --device_batch_size=16 --max_steps=100"
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
     # 600 steps: the reward model needs them to learn which facts are wrong (held-out accuracy 0.87 at 300 steps
@@ -85,30 +87,56 @@ else
         --save_every=1000 --eval_tokens=10485760 --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --source=smoltalk --max_len=2048 \
         --batch_rows=256 --device_batch_size=32 --num_conversations=400000 --compile="$COMPILE"
-    run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- --source=smoltalk --max_len=2048 \
-        --batch_rows=32 --device_batch_size=4 --num_conversations=100000
+    SFT_FLAGS="--source=smoltalk --max_len=2048 --batch_rows=32 --device_batch_size=4 --num_conversations=100000"
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs
     EVAL_FLAGS="--tasks=arc_easy,arc_challenge,mmlu,gsm8k,humaneval --limit=500"
     RM_FLAGS="--max_steps=2000 --batch_size_pairs=128 --device_batch_size=8 --max_len=1024"
     GRPO_FLAGS="--max_steps=500 --prompts_per_step=64 --max_new_tokens=256 --device_batch_size=16"
     DPO_FLAGS="--max_steps=2000 --batch_size_pairs=64 --device_batch_size=4 --max_len=1024"
 fi
+run_stage sft outs/sft/ckpt.pt launch scripts.chat_sft -- $SFT_FLAGS
 run_stage prompts .cache/data/prompts_all.jsonl $PY -m scripts.kat_make_prompts
 run_stage eval_base outs/eval_base/results.json launch scripts.chat_eval -- --ckpt_path=outs/base $EVAL_FLAGS
 run_stage eval_sft outs/eval_sft/results.json launch scripts.chat_eval -- --ckpt_path=outs/sft $EVAL_FLAGS
 
-# RLHF: density weights, reward model, GRPO twice (density-aware and uniform prompt sampling), the comparison
+# RLHF: density weights, reward model, GRPO with density-aware and with uniform prompt sampling, SEEDS runs each,
+# and the report that compares them. rlhf_arms METHOD SFT DENSITY OUT_DIR FLAGS... trains the runs of both arms,
+# seed by seed (a stopped speedrun has whole seeds of both arms to compare).
+rlhf_arms() {
+    local method=$1 sft=$2 density=$3 out=$4; shift 4
+    local seed arm
+    for seed in $(seq 1 "$SEEDS"); do
+        for arm in density baseline; do
+            run_stage "${out#outs/}${method}_${arm}_s$seed" "$out${method}_${arm}_s$seed/ckpt.pt" \
+                launch "scripts.kat_train_$method" -- --density_aware="$([ $arm = density ] && echo True || echo False)" \
+                --seed="$seed" --sft_ckpt_path="$sft" --density_path="$density" --out_dir="$out${method}_${arm}_s$seed" "$@"
+        done
+    done
+}
 run_stage density .cache/data/density.jsonl $PY -m scripts.kat_density
 run_stage rm outs/rm/ckpt.pt launch scripts.kat_train_rm -- $RM_FLAGS
-run_stage grpo_density outs/grpo_density/ckpt.pt launch scripts.kat_train_grpo -- --density_aware=True $GRPO_FLAGS
-run_stage grpo_baseline outs/grpo_baseline/ckpt.pt launch scripts.kat_train_grpo -- --density_aware=False $GRPO_FLAGS
-run_stage diversity .cache/diversity_report.md $PY -m scripts.kat_eval_diversity
+rlhf_arms grpo outs/sft .cache/data/density.jsonl outs/ $GRPO_FLAGS
+run_stage diversity outs/diversity/diversity_report.md $PY -m scripts.kat_eval_diversity
 if [ "${DPO:-0}" = 1 ]; then
-    run_stage dpo_density outs/dpo_density/ckpt.pt launch scripts.kat_train_dpo -- --density_aware=True $DPO_FLAGS
-    run_stage dpo_baseline outs/dpo_baseline/ckpt.pt launch scripts.kat_train_dpo -- --density_aware=False $DPO_FLAGS
-    run_stage diversity_dpo .cache/diversity_report_dpo.md $PY -m scripts.kat_eval_diversity \
-        --models=sft=outs/sft,density=outs/dpo_density,baseline=outs/dpo_baseline \
-        --output_report=.cache/diversity_report_dpo.md
+    rlhf_arms dpo outs/sft .cache/data/density.jsonl outs/ $DPO_FLAGS
+    run_stage diversity_dpo outs/diversity_dpo/diversity_report.md $PY -m scripts.kat_eval_diversity \
+        --models="sft=outs/sft,density=outs/dpo_density_s*,baseline=outs/dpo_baseline_s*" --out_dir=outs/diversity_dpo
 fi
 
-echo "=== speedrun done $(date '+%F %T'): see outs/report.md and .cache/diversity_report.md; chat with: $PY -m scripts.chat_cli --ckpt_path outs/sft ==="
+# The positive control (CONTROL=1): the same pipeline on an SFT model whose planted artifacts sit only on the rare
+# clusters, base, mid, the pairs and the reward model reused. If density-aware sampling works as hypothesised, it
+# removes those artifacts faster than uniform sampling; if the report cannot show that, the instrument is too weak.
+# Everything goes under outs/control/ (its own report.md) and .cache/control/.
+if [ "${CONTROL:-0}" = 1 ]; then
+    run_stage control_sft outs/control/sft/ckpt.pt launch scripts.chat_sft -- $SFT_FLAGS --artifact_focus=rare \
+        --artifact_rate=0.5 --out_dir=outs/control/sft
+    run_stage control_density .cache/control/density.jsonl $PY -m scripts.kat_density \
+        --sft_ckpt_path=outs/control/sft --density_path=.cache/control/density.jsonl \
+        --test_density_path=.cache/control/density_test.jsonl --cache_dir=.cache/control --report_dir=outs/control/density
+    rlhf_arms grpo outs/control/sft .cache/control/density.jsonl outs/control/ $GRPO_FLAGS
+    run_stage control_diversity outs/control/diversity/diversity_report.md $PY -m scripts.kat_eval_diversity \
+        --models="sft=outs/control/sft,density=outs/control/grpo_density_s*,baseline=outs/control/grpo_baseline_s*" \
+        --density_path=.cache/control/density_test.jsonl --out_dir=outs/control/diversity
+fi
+
+echo "=== speedrun done $(date '+%F %T'): see outs/report.md and outs/diversity/diversity_report.md; chat with: $PY -m scripts.chat_cli --ckpt_path outs/sft ==="

@@ -11,7 +11,7 @@ model. The report opens with the pre-registered primary outcome; everything afte
         --rm_ckpt_path=                                     # no SFT column, no reward
     python -m scripts.kat_eval_diversity --models=sft=outs/sft --models=grpo=outs/grpo_density_s0,dpo=outs/dpo_density \
         --contrast=dpo,grpo                                 # any names; --models may repeat
-    python -m scripts.kat_eval_diversity --output_report=.cache/diversity_t07.md --temperature=0.7
+    python -m scripts.kat_eval_diversity --out_dir=outs/diversity_t07 --temperature=0.7
 
 Models: --models NAME=PATH,... (repeatable), NAME an identifier, the label of the model's column (sft, density and
 baseline get nicer ones). PATH may be a glob (quote it from the shell): every directory or .pt file it matches, in
@@ -54,11 +54,12 @@ Quality: the reward of --rm_ckpt_path (skipped with a note when missing), and fo
 its gold score and correctness. The world is the one the checkpoints record (seed 0, size 1 when they record none),
 or --world_seed / --synthetic_size; models that record different worlds are refused before anything is sampled.
 
-Writes --output_report (markdown: the primary outcome, the runs, notes, the training prompt mix, then the
-exploratory summary table, rare-vs-dense section and per-quartile tables, sample responses), a JSON sidecar beside
-it (same name, .json: every number, the prompts, densities, quartiles and every run's responses) and PNG bar charts
-beside it: <report name>_summary.png (every metric with a direction) and <report name>_quantiles.png (the primary
-metric per density quartile). One process; no torchrun.
+Writes into --out_dir: diversity_report.md (markdown: the primary outcome, the runs, notes, the training prompt
+mix, then the exploratory summary table, rare-vs-dense section and per-quartile tables, sample responses),
+diversity_report.json (every number, the prompts, densities, quartiles and every run's responses), PNG bar charts
+diversity_report_summary.png (every metric with a direction) and diversity_report_quantiles.png (the primary
+metric per density quartile), and report.md, the stage's section of the run's report (outs/report.md for
+outs/diversity): the primary outcome and a link. One process; no torchrun.
 """
 
 import argparse
@@ -82,6 +83,7 @@ from nanochat.diversity import METRICS, collect_metrics, model_label, render_rep
 from nanochat.evaluate import generate_responses
 from nanochat.pairs import extract_prompts, heldout_sample, read_pairs
 from nanochat.rm import load_reward_model, score
+from nanochat.report import write_report
 from nanochat.synthetic import make_world
 
 NUM_QUANTILES = len(QUARTILES)
@@ -399,7 +401,8 @@ def main(argv=None):
                         help="reward model for the reward metric; skipped when missing or empty")
     parser.add_argument("--prompts_path", type=str, default=".cache/data/pairs_test.jsonl",
                         help="held-out pairs; their distinct conversations are the prompts")
-    parser.add_argument("--output_report", type=str, default=".cache/diversity_report.md")
+    parser.add_argument("--out_dir", type=str, default="outs/diversity",
+                        help="diversity_report.md, .json and charts go here, and the stage's report.md")
     parser.add_argument("--num_prompts", type=int, default=100)
     parser.add_argument("--samples_per_prompt", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -523,11 +526,11 @@ def main(argv=None):
                           f"{run['payload'].get('step')} |" for name, run in all_runs(models)]
                        + ["", f"Prompts: `{args.prompts_path}`; sampling: temperature {args.temperature}, top_k "
                               f"{args.top_k}, max_new_tokens {args.max_new_tokens}, seed {args.seed} (every run)."])
-    stem = os.path.splitext(args.output_report)[0]
+    stem = os.path.join(args.out_dir, "diversity_report")
     charts = write_charts(results, stem)
     report = render_report(results, header, examples, notes, mix)
     report += "\n## Charts\n\n" + "\n".join(f"![{os.path.basename(c)}]({os.path.basename(c)})" for c in charts) + "\n"
-    atomic_write(args.output_report, report)
+    atomic_write(stem + ".md", report)
     atomic_write_json(stem + ".json", json_ready({
         **results, "flags": vars(args), "notes": notes, "timings": timings, "training_mix": mix,
         "checkpoints": {name: [{"seed": run["seed"], "path": run["payload"]["path"], "step": run["payload"].get("step")}
@@ -541,7 +544,20 @@ def main(argv=None):
                    for name, by_run in scores.items()}}))
     print0("\n".join(f"note: {note}" for note in notes))
     print0("\nPrimary outcome: " + results["primary"]["answer"])
-    print0(f"\nwrote {args.output_report} and {stem}.json; metrics took {timings['metrics_seconds']:.1f}s")
+    # the stage's section in the run's report (outs/report.md): the primary outcome and a link to the whole report
+    primary = results["primary"]
+    metrics = {"primary_metric": primary["metric"], "primary_subset": primary["subset"],
+               "primary_verdict": primary["verdict"], "primary_inference": primary["inference"]}
+    if primary["interval"] is not None:
+        interval, seeds = primary["interval"], primary["interval"].get("seeds") or {}
+        metrics.update({"primary_prompts": primary["n_prompts"], "primary_effect": interval["delta"],
+                        "primary_ci_eval": [interval["lo"], interval["hi"]], "primary_mde_eval": interval.get("mde"),
+                        "primary_ci_seeds": [seeds.get("lo"), seeds.get("hi")],
+                        "primary_mde_seeds": seeds.get("mde")})
+    write_report(args.out_dir, json_ready(metrics), timings, vars(args), device,
+                 notes=f"**Primary outcome:** {primary['answer']}\n\nThe whole report: [diversity_report.md]"
+                       f"(diversity_report.md) (every number in diversity_report.json).")
+    print0(f"\nwrote {stem}.md and {stem}.json; metrics took {timings['metrics_seconds']:.1f}s")
     print0(f"charts: {', '.join(charts)}")
 
 

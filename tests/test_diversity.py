@@ -507,8 +507,8 @@ def test_script_writes_the_report_and_sidecar(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
     kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "outs/missing_rm.pt"])
     out = capsys.readouterr().out
-    assert "no reward model" in out and "wrote .cache/diversity_report.md" in out and "Primary outcome: " in out
-    report = (run_dir / ".cache" / "diversity_report.md").read_text()
+    assert "no reward model" in out and "wrote outs/diversity/diversity_report.md" in out and "Primary outcome: " in out
+    report = (run_dir / "outs" / "diversity" / "diversity_report.md").read_text()
     for section in ("## Primary outcome (pre-registered)", "## Exploratory: summary (all prompts)",
                     "## Exploratory: rare vs dense prompts", "**planted-artifact rate (share of responses):**",
                     "### q1 (sparsest): 2 prompts", "### q4 (densest): 2 prompts", "## Sample responses",
@@ -516,7 +516,11 @@ def test_script_writes_the_report_and_sidecar(run_dir, monkeypatch, capsys):
                     "8 of 8 prompts are its questions", "| density-aware | 1 | `outs/grpo_density_s1/ckpt.pt` | 0 |",
                     "⚠ **Here q1 is not rare in training.**", "Per-seed effects: seed 0: "):
         assert section in report, section
-    data = strict_json(run_dir / ".cache" / "diversity_report.json")
+    # the stage's section joins the run's report, with the primary outcome and a link to the whole report
+    whole = (run_dir / "outs" / "report.md").read_text()
+    assert "<!-- stage:diversity -->" in whole and "**Primary outcome:**" in whole
+    assert "[diversity_report.md](diversity_report.md)" in (run_dir / "outs" / "diversity" / "report.md").read_text()
+    data = strict_json(run_dir / "outs" / "diversity" / "diversity_report.json")
     assert data["runs"] == {"sft": [7], "density": [0, 1], "baseline": [0, 1]}
     assert [c["path"] for c in data["checkpoints"]["density"]] == ["outs/grpo_density_s0/ckpt.pt",
                                                                   "outs/grpo_density_s1/ckpt.pt"]
@@ -542,20 +546,20 @@ def test_script_writes_the_report_and_sidecar(run_dir, monkeypatch, capsys):
 
 def test_script_with_reward_and_without_sft(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
-    kat_eval_diversity.main(FLAGS + ["--output_report", "with_rm/report.md"])
-    with_rm = strict_json(run_dir / "with_rm" / "report.json")
+    kat_eval_diversity.main(FLAGS + ["--out_dir", "with_rm"])
+    with_rm = strict_json(run_dir / "with_rm" / "diversity_report.json")
     assert "reward" in [m["key"] for m in with_rm["metrics"]]
     assert "density-sft" in with_rm["comparisons"]["all"]["reward"]
     # a reference whose checkpoint does not exist is left out (as SFT was), not an error
-    kat_eval_diversity.main(FLAGS + ["--output_report", "no_sft/report.md", "--models", "sft=outs/no_sft," + TWO_RUNS,
+    kat_eval_diversity.main(FLAGS + ["--out_dir", "no_sft", "--models", "sft=outs/no_sft," + TWO_RUNS,
                                      "--primary_metric", "reward"])
-    no_sft = strict_json(run_dir / "no_sft" / "report.json")
+    no_sft = strict_json(run_dir / "no_sft" / "diversity_report.json")
     assert no_sft["models"] == ["density", "baseline"] and no_sft["reference"] is None
     assert "no reference model (outs/no_sft not found): no SFT column and no changes from it" in no_sft["notes"]
     assert no_sft["primary"]["metric"] == "reward" and no_sft["primary"]["inference"] == "evaluation noise only"
     assert no_sft["rare_vs_dense"]["answer"].startswith(
         "On the sparsest density quantile (q1, 2 prompts), density-aware − uniform in the reward-model reward")
-    assert "the reward metric" not in (run_dir / "no_sft" / "report.md").read_text()
+    assert "the reward metric" not in (run_dir / "no_sft" / "diversity_report.md").read_text()
     # the same seed gives a run the same samples whatever else is in the report
     for key in ("gini", "mattr", "em_dash", "gold_score", "reward"):
         for model in ("density", "baseline"):
@@ -595,22 +599,22 @@ def test_script_takes_quartiles_from_the_density_files_field(run_dir, monkeypatc
     density_file = write_density_test(run_dir / "density_test.jsonl", [
         {"prompt_id": pid, "density": d, "knn_mean_distance": 1 / d, "quartile": q} for pid, (d, q) in planted.items()])
     common = FLAGS + ["--models", TWO_RUNS, "--rm_ckpt_path", "", "--density_path", density_file]
-    kat_eval_diversity.main(common + ["--output_report", "read/report.md"])
-    data = strict_json(run_dir / "read" / "report.json")
+    kat_eval_diversity.main(common + ["--out_dir", "read"])
+    data = strict_json(run_dir / "read" / "diversity_report.json")
     assert [(p["density"], p["quantile"]) for p in data["prompts"]] == [planted[p["id"]] for p in data["prompts"]]
     assert data["quantile_basis"] == data["primary"]["quantile_basis"] == "training"
     assert any(note.startswith(f"densities and quartiles read from {density_file}") for note in data["notes"])
-    assert "not rare in training" not in (run_dir / "read" / "report.md").read_text()
+    assert "not rare in training" not in (run_dir / "read" / "diversity_report.md").read_text()
     # a file that misses some evaluated prompts: computed among them, and the report says "rare" is not training's
     write_density_test(run_dir / "partial.jsonl", [
         {"prompt_id": pid, "density": d, "knn_mean_distance": 1 / d, "quartile": q}
         for pid, (d, q) in list(planted.items())[:5]])
-    kat_eval_diversity.main(common[:-1] + ["partial.jsonl", "--output_report", "partial/report.md"])
-    data = strict_json(run_dir / "partial" / "report.json")
+    kat_eval_diversity.main(common[:-1] + ["partial.jsonl", "--out_dir", "partial"])
+    data = strict_json(run_dir / "partial" / "diversity_report.json")
     assert data["quantile_basis"] == "evaluated"
     assert any(note.startswith("⚠ 'rare' means rare among the evaluated prompts, not in training: partial.jsonl "
                                "covers ") for note in data["notes"])
-    assert "⚠ **Here q1 is not rare in training.**" in (run_dir / "partial" / "report.md").read_text()
+    assert "⚠ **Here q1 is not rare in training.**" in (run_dir / "partial" / "diversity_report.md").read_text()
 
 
 @pytest.mark.parametrize("row,message", [
@@ -641,18 +645,18 @@ def test_script_shows_the_prompts_each_arm_drew(run_dir, monkeypatch):
             (run_dir / "outs" / name / "drawn_prompts.json").write_text(json.dumps(
                 {"draws": draws, "distinct_prompts": distinct, "by_quartile": dict(zip(QUARTILES, quartiles)),
                  "by_cluster": clusters}))
-        kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--num_resamples", "20", "--output_report",
-                                         "mix/report.md"])
+        kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--num_resamples", "20", "--out_dir",
+                                         "mix"])
     finally:
         for name in drawn:
             (run_dir / "outs" / name / "drawn_prompts.json").unlink()
-    mix = strict_json(run_dir / "mix" / "report.json")["training_mix"]
+    mix = strict_json(run_dir / "mix" / "diversity_report.json")["training_mix"]
     assert (mix["density"]["runs"], mix["density"]["missing"], mix["density"]["draws"]) == (2, [], 150)
     assert mix["density"]["distinct_prompts"] == 60
     assert mix["density"]["by_quartile"] == pytest.approx({"q1": 0.45, "q2": 0.25, "q3": 0.2, "q4": 0.1})
     assert mix["density"]["by_cluster"] == pytest.approx({"common": 0.5, "rare": 0.5})
     assert mix["baseline"]["missing"] == ["outs/grpo_baseline_s1"] and mix["baseline"]["by_cluster"] == {"common": 1}
-    report = (run_dir / "mix" / "report.md").read_text()
+    report = (run_dir / "mix" / "diversity_report.md").read_text()
     assert "## Prompts each arm drew in training" in report
     assert "| density-aware | 2 of 2 | 150 | 60 | 45.0% | 25.0% | 20.0% | 10.0% | 50.0% | 50.0% |" in report
     assert "| uniform | 1 of 2 | 100 | 80 | 25.0% | 25.0% | 25.0% | 25.0% | 100.0% | 0.0% |" in report
@@ -668,8 +672,8 @@ def test_script_never_evaluates_training_prompts(run_dir, monkeypatch):
     shutil.copytree(run_dir / "outs" / "grpo_density_s0" / "tokenizer", run_dir / "outs" / "grpo_trained" / "tokenizer")
     torch.save(payload, run_dir / "outs" / "grpo_trained" / "ckpt.pt")
     kat_eval_diversity.main(FLAGS + ["--models", "density=outs/grpo_trained,baseline=outs/grpo_baseline_s0",
-                                     "--rm_ckpt_path", "", "--output_report", "trained/report.md"])
-    data = strict_json(run_dir / "trained" / "report.json")
+                                     "--rm_ckpt_path", "", "--out_dir", "trained"])
+    data = strict_json(run_dir / "trained" / "diversity_report.json")
     trained = {json.loads(row)["prompt_id"] for row in rows[:3]}
     assert len(data["prompts"]) == 8 and not trained & {p["id"] for p in data["prompts"]}
     assert f"{len(trained)} prompts skipped: a compared model trained on them (its --pairs_path)" in data["notes"]
@@ -678,27 +682,27 @@ def test_script_never_evaluates_training_prompts(run_dir, monkeypatch):
 def test_script_says_where_the_charts_are(run_dir, monkeypatch, capsys):
     # catches charts written somewhere the printout (and so the user) does not point to
     monkeypatch.chdir(run_dir)
-    kat_eval_diversity.main(FLAGS + ["--models", TWO_RUNS, "--rm_ckpt_path", "", "--output_report",
-                                     "charts/report.md"])
-    assert "charts: charts/report_summary.png, charts/report_quantiles.png" in capsys.readouterr().out
-    assert (run_dir / "charts" / "report_summary.png").read_bytes()[:4] == b"\x89PNG"
-    assert (run_dir / "charts" / "report_quantiles.png").read_bytes()[:4] == b"\x89PNG"
+    kat_eval_diversity.main(FLAGS + ["--models", TWO_RUNS, "--rm_ckpt_path", "", "--out_dir",
+                                     "charts"])
+    assert "charts: charts/diversity_report_summary.png, charts/diversity_report_quantiles.png" in capsys.readouterr().out
+    assert (run_dir / "charts" / "diversity_report_summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "charts" / "diversity_report_quantiles.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_script_compares_any_named_models_against_a_reference_and_a_contrast(run_dir, monkeypatch):
     # catches: a name-bound path (a comparison, label or role still tied to sft/density/baseline) and a contrast
     # taken the wrong way round; the expectation is the three-model run's density − uniform, negated
     monkeypatch.chdir(run_dir)
-    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--output_report", "trio/report.md",
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--out_dir", "trio",
                                      "--models", "sft=outs/sft," + TWO_RUNS])
-    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--output_report", "named/report.md",
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--out_dir", "named",
                                      "--models", "a=outs/sft,b=outs/grpo_density_s0", "--models",
                                      "c=outs/grpo_baseline_s0,d=outs/dpo_density", "--reference", "a",
                                      "--contrast", "c,b"])
-    trio, named = strict_json(run_dir / "trio" / "report.json"), strict_json(run_dir / "named" / "report.json")
+    trio, named = strict_json(run_dir / "trio" / "diversity_report.json"), strict_json(run_dir / "named" / "diversity_report.json")
     assert (named["models"], named["reference"], named["contrast"]) == (["a", "b", "c", "d"], "a", ["c", "b"])
     assert list(named["comparisons"]["all"]["gini"]) == ["b-a", "c-a", "d-a", "c-b"]
-    assert "| a | b | c | d | b − a | c − a | d − a | c − b |" in (run_dir / "named" / "report.md").read_text()
+    assert "| a | b | c | d | b − a | c − a | d − a | c − b |" in (run_dir / "named" / "diversity_report.md").read_text()
     flipped = {"✅": "❌", "❌": "✅"}
     for subset in trio["subsets"]:
         for key, row in trio["comparisons"][subset].items():
@@ -717,14 +721,14 @@ def test_script_compares_any_named_models_against_a_reference_and_a_contrast(run
 def test_script_without_a_contrast_says_so(run_dir, monkeypatch):
     # catches: a set without density and baseline failing, or silently inventing a primary pair
     monkeypatch.chdir(run_dir)
-    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--num_resamples", "20", "--output_report",
-                                     "pair/report.md", "--models", "x=outs/grpo_density_s0,y=outs/dpo_density"])
-    data = strict_json(run_dir / "pair" / "report.json")
+    kat_eval_diversity.main(FLAGS + ["--rm_ckpt_path", "", "--num_resamples", "20", "--out_dir",
+                                     "pair", "--models", "x=outs/grpo_density_s0,y=outs/dpo_density"])
+    data = strict_json(run_dir / "pair" / "diversity_report.json")
     assert (data["models"], data["reference"], data["contrast"]) == (["x", "y"], None, None)
     assert data["comparisons"]["all"]["gini"] == {} and data["rare_vs_dense"] is None
     assert data["primary"]["measured"] is False
     assert any(note.startswith("no contrast (--contrast A,B)") for note in data["notes"])
-    report = (run_dir / "pair" / "report.md").read_text()
+    report = (run_dir / "pair" / "diversity_report.md").read_text()
     assert "**Answer" not in report and "| x | y |" in report and "Not measured: no contrast" in report
 
 
