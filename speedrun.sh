@@ -7,6 +7,7 @@
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
 #   PROFILE=gpu NPROC_PER_NODE=8 bash speedrun.sh   # FineWeb-Edu + SmolTalk, depth 20, torchrun over 8 GPUs
 #   SEEDS=5 bash speedrun.sh                  # 5 training seeds per arm (default 3): a tighter across-seed CI
+#   LANES=1 bash speedrun.sh                  # RLHF runs one at a time (cpu default: 2 side by side)
 #   CONTROL=1 bash speedrun.sh                # then the positive control: SFT artifacts only on rare clusters
 #   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 DPO=1 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
@@ -23,12 +24,15 @@ if [ -z "${PROFILE:-}" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu; else PROFILE=cpu; fi
 fi
 case "$PROFILE" in
-    cpu) DEPTH="${DEPTH:-4}"; NPROC_PER_NODE="${NPROC_PER_NODE:-1}" ;;
-    gpu) DEPTH="${DEPTH:-20}"; NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}" ;;
+    cpu) DEPTH="${DEPTH:-4}"; NPROC_PER_NODE="${NPROC_PER_NODE:-1}"; LANES="${LANES:-2}" ;;
+    gpu) DEPTH="${DEPTH:-20}"; NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"; LANES="${LANES:-1}" ;;
     *) echo "PROFILE must be cpu or gpu, got '$PROFILE'" >&2; exit 2 ;;
 esac
 COMPILE="${COMPILE:-1}"  # torch.compile for base, mid and reward-model training; COMPILE=0 without a C++ compiler
 SEEDS="${SEEDS:-3}"  # training runs per RLHF arm: the replicates behind the report's across-seed CI
+# LANES: RLHF runs trained side by side, each on OMP_NUM_THREADS / LANES threads. A depth-4 model's small matrices
+# keep two threads half idle: on 2 cores two one-thread GRPO runs make 1.5x the steps per second of one two-thread
+# run. Their stage times overlap in speedrun_times.tsv.
 export WANDB_RUN="${WANDB_RUN:-}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "=== speedrun $(date '+%F %T'): profile=$PROFILE depth=$DEPTH nproc_per_node=$NPROC_PER_NODE ==="
 
@@ -77,7 +81,8 @@ if [ "$PROFILE" = cpu ]; then
     # 600 steps: the reward model needs them to learn which facts are wrong (held-out accuracy 0.87 at 300 steps
     # before the decay, 0.905 at 600); the other rejected kinds are learnt in tens of steps
     RM_FLAGS="--max_steps=600 --max_len=64 --device_batch_size=8 --eval_every=150 --compile=$COMPILE"
-    GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=48"
+    # answers stop after ~9 tokens; 32 new tokens leave room and cut runaway samples short
+    GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=32"
     DPO_FLAGS="--max_len=64"
 else
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --source=fineweb --num_shards=8 \
@@ -100,18 +105,29 @@ run_stage eval_base outs/eval_base/results.json launch scripts.chat_eval -- --ck
 run_stage eval_sft outs/eval_sft/results.json launch scripts.chat_eval -- --ckpt_path=outs/sft $EVAL_FLAGS
 
 # RLHF: density weights, reward model, GRPO with density-aware and with uniform prompt sampling, SEEDS runs each,
-# and the report that compares them. rlhf_arms METHOD SFT DENSITY OUT_DIR FLAGS... trains the runs of both arms,
-# seed by seed (a stopped speedrun has whole seeds of both arms to compare).
+# and the report that compares them. rlhf_arms METHOD SFT DENSITY OUT_PREFIX FLAGS... trains the runs of both arms,
+# seed by seed (a stopped speedrun has whole seeds of both arms to compare), LANES runs at a time.
 rlhf_arms() {
     local method=$1 sft=$2 density=$3 out=$4; shift 4
-    local seed arm
+    local flags=("$@") seed arm run pids=()
     for seed in $(seq 1 "$SEEDS"); do
         for arm in density baseline; do
-            run_stage "${out#outs/}${method}_${arm}_s$seed" "$out${method}_${arm}_s$seed/ckpt.pt" \
-                launch "scripts.kat_train_$method" -- --density_aware="$([ $arm = density ] && echo True || echo False)" \
-                --seed="$seed" --sft_ckpt_path="$sft" --density_path="$density" --out_dir="$out${method}_${arm}_s$seed" "$@"
+            run="$out${method}_${arm}_s$seed"
+            local cmd=(run_stage "${run#outs/}" "$run/ckpt.pt" launch "scripts.kat_train_$method" --
+                       --density_aware="$([ $arm = density ] && echo True || echo False)" --seed="$seed"
+                       --sft_ckpt_path="$sft" --density_path="$density" --out_dir="$run" "${flags[@]}")
+            if [ "$LANES" -gt 1 ]; then
+                # side by side, each on its share of the threads, its lines prefixed with its name
+                OMP_NUM_THREADS=$(( OMP_NUM_THREADS > LANES ? OMP_NUM_THREADS / LANES : 1 )) "${cmd[@]}" 2>&1 \
+                    | sed -u "s|^|[${run#outs/}] |" &
+                pids+=($!)
+                if [ ${#pids[@]} -ge "$LANES" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+            else
+                "${cmd[@]}"
+            fi
         done
     done
+    for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed run stops the speedrun here
 }
 run_stage density .cache/data/density.jsonl $PY -m scripts.kat_density
 run_stage rm outs/rm/ckpt.pt launch scripts.kat_train_rm -- $RM_FLAGS
