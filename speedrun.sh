@@ -81,8 +81,9 @@ if [ "$PROFILE" = cpu ]; then
     # 600 steps: the reward model needs them to learn which facts are wrong (held-out accuracy 0.87 at 300 steps
     # before the decay, 0.905 at 600); the other rejected kinds are learnt in tens of steps
     RM_FLAGS="--max_steps=600 --max_len=64 --device_batch_size=8 --eval_every=150 --compile=$COMPILE"
-    # answers stop after ~9 tokens; 32 new tokens leave room and cut runaway samples short
-    GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=32"
+    # 48 new tokens: the longest plain answers with two artifacts run past 32, and a truncated completion enters
+    # no loss (at 32, 13-20% of them were truncated)
+    GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=48"
     DPO_FLAGS="--max_len=64"
 else
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --source=fineweb --num_shards=8 \
