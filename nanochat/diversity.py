@@ -664,8 +664,13 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
         pair = f"{contrast[0]}-{contrast[1]}"
         iv = intervals[sparsest][primary][pair]
         across = iv["seeds"]["pairing"] != "single"
+        verdict = iv["seeds"]["verdict"] if across else iv["verdict"]
+        # every seed gave the same effect: the t-interval's zero width comes from a handful of discrete counts, not
+        # from a measured precision, so it gives no verdict
+        if across and "zero-width CI across seeds" in iv["degenerate"]:
+            verdict = "⚠"
         outcome.update(measured=True, inference="across seeds" if across else "evaluation noise only",
-                       verdict=iv["seeds"]["verdict"] if across else iv["verdict"], interval=iv,
+                       verdict=verdict, interval=iv,
                        identical=identical[sparsest][pair],
                        self_distinct={key: {where: intervals[where][key][pair] for where in (sparsest, "all")}
                                       for key in SELF_DISTINCT_KEYS})
@@ -756,7 +761,10 @@ def primary_answer(outcome, level=0.95):
                     f"({basis}): {first} did better on rare prompts",
                "❌": f"the {first} runs had a significantly {worse} {label} than the {second} runs on {where} "
                     f"({basis}): {first} did worse on rare prompts",
-               "≈": f"no significant difference between the {first} and {second} runs on {where} ({basis})"}.get(
+               "≈": f"no significant difference between the {first} and {second} runs on {where} ({basis})",
+               "⚠": f"undecided on {where}: every seed gave the same effect, so the interval {basis} has zero "
+                    f"width, which with {len(seeds['runs_a'])} seeds is no measure of precision; more seeds "
+                    f"decide"}.get(
         outcome["verdict"], f"undefined: the {label} has no value on {where}")
     tail = f"two-sided {1 - level:.0%}"
     parts = [f"**Answer:** {first} − {second} = {_signed(iv['delta'])}: {finding}."]
@@ -862,8 +870,9 @@ def primary_section(results):
              f"prompts falls in the sparsest quarter of the training prompts' densities. It is inferred across "
              f"training seeds: the mean of the per-seed differences with its {level:.0%} Student-t confidence "
              f"interval (runs paired by seed when both arms have the same seeds). ✅ or ❌ there answers the "
-             f"question; ≈ says no effect as large as the minimum detectable one was found. Everything after this "
-             f"section is exploratory.\n"]
+             f"question; ≈ says no effect as large as the minimum detectable one was found; ⚠ (every seed gave the "
+             f"same effect: a zero-width interval) decides nothing. Everything after this section is "
+             f"exploratory.\n"]
     if p["quantile_basis"] == "evaluated":
         parts.append(f"⚠ **Here {p['subset']} is not rare in training.** No density file covered the evaluated "
                      f"prompts (see the notes), so the quartiles are of the evaluated prompts' densities among "

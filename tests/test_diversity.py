@@ -404,6 +404,21 @@ def test_identical_responses_are_flagged_degenerate_not_reported_as_a_precise_nu
     assert zero and all("⚠" in line for line in zero)
 
 
+def test_equal_effects_in_every_seed_give_no_verdict_not_a_significant_one():
+    # catches: a zero-width across-seed interval (each seed's effect the same, as the positive control's three seeds
+    # were: -3 artifacted responses of 104 each) read as "significantly lower": it excludes 0 without measuring
+    # anything, so the primary answer must say undecided
+    density = {s: texts_with_rate(rate, 10 + s, n=16) for s, rate in ((0, 0.25), (1, 0.5))}
+    baseline = {s: texts_with_rate(rate, 20 + s, n=16) for s, rate in ((0, 0.5), (1, 0.75))}
+    results = dv.collect_metrics({"density": density, "baseline": baseline}, quantile=np.tile([0, 1, 2, 3], 4),
+                                 num_resamples=100, contrast=("density", "baseline"), quantile_basis="training")
+    primary = results["primary"]
+    assert primary["interval"]["seeds"]["lo"] == primary["interval"]["seeds"]["hi"] < 0
+    assert "zero-width CI across seeds" in primary["interval"]["degenerate"]
+    assert primary["verdict"] == "⚠" and "undecided on q1" in primary["answer"]
+    assert "significantly" not in primary["answer"]
+
+
 # -----------------------------------------------------------------------------
 # the report: primary outcome first, then the exploratory part with its multiple-comparisons note
 
@@ -682,9 +697,9 @@ def test_script_never_evaluates_training_prompts(run_dir, monkeypatch):
 def test_script_says_where_the_charts_are(run_dir, monkeypatch, capsys):
     # catches charts written somewhere the printout (and so the user) does not point to
     monkeypatch.chdir(run_dir)
-    kat_eval_diversity.main(FLAGS + ["--models", TWO_RUNS, "--rm_ckpt_path", "", "--out_dir",
-                                     "charts"])
-    assert "charts: charts/diversity_report_summary.png, charts/diversity_report_quantiles.png" in capsys.readouterr().out
+    kat_eval_diversity.main(FLAGS + ["--models", TWO_RUNS, "--rm_ckpt_path", "", "--out_dir", "charts"])
+    charts = "charts/diversity_report_summary.png, charts/diversity_report_quantiles.png"
+    assert f"charts: {charts}" in capsys.readouterr().out
     assert (run_dir / "charts" / "diversity_report_summary.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "charts" / "diversity_report_quantiles.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -699,10 +714,12 @@ def test_script_compares_any_named_models_against_a_reference_and_a_contrast(run
                                      "--models", "a=outs/sft,b=outs/grpo_density_s0", "--models",
                                      "c=outs/grpo_baseline_s0,d=outs/dpo_density", "--reference", "a",
                                      "--contrast", "c,b"])
-    trio, named = strict_json(run_dir / "trio" / "diversity_report.json"), strict_json(run_dir / "named" / "diversity_report.json")
+    trio = strict_json(run_dir / "trio" / "diversity_report.json")
+    named = strict_json(run_dir / "named" / "diversity_report.json")
     assert (named["models"], named["reference"], named["contrast"]) == (["a", "b", "c", "d"], "a", ["c", "b"])
     assert list(named["comparisons"]["all"]["gini"]) == ["b-a", "c-a", "d-a", "c-b"]
-    assert "| a | b | c | d | b − a | c − a | d − a | c − b |" in (run_dir / "named" / "diversity_report.md").read_text()
+    table_head = "| a | b | c | d | b − a | c − a | d − a | c − b |"
+    assert table_head in (run_dir / "named" / "diversity_report.md").read_text()
     flipped = {"✅": "❌", "❌": "✅"}
     for subset in trio["subsets"]:
         for key, row in trio["comparisons"][subset].items():
