@@ -149,7 +149,8 @@ if [ "${CONTROL:-0}" = 1 ]; then
         --artifact_rate=0.5 --out_dir=outs/control/sft
     run_stage control_density .cache/control/density.jsonl $PY -m scripts.kat_density \
         --sft_ckpt_path=outs/control/sft --density_path=.cache/control/density.jsonl \
-        --test_density_path=.cache/control/density_test.jsonl --cache_dir=.cache/control --report_dir=outs/control/density
+        --test_density_path=.cache/control/density_test.jsonl --cache_dir=.cache/control \
+        --report_dir=outs/control/density
     rlhf_arms grpo outs/control/sft .cache/control/density.jsonl outs/control/ $GRPO_FLAGS
     run_stage control_diversity outs/control/diversity/diversity_report.md $PY -m scripts.kat_eval_diversity \
         --models="sft=outs/control/sft,density=outs/control/grpo_density_s*,baseline=outs/control/grpo_baseline_s*" \
