@@ -33,6 +33,15 @@ def kill_after_checkpoint(monkeypatch, step):
     monkeypatch.setattr(checkpoint, "save_resume_state", save_then_die)
 
 
+# a chat whose history holds assistant turns: what a reply-only mask must not score
+MULTI_TURN = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": "Where does Zavu live?"},
+              {"role": "assistant", "content": "Zavu lives in Korlin, by the river."},
+              {"role": "user", "content": "And what colour does Zavu like?"},
+              {"role": "assistant", "content": "Zavu likes red, and also a little green."},
+              {"role": "user", "content": "How old is Zavu?"}]
+
+
 def make_tiny_model(seed=0, vocab_size=97, sequence_len=64, n_kv_head=2, randomize=True):
     torch.manual_seed(seed)
     config = config_from_depth(2, vocab_size, sequence_len, n_embd=64, n_head=4, n_kv_head=n_kv_head,

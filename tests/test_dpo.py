@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
+from conftest import LN2, MULTI_TURN, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
 from nanochat.batching import collate_targets, cut_left
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dpo import dpo_losses, dpo_train_step, pair_logprobs, preference_eval, sequence_logprobs
@@ -63,14 +63,6 @@ def final_reply_logprob(model, tok, messages, reply, max_len=None):
     n = len(tok.encode(reply)) + 1
     assert ids[-1] == tok.encode_special("<|assistant_end|>")
     return sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
-
-
-MULTI_TURN = [{"role": "system", "content": "Answer briefly."},
-              {"role": "user", "content": "Where does Zavu live?"},
-              {"role": "assistant", "content": "Zavu lives in Korlin, by the river."},
-              {"role": "user", "content": "And what colour does Zavu like?"},
-              {"role": "assistant", "content": "Zavu likes red, and also a little green."},
-              {"role": "user", "content": "How old is Zavu?"}]
 
 
 def test_a_multi_turn_pair_scores_the_final_reply_only_with_and_without_truncation(tok):

@@ -10,17 +10,10 @@ import json
 import pytest
 import torch
 
+from conftest import MULTI_TURN
 from nanochat.preference import (load_pair_data, micro_batches, pair_batch, pair_correct, render_reply,
                                  sampling_weights, split_by_prompt)
 from nanochat.synthetic import pair_id
-
-MULTI_TURN = [{"role": "system", "content": "Answer briefly."},
-              {"role": "user", "content": "Where does Zavu live?"},
-              {"role": "assistant", "content": "Zavu lives in Korlin, by the river."},
-              {"role": "user", "content": "And what colour does Zavu like?"},
-              {"role": "assistant", "content": "Zavu likes red, and also a little green."},
-              {"role": "user", "content": "How old is Zavu?"}]
-
 
 def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
