@@ -8,11 +8,11 @@ GRPO on the preference prompts, with density-aware prompt sampling (the default)
 
 Each step samples `--prompts_per_step` prompts with replacement: by the weights of --density_path when
 density-aware (written by scripts.kat_density from the embeddings of this --sft_ckpt_path, which is checked), with
-equal weights otherwise, so the two arms differ only in the weights. Then `--num_generations` completions per
-prompt, scores them with the reward model on the sampled ids,
-normalises rewards within each prompt's group and takes `--num_iterations` clipped policy-gradient steps with a
-`--beta`-weighted KL penalty to the frozen SFT model (nanochat/grpo.py has the formulas). Under torchrun each
-rank samples and scores its share of the prompts; gradients are summed over ranks. Training seeds are the
+equal weights otherwise, so the two arms differ only in the weights. Then it samples `--num_generations`
+completions per prompt, scores them with the reward model on the sampled ids, normalises rewards within each
+prompt's group and takes `--num_iterations` clipped policy-gradient steps with a `--beta`-weighted KL penalty to
+the frozen SFT model (nanochat/grpo.py has the formulas). Under torchrun each rank samples and scores its share of
+the prompts; gradients are summed over ranks. Training seeds are the
 experiment's replicates: speedrun.sh trains each arm with SEEDS seeds, into outs/grpo_<arm>_s<seed>/. Each run
 writes drawn_prompts.json: how often it drew prompts of each training-density quartile and cluster.
 
