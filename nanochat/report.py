@@ -59,6 +59,15 @@ def _fmt(value):
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _short(value):
+    """A summary cell: 4 significant digits, enough to read at a glance."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return _fmt(value)
+
+
 def _table(rows):
     if not rows:
         return "(none)\n"
@@ -70,7 +79,7 @@ def _table(rows):
 def render_section(stage, metrics, timings, flags, device=None, notes=None, charts=(), chart_dir=""):
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     command = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
-    headline = "; ".join(f"{key} {_fmt(metrics[key])}" for key in HEADLINE_METRICS if key in metrics)
+    headline = "; ".join(f"{key} {_short(metrics[key])}" for key in HEADLINE_METRICS if key in metrics)
     parts = [f"## {stage}\n", f"<!-- headline: {headline} -->",
              f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
     parts += [f"![{os.path.splitext(name)[0]}]({chart_dir}{name})\n" for name in charts]
