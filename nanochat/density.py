@@ -290,25 +290,29 @@ def compute_density(model, tok, prompts, k=10, alpha=1.0, max_ratio=None, mix=0.
 DENSITY_WRITER = "python -m scripts.kat_density"
 
 
-def density_rows(path):
+def density_rows(path, numbers=("weight",)):
     """
-    Yield (line number, row) of a density.jsonl written by scripts.kat_density, each row with a unique prompt_id
-    and a finite weight >= 0. A missing or empty file, or a bad line (not UTF-8, not JSON, a missing or bad
-    field), raises InputError naming the file, line and field.
+    Yield (line number, row) of a density.jsonl (or, numbers=("density", "knn_mean_distance"), a density_test.jsonl)
+    written by scripts.kat_density, each row with a unique string prompt_id and the fields `numbers` finite numbers
+    >= 0. A missing or empty file, or a bad line (not UTF-8, not JSON, a missing or bad field), raises InputError
+    naming the file, line and field.
     """
     if not os.path.isfile(path):
         raise InputError(f"{path} not found; write it with {DENSITY_WRITER} (or sample uniformly: "
                          f"--density_aware=False)")
     seen = set()
     for lineno, row in jsonl_rows(path):
-        for field in ("prompt_id", "weight"):
+        for field in ("prompt_id", *numbers):
             if field not in row:
                 raise InputError(f"{path} line {lineno}: missing field {field!r}; write the file again with "
                                  f"{DENSITY_WRITER}")
-        weight = row["weight"]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
-                or not math.isfinite(weight):
-            raise InputError(f"{path} line {lineno}: field 'weight' must be a finite number >= 0, got {weight!r}")
+        if not isinstance(row["prompt_id"], str):
+            raise InputError(f"{path} line {lineno}: field 'prompt_id' must be a string, got {row['prompt_id']!r}")
+        for field in numbers:
+            value = row[field]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                    or not math.isfinite(value):
+                raise InputError(f"{path} line {lineno}: field {field!r} must be a finite number >= 0, got {value!r}")
         if row["prompt_id"] in seen:
             raise InputError(f"{path} line {lineno}: prompt_id {row['prompt_id']!r} appears twice")
         seen.add(row["prompt_id"])
@@ -383,15 +387,25 @@ def read_densities(path):
     return densities
 
 
+def _quartile(path, lineno, row):
+    if row.get("quartile") not in QUARTILES:
+        raise InputError(f"{path} line {lineno}: field 'quartile' must be one of {', '.join(QUARTILES)}, got "
+                         f"{row.get('quartile')!r}; write the file again with {DENSITY_WRITER}")
+    return row["quartile"]
+
+
 def read_quartiles(path):
     """{prompt_id: "q1".."q4"} of a density.jsonl: each training prompt's density quartile (q1 = sparsest)."""
-    quartiles = {}
-    for lineno, row in density_rows(path):
-        if row.get("quartile") not in QUARTILES:
-            raise InputError(f"{path} line {lineno}: field 'quartile' must be one of {', '.join(QUARTILES)}; "
-                             f"write the file again with {DENSITY_WRITER}")
-        quartiles[row["prompt_id"]] = row["quartile"]
-    return quartiles
+    return {row["prompt_id"]: _quartile(path, lineno, row) for lineno, row in density_rows(path)}
+
+
+def read_heldout_densities(path):
+    """
+    {prompt_id: (density, quartile)} of a density_test.jsonl: each held-out prompt's kNN density against the
+    training prompts and its quartile among the training prompts' densities; rows checked as density_rows does.
+    """
+    return {row["prompt_id"]: (float(row["density"]), _quartile(path, lineno, row))
+            for lineno, row in density_rows(path, numbers=("density", "knn_mean_distance"))}
 
 
 def pair_weights(prompt_ids, weight_by_id):

@@ -72,7 +72,9 @@ Two sources of variance, both reported for every difference:
 
 Degenerate intervals are flagged (⚠), not shown as a precise estimate (or, at 0, a precise null): a zero-width
 evaluation CI or CI across seeds, or the two arms' responses byte-identical on most (> 50%) samples of the set (the
-share is reported per pair of runs and overall; runs are compared by seed when paired, else every pair).
+share is reported per pair of runs and overall; runs are compared by seed when paired, else every pair). A
+zero-width CI across seeds (every seed gave the same effect, as a few discrete counts easily do) gets no verdict
+either: its verdict is ⚠, undecided, wherever it appears, the primary outcome included.
 
 The pre-registered primary outcome: the `primary` metric of the contrast a - b on the sparsest quantile, inferred
 across seeds (with one run per arm: over evaluation noise only, and said so), with the within-prompt distinct-n of
@@ -279,6 +281,11 @@ def bootstrap_ci(values_or_stat, n=None, num_resamples=1000, seed=0, level=0.95)
     return (point, *centered_ci(point, stat(resample_indices(n, num_resamples, seed)), level))
 
 
+def zero_width(width, estimate):
+    """A spread (CI width or standard error) too small to be measured: ZERO_WIDTH relative to max(1, |estimate|)."""
+    return width <= ZERO_WIDTH * max(1.0, abs(estimate))
+
+
 def verdict(ci, direction):
     """✅ CI of a difference (a - b) excludes 0 on the good side, ❌ on the bad side, ≈ includes 0; — descriptive."""
     lo, hi = ci
@@ -405,8 +412,11 @@ def seed_interval(a_runs, b_runs, direction, level=0.95):
         df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
     t = t_quantile(1 - (1 - level) / 2, df)
     lo, hi = out["mean"] - t * se, out["mean"] + t * se
-    out.update(se=float(se), df=float(df), lo=float(lo), hi=float(hi), verdict=verdict((lo, hi), direction),
-               mde=float((t + t_quantile(POWER, df)) * se))
+    # every seed gave the same effect: the zero width comes from a handful of discrete counts, not from a measured
+    # precision, so the interval gives no verdict (⚠) even when it excludes 0
+    undecided = direction != 0 and zero_width(se, out["mean"])
+    out.update(se=float(se), df=float(df), lo=float(lo), hi=float(hi),
+               verdict="⚠" if undecided else verdict((lo, hi), direction), mde=float((t + t_quantile(POWER, df)) * se))
     return out
 
 
@@ -541,9 +551,9 @@ def _difference(point, samples, a_runs, b_runs, direction, level, identical):
     seeds = seed_interval(a_runs, b_runs, direction, level)
     degenerate = []
     # a zero width says the data cannot show any spread (e.g. identical responses), not that the difference is exact
-    if hi - lo <= ZERO_WIDTH * max(1.0, abs(point)):
+    if zero_width(hi - lo, point):
         degenerate.append("zero-width evaluation CI")
-    if seeds["se"] <= ZERO_WIDTH * max(1.0, abs(seeds["mean"])):
+    if zero_width(seeds["se"], seeds["mean"]):
         degenerate.append("zero-width CI across seeds")
     if identical > MOSTLY_IDENTICAL:
         degenerate.append(f"byte-identical responses on {identical:.0%} of samples")
@@ -664,13 +674,8 @@ def collect_metrics(responses, scores=None, quantile=None, num_quantiles=4, num_
         pair = f"{contrast[0]}-{contrast[1]}"
         iv = intervals[sparsest][primary][pair]
         across = iv["seeds"]["pairing"] != "single"
-        verdict = iv["seeds"]["verdict"] if across else iv["verdict"]
-        # every seed gave the same effect: the t-interval's zero width comes from a handful of discrete counts, not
-        # from a measured precision, so it gives no verdict
-        if across and "zero-width CI across seeds" in iv["degenerate"]:
-            verdict = "⚠"
         outcome.update(measured=True, inference="across seeds" if across else "evaluation noise only",
-                       verdict=verdict, interval=iv,
+                       verdict=iv["seeds"]["verdict"] if across else iv["verdict"], interval=iv,
                        identical=identical[sparsest][pair],
                        self_distinct={key: {where: intervals[where][key][pair] for where in (sparsest, "all")}
                                       for key in SELF_DISTINCT_KEYS})
@@ -718,7 +723,7 @@ def format_interval(iv, with_verdict=True):
     seeds = iv["seeds"]
     if seeds["pairing"] != "single":
         text += f"; seeds {_ci(seeds['lo'], seeds['hi'])}" + (f" {seeds['verdict']}" if with_verdict else "")
-    return text + (" ⚠" if iv["degenerate"] else "")
+    return text + (" ⚠" if iv["degenerate"] and not text.endswith("⚠") else "")  # one mark when the verdict is ⚠
 
 
 def _significance(iv):

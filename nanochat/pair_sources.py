@@ -27,7 +27,7 @@ from collections import namedtuple
 from html.parser import HTMLParser
 
 from nanochat.data import hf_endpoint, hf_offline, host_unreachable
-from nanochat.pairs import SkipLog, check_pair, encode_row, jsonl_lines
+from nanochat.pairs import SkipLog, check_pair, encode_row, jsonl_lines, length_order, shorter_wins
 from nanochat.synthetic import conversation_id, make_world, pair_id
 
 HH_ID = "Anthropic/hh-rlhf"
@@ -386,7 +386,7 @@ def write_pairs(streams, train_file, test_file, seed, test_share):
     Read the streams and write each kept pair as a JSON line to the binary files train_file or test_file.
     A stream stops after `cap` kept pairs (None: no cap). Returns {src: {"train": n, "test": n, "skips": SkipLog,
     "chosen_shorter": n, "chosen_longer": n, "length_ties": n}}, the last three counting kept pairs by which reply
-    has fewer characters (see shorter_wins).
+    has fewer characters (pairs.length_order, pairs.shorter_wins).
 
     Streams run test splits first, then hashed ones, then train splits: when a training pair is judged, every
     conversation of the test file is already known (a hashed stream sends all pairs of one conversation the same
@@ -423,21 +423,9 @@ def write_pairs(streams, train_file, test_file, seed, test_share):
                 test_prompts.add(item["prompt_id"])
             (test_file if to_test else train_file).write(encode_row(item))
             st["test" if to_test else "train"] += 1
-            gap = len(item["chosen"]) - len(item["rejected"])
-            st["chosen_shorter" if gap < 0 else "chosen_longer" if gap > 0 else "length_ties"] += 1
+            st[length_order(item)] += 1
             kept += 1
     return stats
-
-
-def shorter_wins(*source_stats):
-    """
-    Share of kept pairs whose chosen reply is the shorter one (in characters), among pairs whose two replies differ
-    in length, over write_pairs' entries for one or more sources; None when every pair is a tie. Near 0.5 means a
-    reward model cannot get ahead by preferring brevity (or length).
-    """
-    shorter = sum(st["chosen_shorter"] for st in source_stats)
-    differ = shorter + sum(st["chosen_longer"] for st in source_stats)
-    return shorter / differ if differ else None
 
 
 def source_table(stats):

@@ -201,6 +201,23 @@ def read_pairs(path, what="pairs file"):
     return rows, log
 
 
+def length_order(row):
+    """Which reply of a pair row has fewer characters: "chosen_shorter", "chosen_longer" or "length_ties"."""
+    gap = len(row["chosen"]) - len(row["rejected"])
+    return "chosen_shorter" if gap < 0 else "chosen_longer" if gap > 0 else "length_ties"
+
+
+def shorter_wins(*counts):
+    """
+    Share of pairs whose chosen reply is the shorter one (in characters), among pairs whose two replies differ in
+    length, over one or more {length_order: count} mappings; None when every pair is a tie. Near 0.5 means a reward
+    model cannot get ahead by preferring brevity (or length).
+    """
+    shorter = sum(c["chosen_shorter"] for c in counts)
+    differ = shorter + sum(c["chosen_longer"] for c in counts)
+    return shorter / differ if differ else None
+
+
 def extract_prompts(rows):
     """
     (prompts, pairs per src) of an iterable of rows, which is read once and not kept. One prompt per distinct

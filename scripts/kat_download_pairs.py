@@ -36,7 +36,8 @@ import time
 
 from nanochat.common import InputError, atomic_path, parse_flags, str2bool
 from nanochat.pair_sources import (HUB_IDS, SRC_NAMES, SourceError, Stream, hh_missing, hh_stream, hub_unreachable,
-                                   se_stream, shorter_wins, source_table, synthetic_stream, uf_stream, write_pairs)
+                                   se_stream, source_table, synthetic_stream, uf_stream, write_pairs)
+from nanochat.pairs import shorter_wins
 from nanochat.report import write_report
 
 SYNTHETIC_PAIRS = 6000  # without --max_per_source: enough for a reward model on CPU, a second to generate

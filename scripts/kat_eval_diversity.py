@@ -77,8 +77,7 @@ import torch
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_path
 from nanochat.common import (InputError, atomic_write, atomic_write_json, autodetect_device, parse_flags, print0,
                              run_script)
-from nanochat.data import jsonl_rows
-from nanochat.density import QUARTILES, compute_density
+from nanochat.density import QUARTILES, compute_density, read_heldout_densities
 from nanochat.diversity import METRICS, collect_metrics, model_label, render_report, write_charts
 from nanochat.evaluate import generate_responses
 from nanochat.pairs import extract_prompts, heldout_sample, read_pairs
@@ -223,35 +222,6 @@ def select_prompts(args, models):
     return chosen, notes
 
 
-def read_test_densities(path):
-    """
-    {prompt_id: (density, quartile)} of a density_test.jsonl written by scripts.kat_density, one row per held-out
-    prompt: {"prompt_id": str, "density": number, "knn_mean_distance": number, "quartile": "q1".."q4"}, its kNN
-    density against the training prompts and its quartile among the training prompts' densities. A bad line raises
-    InputError naming the file, line and field.
-    """
-    rows = {}
-    for lineno, row in jsonl_rows(path):
-        where = f"{path} line {lineno}"
-        for field in ("prompt_id", "density", "knn_mean_distance", "quartile"):
-            if field not in row:
-                raise InputError(f"{where}: missing field {field!r}; write the file again with {DENSITY_WRITER}")
-        if not isinstance(row["prompt_id"], str):
-            raise InputError(f"{where}: field 'prompt_id' must be a string, got {row['prompt_id']!r}")
-        for field in ("density", "knn_mean_distance"):
-            value = row[field]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise InputError(f"{where}: field {field!r} must be a finite number >= 0, got {value!r}")
-        if row["quartile"] not in QUARTILES:
-            raise InputError(f"{where}: field 'quartile' must be one of {', '.join(QUARTILES)}, got "
-                             f"{row['quartile']!r}")
-        if row["prompt_id"] in rows:
-            raise InputError(f"{where}: prompt_id {row['prompt_id']!r} appears twice")
-        rows[row["prompt_id"]] = (float(row["density"]), row["quartile"])
-    return rows
-
-
 def prompt_densities(args, prompts, models, reference):
     """
     (densities (N,) or None, quartiles (N,) ints 0 = q1 sparsest or None, basis, note). From --density_path when it
@@ -260,7 +230,7 @@ def prompt_densities(args, prompts, models, reference):
     warning that "rare" then means rare among the evaluated prompts.
     """
     if args.density_path and os.path.exists(args.density_path):
-        known = read_test_densities(args.density_path)
+        known = read_heldout_densities(args.density_path)
         covered = sum(p["id"] in known for p in prompts)
         if covered == len(prompts):
             return (np.array([known[p["id"]][0] for p in prompts]),

@@ -30,7 +30,8 @@ import time
 from collections import Counter
 
 from nanochat.common import InputError, atomic_path, parse_flags
-from nanochat.pairs import SkipLog, escape_tsv, extract_prompts, iter_pairs, no_pairs_error, prompts_stats
+from nanochat.pairs import (SkipLog, escape_tsv, extract_prompts, iter_pairs, length_order, no_pairs_error,
+                            prompts_stats, shorter_wins)
 from nanochat.report import write_report
 
 
@@ -45,8 +46,7 @@ def write_synced(path, lines):
 def count_lengths(rows, lengths):
     """Pass rows through, counting in `lengths` whether each chosen reply is shorter, longer or as long (characters)."""
     for row in rows:
-        gap = len(row["chosen"]) - len(row["rejected"])
-        lengths["shorter" if gap < 0 else "longer" if gap > 0 else "tie"] += 1
+        lengths[length_order(row)] += 1
         yield row
 
 
@@ -67,9 +67,8 @@ def main(argv=None):
     except InputError as e:
         raise SystemExit(f"kat_make_prompts: {e}") from None
     stats = prompts_stats(prompts, per_src, log)
-    differ = lengths["shorter"] + lengths["longer"]
-    stats.update({"shorter_wins": round(lengths["shorter"] / differ, 4) if differ else "n/a",
-                  "length_ties": lengths["tie"]})
+    share = shorter_wins(lengths)
+    stats.update({"shorter_wins": "n/a" if share is None else round(share, 4), "length_ties": lengths["length_ties"]})
 
     paths = [os.path.join(args.out_dir, name) for name in ("prompts_all.jsonl", "prompt_id_map.tsv", "stats.txt")]
     # atomic_path renames on leaving its block, innermost first: stats.txt, then the map, then prompts_all.jsonl
