@@ -109,9 +109,10 @@ class KVCache:
 class PrefixKV:
     """
     A differentiable KV cache for training on prompts shared by several completions (GRPO's groups): run the
-    prompts once, `repeat_rows(G)`, then run the completions against the repeated keys/values; gradients flow
-    through both passes. Keys/values are kept per layer and grown by concatenation (KVCache writes into one
-    preallocated buffer in place, which autograd cannot differentiate through). Same `valid`/`pos` contract.
+    prompts once, take `rows(index)` (row i of the result continues prompt index[i]), then run the completions
+    against those keys/values; gradients flow through both passes. Keys/values are kept per layer and grown by
+    concatenation (KVCache writes into one preallocated buffer in place, which autograd cannot differentiate
+    through). Same `valid`/`pos` contract.
     """
 
     def __init__(self, config, batch_size, max_len, device):
@@ -127,10 +128,13 @@ class PrefixKV:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
-    def repeat_rows(self, n):
-        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
-        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
-        self.valid = self.valid.repeat_interleave(n, dim=0)
+    def rows(self, index):
+        """A new cache of the rows `index` (repeats allowed, any order); this one is left as it is."""
+        cache = PrefixKV.__new__(PrefixKV)
+        cache.k = [k.index_select(0, index) for k in self.k]
+        cache.v = [v.index_select(0, index) for v in self.v]
+        cache.valid, cache.pos, cache.max_len = self.valid.index_select(0, index), self.pos, self.max_len
+        return cache
 
 
 class CausalSelfAttention(nn.Module):

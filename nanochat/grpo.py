@@ -152,25 +152,69 @@ def compiled_token_logprobs():
     return torch.compile(token_logprobs, dynamic=True)
 
 
-def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False):
+def used_lengths(mask):
+    """Per row of a (B, T) mask: one past its last masked-in column (0 for a row with none)."""
+    columns = torch.arange(1, mask.size(1) + 1, device=mask.device)
+    return (mask.long() * columns).amax(dim=1)
+
+
+def completion_states(model, batch, predict):
     """
-    Log-probabilities (P*G, Tc) of a GroupBatch's completion tokens under `model` at `temperature`, and with
-    `with_entropy` the entropy (nats, detached) at each of those positions. Each prompt runs through the model once
-    and its G completions attend to its keys/values (PrefixKV): the same numbers as a full forward of every prompt +
-    completion row, for about half the tokens when prompts are as long as completions. Padding after a
-    completion's end gives values that the mask drops. `compile` fuses the vocabulary-sized tail.
+    The final hidden states of a GroupBatch's completions, each prompt run through `model` once: yields
+    (rows, hidden (n, w, n_embd)) for chunks of rows of similar length that together cover every row whose
+    completion mask is not all 0, and w = the longest used length in the chunk (`used_lengths`). With `predict`
+    hidden[:, t] predicts completion token t (the prompt's last state, then the completion's own up to w - 1);
+    otherwise hidden[:, t] has read completion token t.
+
+    Why chunks: completions are as long as the longest in their batch, and sampled lengths are skewed (most answers
+    end after a few tokens, some run to max_new_tokens), so a batch of rows padded to its longest is mostly
+    padding. Each chunk of G rows (G = completions per prompt), taken in order of length, attends to its rows'
+    prompt keys/values (`PrefixKV.rows`) and runs only to its own longest row. The numbers are those of a full
+    forward of every prompt + completion row.
     """
     P, G = batch.prompt_ids.size(0), batch.completion_ids.size(0) // batch.prompt_ids.size(0)
     device = batch.prompt_ids.device
     cache = PrefixKV(model.config, P, batch.prompt_ids.size(1) + batch.completion_ids.size(1), device)
+    lengths = used_lengths(batch.completion_mask)
+    order = torch.sort(lengths, descending=True, stable=True).indices[:int((lengths > 0).sum())]
+    if not len(order):  # every row masked out (all truncated): nothing to run
+        return
     with autocast_ctx(device):
-        hidden = model.hidden_states(batch.prompt_ids, kv_cache=cache, valid=batch.prompt_valid)[:, -1:]
-        hidden = hidden.repeat_interleave(G, dim=0)
-        if batch.completion_ids.size(1) > 1:  # the last completion token predicts nothing we score
-            cache.repeat_rows(G)
-            hidden = torch.cat([hidden, model.hidden_states(batch.completion_ids[:, :-1], kv_cache=cache)], dim=1)
+        prompt_last = model.hidden_states(batch.prompt_ids, kv_cache=cache, valid=batch.prompt_valid)[:, -1:]
+    for rows in order.split(G):
+        width = int(lengths[rows[0]])
+        prompt_of = torch.div(rows, G, rounding_mode="floor")
+        tokens = batch.completion_ids[rows, :width - 1 if predict else width]
+        parts = [prompt_last[prompt_of]] if predict else []
+        if tokens.size(1):
+            with autocast_ctx(device):
+                parts.append(model.hidden_states(tokens, kv_cache=cache.rows(prompt_of)))
+        yield rows, torch.cat(parts, dim=1)
+
+
+def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False):
+    """
+    Log-probabilities (P*G, Tc) of a GroupBatch's completion tokens under `model` at `temperature`, and with
+    `with_entropy` the entropy (nats, detached) at each of those positions: the same numbers as a full forward of
+    every prompt + completion row (`completion_states`), 0 past each row's last masked-in token and on rows whose
+    mask is all 0. `compile` fuses the vocabulary-sized tail.
+    """
     tail = compiled_token_logprobs() if compile else token_logprobs
-    return tail(model, hidden, batch.completion_ids, temperature, with_entropy)
+    B, width = batch.completion_ids.shape
+    rows, logprobs, entropies = [], [], []
+    for sub, hidden in completion_states(model, batch, predict=True):
+        out = tail(model, hidden, batch.completion_ids[sub, :hidden.size(1)], temperature, with_entropy)
+        chosen, entropy = out if with_entropy else (out, None)
+        rows.append(sub)
+        logprobs.append(F.pad(chosen, (0, width - chosen.size(1))))
+        if with_entropy:
+            entropies.append(F.pad(entropy, (0, width - entropy.size(1))))
+
+    def scatter(chunks):  # the chunks' rows back in batch order; rows in no chunk stay 0
+        zeros = torch.zeros(B, width, device=batch.completion_ids.device)
+        return zeros.index_copy(0, torch.cat(rows), torch.cat(chunks)) if rows else zeros
+
+    return (scatter(logprobs), scatter(entropies)) if with_entropy else scatter(logprobs)
 
 
 def micro_batches(batch, rows_per_batch):
@@ -211,17 +255,12 @@ def group_rewards(rm, batch, rows_per_batch):
     lengths = batch.completion_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError("every completion needs at least one token to be scored")
-    out = []
+    rewards = torch.zeros(lengths.size(0), device=lengths.device)
     for rows, sub in micro_batches(batch, rows_per_batch):
-        P, G = sub.prompt_ids.size(0), sub.completion_ids.size(0) // sub.prompt_ids.size(0)
-        cache = PrefixKV(rm.config, P, sub.prompt_ids.size(1) + sub.completion_ids.size(1), sub.prompt_ids.device)
-        with autocast_ctx(sub.prompt_ids.device):
-            rm.backbone.hidden_states(sub.prompt_ids, kv_cache=cache, valid=sub.prompt_valid)
-            cache.repeat_rows(G)
-            hidden = rm.backbone.hidden_states(sub.completion_ids, kv_cache=cache)
-        last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths[rows] - 1]
-        out.append(rm.head(last).squeeze(-1).float())
-    return torch.cat(out)
+        for chunk, hidden in completion_states(rm.backbone, sub, predict=False):
+            last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths[rows][chunk] - 1]
+            rewards[rows.start + chunk] = rm.head(last).squeeze(-1).float()
+    return rewards
 
 
 def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, num_sequences_global,
@@ -247,13 +286,17 @@ def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, nu
             loss, pg, kl, clipped = grpo_token_losses(logprobs, old, ref_logprobs[sl, :width], advantages[sl],
                                                       config.clip_eps, config.beta, config.epsilon_high)
             mask = sub.completion_mask
-            reduce_tokens(loss, mask, config.loss_type, denominator).backward()
+            if mask.any():  # a micro-batch of masked-out (truncated) rows only ran nothing and has no graph
+                reduce_tokens(loss, mask, config.loss_type, denominator).backward()
             with torch.no_grad():
                 for name, values in (("loss", loss), ("pg_loss", pg), ("kl", kl), ("clip_ratio", clipped),
                                      ("entropy", entropy)):
                     totals[name] += reduce_tokens(values, mask, "token", num_tokens_global)
         if old_logprobs is None:
             old_logprobs = full_width(first_pass, batch.completion_ids.size(1))
+        for p in model.parameters():  # what no loss token reached gets a zero gradient, so every rank sums the
+            if p.requires_grad and p.grad is None:  # same buffer and the optimizer steps as on any other batch
+                p.grad = torch.zeros_like(p)
         grad_norm = optimizer_step(model, optimizers, config.grad_clip)
     return {name: all_reduce_sum(t).item() / config.num_iterations for name, t in totals.items()} | \
         {"grad_norm": grad_norm}
@@ -284,7 +327,9 @@ def grpo_step(policy, reference, optimizers, engine, prompts, reward_fn, config,
     train_batch = batch
     if config.mask_truncated_completions:
         train_batch = batch._replace(completion_mask=batch.completion_mask & ~truncated[:, None])
-    ref_logprobs = batch_logprobs(reference, batch, config.device_batch_size, config.temperature, config.compile)
+    # only where the loss reads them: a truncated completion's tokens cost nothing here
+    ref_logprobs = batch_logprobs(reference, train_batch, config.device_batch_size, config.temperature,
+                                  config.compile)
     num_tokens = all_reduce_sum(train_batch.completion_mask.sum().float()).clamp(min=1)
     stats = policy_update(policy, optimizers, train_batch, ref_logprobs, advantages, config,
                           num_sequences_global=world_size * rows, num_tokens_global=num_tokens)

@@ -4,8 +4,9 @@ import torch
 
 from conftest import make_tiny_model
 from nanochat.engine import Engine
-from nanochat.grpo import (GRPOConfig, batch_logprobs, completion_logprobs, group_advantages, group_rewards,
-                           grpo_step, grpo_token_losses, micro_batches, pack_groups, policy_update, reduce_tokens)
+from nanochat.grpo import (GRPOConfig, batch_logprobs, completion_logprobs, completion_states, group_advantages,
+                           group_rewards, grpo_step, grpo_token_losses, micro_batches, pack_groups, policy_update,
+                           reduce_tokens)
 from nanochat.rm import RewardModel, rewards_for_ids
 
 
@@ -95,6 +96,17 @@ def test_group_rewards_equal_rewards_of_every_full_row():
     assert torch.allclose(group_rewards(rm, batch, rows_per_batch=2), expected, atol=1e-5)
     with pytest.raises(ValueError, match="at least one token"):
         group_rewards(rm, pack_groups(PROMPTS[:1], [[1], []], pad_id=0), rows_per_batch=2)
+
+
+def test_completion_chunks_run_only_to_their_own_longest_row():
+    # catches: chunks padded to the batch's longest completion (the skewed lengths GRPO samples would make most of
+    # the work padding), rows taken in batch order instead of by length, and masked-out rows still being run
+    prompts = [[1, 2], [3, 4, 5]]
+    completions = [[6], list(range(10, 22)), [7, 8], [9, 9, 9]]
+    batch = pack_groups(prompts, completions, pad_id=0)
+    batch = batch._replace(completion_mask=batch.completion_mask & (torch.arange(4) != 1)[:, None])
+    chunks = [(rows.tolist(), hidden.size(1)) for rows, hidden in completion_states(make_tiny_model(), batch, True)]
+    assert chunks == [([3, 2], 3), ([0], 1)]
 
 
 def test_pack_groups_rejects_completions_that_do_not_form_groups():
