@@ -12,9 +12,17 @@ most probable tokens whose mass reaches top_p). A temperature of 0 means argmax.
 float or one value per row.
 
 `decode_hook(hidden, logits) -> (temperature, top_p or None)` chooses them per row at every step from the final
-normed hidden states (B, n_embd) and the logits (B, V) that predict the next token: a method that predicts its own
+normed hidden states (b, n_embd) and the logits (b, V) that predict the next token: a method that predicts its own
 sampling settings (AutoDeco) plugs in here as a plain callable, and the chosen temperatures come back in
-`Generation.temperatures`.
+`Generation.temperatures`. The hook sees the rows of the decode batch, not all B rows: every row still decoding,
+plus any finished ones not dropped yet (below; their samples are discarded). It returns one temperature and top-p
+per row it was given, in that order.
+
+Finished rows are dropped from the decode batch once at most `COMPACT_AT` of its rows are still decoding: GRPO's
+completion lengths are bimodal (most rows stop early, a few run long), so decoding every row to the end would
+spend most of the compute on rows whose samples are thrown away. Dropping rows changes no result: every step still
+draws the random numbers of all rows and uses those of the rows left, and each row's arithmetic does not depend
+on its neighbours (but see `MIN_ROWS`).
 
 Data parallelism: `global_rows=(first, total)` says that this call samples rows first..first+B of a batch of
 `total` rows that other ranks sample the rest of. The random numbers are drawn for all `total` rows and sliced, so
@@ -28,6 +36,13 @@ import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
 from nanochat.gpt import KVCache
+
+# drop finished rows once at most this share of the decode batch is still decoding; each drop moves the kept rows'
+# KV cache. Measured on GRPO-like batches (CPU): 0.5 to 1.0 all about halve generation time; 0.75 makes fewer drops
+COMPACT_AT = 0.75
+# but keep at least this many rows (finished ones fill up): MKL multiplies 1-3 rows with other kernels whose last
+# bits differ (so results would depend on batch size), and so few rows cost hardly less than 4
+MIN_ROWS = 4
 
 
 @dataclass
@@ -53,20 +68,49 @@ def _per_row(value, B, device, name):
     return value
 
 
-def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generator=None, global_rows=None):
+def _keep_rows(cache, index):
+    """
+    Keep only rows `index` (ascending) of a KVCache. On CPU the kept rows move to the front of its buffers in place,
+    row by row and only their filled slots: several times faster than gathering them into a fresh copy. On a GPU,
+    where each row's move would be kernel launches of their own, one gather does it.
+    """
+    if cache.k.is_cuda:
+        cache.k, cache.v, cache.valid = cache.k[:, index], cache.v[:, index], cache.valid[index]
+        return
+    pos = cache.pos
+    for i, j in enumerate(index.tolist()):
+        if j != i:  # j > i: row i was dropped or has itself moved down already, so nothing reads it any more
+            cache.k[:, i, :, :pos] = cache.k[:, j, :, :pos]
+            cache.v[:, i, :, :pos] = cache.v[:, j, :, :pos]
+    b = index.numel()
+    cache.k, cache.v, cache.valid = cache.k[:, :b], cache.v[:, :b], cache.valid[index]
+
+
+def _scatter(values, rows, B):
+    """Full-size (B,) values from those of the decode batch's rows; 0 for rows dropped from it."""
+    full = values.new_zeros(B)
+    full[rows] = values
+    return full
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generator=None, global_rows=None,
+                rows=None):
     """
     Sample one token per row from logits (B, V). `temperature` and `top_p` are floats or (B,) tensors;
-    `global_rows` as in the module docstring. Returns (tokens (B,), logprobs (B,)) where logprobs come from the raw
-    logits.
+    `global_rows` as in the module docstring. `rows` (B,) says which rows of the slice the logits hold when some
+    were dropped (pass `global_rows` with it, whose `total` counts them all). Returns (tokens (B,), logprobs (B,))
+    where logprobs come from the raw logits.
     """
     logits = logits.float()
     B, V = logits.shape
-    temperature = _per_row(temperature, B, logits.device, "temperature")
-    greedy = temperature <= 0
     logprobs = F.log_softmax(logits, dim=-1)
-    if greedy.all():  # argmax needs no filtering and no random numbers
+    # only a float temperature skips the random numbers: were it "every row greedy", whether a step draws would
+    # depend on which rows are in the batch (dropped ones, other ranks' ones) and later steps would draw others
+    if not torch.is_tensor(temperature) and temperature <= 0:
         tokens = logits.argmax(dim=-1)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    temperature = _per_row(temperature, B, logits.device, "temperature")
+    greedy = temperature <= 0
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     if top_k is not None and top_k < V:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -85,7 +129,8 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     # exceeds its predecessor, so it is never picked; cheaper than torch.multinomial's exponential draws.
     cdf = probs.cumsum(dim=-1)
     first, total = global_rows or (0, B)
-    u = torch.rand(total, 1, device=logits.device, generator=generator)[first:first + B]
+    u = torch.rand(total, 1, device=logits.device, generator=generator)
+    u = u[first:first + B] if rows is None else u[first + rows]
     u = u * cdf[:, -1:] * (1 - 1e-6)
     sampled = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=V - 1)
     tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
@@ -104,8 +149,9 @@ class Engine:
     def _decode_steps(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, min_p, seed,
                       stop_tokens, decode_hook=None, global_rows=None):
         """
-        Yields (tokens, logprobs, active, temperature) per step; `active` marks rows that had not finished before
-        it, `temperature` is the decode hook's choice (None without a hook).
+        Yields (tokens, logprobs, active, temperature) per step, each (B,) over all rows (0 for rows dropped from
+        the decode batch); `active` marks rows that had not finished before it, `temperature` is the decode hook's
+        choice (None without a hook).
         """
         model, device = self.model, self.device
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -129,22 +175,41 @@ class Engine:
             logits = model.logits_from_hidden(hidden)
         cache.repeat_rows(num_samples)
         hidden, logits = hidden.repeat_interleave(num_samples, dim=0), logits.repeat_interleave(num_samples, dim=0)
+        B = logits.size(0)
         if torch.is_tensor(temperature):
-            temperature = temperature.to(device)
+            temperature = _per_row(temperature, B, device, "temperature")
+        if torch.is_tensor(top_p):
+            top_p = _per_row(top_p, B, device, "top_p")
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
+        global_rows = global_rows or (0, B)
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-        active = torch.ones(logits.size(0), dtype=torch.bool, device=device)
+        active = torch.ones(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # the rows in the decode batch (hidden, logits, cache), in order
         for step in range(max_new_tokens):
             if decode_hook is not None:
                 temperature, top_p = decode_hook(hidden, logits)
-            tokens, logprobs = sample_next(logits, temperature, top_k, top_p, min_p, generator, global_rows)
-            yield tokens, logprobs, active, temperature if decode_hook is not None else None
-            active = active & ~torch.isin(tokens, stop)
+            tokens, logprobs = sample_next(logits, temperature, top_k, top_p, min_p, generator, global_rows, rows)
+            full_tokens = _scatter(tokens, rows, B)
+            chosen = None
+            if decode_hook is not None:
+                chosen = _scatter(_per_row(temperature, rows.numel(), device, "temperature"), rows, B)
+            yield full_tokens, _scatter(logprobs, rows, B), active, chosen
+            active = active & ~torch.isin(full_tokens, stop)  # not in place: the yielded `active` stays as it was
             if not active.any() or step == max_new_tokens - 1:
                 return
+            keep = active[rows]
+            kept = keep.sum().item()
+            if kept <= COMPACT_AT * rows.numel() and rows.numel() > MIN_ROWS:
+                keep[(~keep).nonzero().squeeze(1)[:max(0, MIN_ROWS - kept)]] = True  # fill up to MIN_ROWS
+                index = keep.nonzero().squeeze(1)
+                _keep_rows(cache, index)
+                rows, tokens = rows[index], tokens[index]
+                # per-row settings follow their rows (a hook's are replaced at the next step anyway)
+                temperature = temperature[index] if torch.is_tensor(temperature) else temperature
+                top_p = top_p[index] if torch.is_tensor(top_p) else top_p
             with autocast_ctx(device):
                 hidden = model.hidden_states(tokens[:, None], kv_cache=cache)[:, -1]
                 logits = model.logits_from_hidden(hidden)

@@ -176,3 +176,99 @@ def test_decode_hook_sets_temperature_and_top_p_per_row_and_step(tiny_model):
     assert torch.allclose(seen[2][2], h, atol=1e-5)
     plain = engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=3)
     assert plain.temperatures is None
+
+
+STOPS = [7, 8, 9]  # sampled often enough by tiny_model that rows stop anywhere from the first step to never
+
+
+def sample_by_full_forward(model, prompts, num_samples, max_new_tokens, seed, temperature=1.0, top_p=None,
+                           hook=None):
+    """
+    What generate must return, computed naively: no KV cache and no rows ever dropped. Every step runs each
+    unfinished row's whole sequence through the model and samples all rows in one sample_next call (finished rows
+    read zero hidden states), so the random numbers of every row are drawn at every step. Per row (tokens,
+    logprobs, temperatures), the last empty without a hook.
+    """
+    prefixes = [list(p) for p in prompts for _ in range(num_samples)]
+    out = [([], [], []) for _ in prefixes]
+    finished = [False] * len(prefixes)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(max_new_tokens):
+        hidden = torch.zeros(len(prefixes), model.config.n_embd)
+        with torch.no_grad():
+            for r, ids in enumerate(prefixes):
+                if not finished[r]:
+                    hidden[r] = model.hidden_states(torch.tensor([ids]))[0, -1]
+            logits = model.logits_from_hidden(hidden)
+        if hook is not None:
+            temperature, top_p = hook(hidden, logits)
+        tokens, logprobs = sample_next(logits, temperature, top_p=top_p, generator=generator)
+        for r in range(len(prefixes)):
+            if not finished[r]:
+                prefixes[r].append(tokens[r].item())
+                out[r][0].append(tokens[r].item())
+                out[r][1].append(logprobs[r].item())
+                if hook is not None:
+                    out[r][2].append(temperature[r].item())
+                finished[r] = tokens[r].item() in STOPS
+        if all(finished):
+            break
+    return out
+
+
+def state_hook(hidden, logits):
+    # a function of each row's own state, as a learned head is: some states go greedy, the rest vary per row
+    temperature = torch.where(hidden[:, 0] > 1.0, 0.0, 0.5 + torch.sigmoid(hidden[:, 1]))
+    return temperature, 0.6 + 0.4 * torch.sigmoid(hidden[:, 2])
+
+
+SETTINGS = {
+    "float temperature": dict(temperature=1.0),
+    "per-row temperature and top-p": dict(temperature=torch.linspace(0.0, 2.0, 16), top_p=0.9),
+    "per-row top-p": dict(temperature=1.3, top_p=torch.linspace(0.3, 1.0, 16)),
+    "decode hook": dict(decode_hook=state_hook),
+}
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_dropping_finished_rows_changes_no_sample_whole_batch_or_rank_slices(tiny_model, monkeypatch, name):
+    # The engine drops finished rows from its decode batch; the reference decodes every row to the end. Catches:
+    # drawing random numbers for the rows left only (later samples shift), u[rows] without the rank's offset,
+    # per-row temperature/top-p not following their rows, a hook's choices mapped back to the wrong rows, kept
+    # rows' keys/values moved wrongly (e.g. keys but not values, or over a row not yet moved).
+    from nanochat import engine as engine_module
+    batch_sizes = []
+    keep_rows = engine_module._keep_rows
+    monkeypatch.setattr(engine_module, "_keep_rows",
+                        lambda cache, index: (batch_sizes.append(index.numel()), keep_rows(cache, index)))
+    settings = SETTINGS[name]
+    reference = sample_by_full_forward(tiny_model, PROMPTS, 4, 24, seed=0, temperature=settings.get("temperature", 1.0),
+                                       top_p=settings.get("top_p"), hook=settings.get("decode_hook"))
+    engine = Engine(tiny_model)
+    for prompts, rows, global_rows in ((PROMPTS, slice(0, 16), None), (PROMPTS[:2], slice(0, 8), (0, 16)),
+                                       (PROMPTS[2:], slice(8, 16), (8, 16))):
+        sliced = {k: v[rows] if torch.is_tensor(v) else v for k, v in settings.items()}
+        gen = engine.generate(prompts, num_samples=4, max_new_tokens=24, seed=0, stop_tokens=STOPS,
+                              global_rows=global_rows, **sliced)
+        for r, (tokens, logprobs, temperatures) in enumerate(reference[rows]):
+            assert gen.completions()[r] == tokens, (name, global_rows, r)
+            assert gen.finish_reasons[r] == ("stop" if tokens[-1] in STOPS else "length")
+            n = len(tokens)
+            torch.testing.assert_close(gen.logprobs[r, :n], torch.tensor(logprobs), rtol=0, atol=1e-5)
+            if temperatures:
+                torch.testing.assert_close(gen.temperatures[r, :n], torch.tensor(temperatures), rtol=0, atol=1e-5)
+    # not vacuous: rows finished at very different steps, and the batch shrank (down to MIN_ROWS) meanwhile
+    lengths = [len(tokens) for tokens, _, _ in reference]
+    assert min(lengths) <= 2 and max(lengths) == 24 and len(set(lengths)) >= 6, lengths
+    assert batch_sizes and min(batch_sizes) == engine_module.MIN_ROWS, batch_sizes
+
+
+def test_a_step_of_greedy_per_row_temperatures_still_draws_its_random_numbers():
+    # catches: skipping the draw when the rows in the batch are all greedy. Whether a step draws would then depend
+    # on which rows are in it (a hook's choice for rows already dropped, or for another rank's rows), and every
+    # later step would read other random numbers
+    logits = torch.randn(4, 50)
+    a, b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    sample_next(logits, torch.zeros(4), generator=a)
+    sample_next(logits, torch.tensor([0.0, 0.0, 0.0, 1.0]), generator=b)
+    assert torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
