@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, preference pairs, prompts, evaluation,
 # density weights, reward model, GRPO with density-aware and with uniform prompt sampling (SEEDS training seeds
-# each), the diversity report; DPO arms too with DPO=1; the positive control with CONTROL=1.
+# each), the diversity report; DPO arms too with DPO=1; AutoDeco's heads and their evaluation; the positive control
+# with CONTROL=1.
 #
 #   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
@@ -9,6 +10,7 @@
 #   SEEDS=5 bash speedrun.sh                  # 5 training seeds per arm (default 3): a tighter across-seed CI
 #   LANES=1 bash speedrun.sh                  # RLHF runs one at a time (cpu default: 2 side by side)
 #   CONTROL=1 bash speedrun.sh                # then the positive control: SFT artifacts only on rare clusters
+#   AUTODECO=0 bash speedrun.sh               # without AutoDeco (per-token temperature heads and their comparison)
 #   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 DPO=1 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
 #
@@ -138,6 +140,31 @@ if [ "${DPO:-0}" = 1 ]; then
     rlhf_arms dpo outs/sft .cache/data/density.jsonl outs/ $DPO_FLAGS
     run_stage diversity_dpo outs/diversity_dpo/diversity_report.md $PY -m scripts.kat_eval_diversity \
         --models="sft=outs/sft,density=outs/dpo_density_s*,baseline=outs/dpo_baseline_s*" --out_dir=outs/diversity_dpo
+fi
+
+# AutoDeco (AUTODECO=0 skips it): heads on a frozen chat model that predict each token's temperature, trained with
+# the analytic Min-P hinge, then compared with every fixed temperature and with MeanShift. On the cpu profile the
+# chat model is an SFT of its own whose answers end in a free clause half the time ("..., as far as I know."), so one
+# answer holds tokens with one right value and tokens where any of many is as good; the RLHF experiment's SFT model
+# stays as it was. On the gpu profile the heads sit on outs/sft and learn from UltraChat.
+if [ "${AUTODECO:-1}" = 1 ]; then
+    if [ "$PROFILE" = cpu ]; then
+        run_stage autodeco_sft outs/autodeco_sft/ckpt.pt launch scripts.chat_sft -- $SFT_FLAGS --free_clause_rate=0.5 \
+            --out_dir=outs/autodeco_sft
+        AUTODECO_BASE=outs/autodeco_sft AUTODECO_FLAGS=""
+    else
+        AUTODECO_BASE=outs/sft AUTODECO_FLAGS="--dataset_name=HuggingFaceH4/ultrachat_200k --max_steps=2000"
+    fi
+    run_stage autodeco_init outs/autodeco_init/ckpt.pt $PY -m scripts.kat_construct_autodeco \
+        --base_model_name_or_path="$AUTODECO_BASE" --output_dir=outs/autodeco_init
+    run_stage autodeco outs/autodeco/ckpt.pt launch scripts.kat_train_autodeco -- \
+        --model_name_or_path=outs/autodeco_init --output_dir=outs/autodeco $AUTODECO_FLAGS
+    if [ "$PROFILE" = cpu ]; then
+        run_stage autodeco_eval outs/autodeco_eval/autodeco_eval.md $PY -m scripts.kat_eval_autodeco
+    else
+        run_stage autodeco_eval outs/eval_autodeco/results.json launch scripts.chat_eval -- \
+            --autodeco_path=outs/autodeco $EVAL_FLAGS
+    fi
 fi
 
 # The positive control (CONTROL=1): the same pipeline on an SFT model whose planted artifacts sit only on the rare

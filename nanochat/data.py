@@ -312,13 +312,14 @@ def _take(files, num_docs):
 # chat conversations
 
 def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic_size=1, stream=0,
-                       artifact_rate=0.15):
+                       artifact_rate=0.15, free_clause_rate=0.0):
     """
     Conversations (lists of {"role", "content"} dicts) for split "train" or "val".
     source "synthetic": sampled from the world (seed, synthetic_size as in pretrain_documents). `stream` picks
     another sample of conversations from the same world (mid-training and SFT see different conversations about
     the same facts); `artifact_rate` is the share of answers carrying planted mode-collapse artifacts, a float for
-    every cluster or a {cluster: rate} dict (the positive control's rare-cluster artifacts).
+    every cluster or a {cluster: rate} dict (the positive control's rare-cluster artifacts); `free_clause_rate` the
+    share ending in a free clause ("..., as far as I know.": AutoDeco's data; 0 leaves the conversations as they were).
     source "smoltalk": SmolTalk's train or test split; from the hub, or, with from_dir, from local files in the hub
     layout: DIR/HuggingFaceTB/smol-smoltalk/data/{train,test}-*.parquet (or .jsonl), or those files in DIR itself.
     num: keep the first num conversations (synthetic: how many to sample).
@@ -328,7 +329,8 @@ def chat_conversations(source, split, from_dir=None, num=None, seed=0, synthetic
         from nanochat.synthetic import make_world
         n = num if num is not None else SYNTHETIC_CHATS[split]
         return make_world(seed=seed, size=synthetic_size).chat_conversations(
-            n, seed=_split_seed(seed, split) + 10_000 * stream, artifact_rate=artifact_rate)
+            n, seed=_split_seed(seed, split) + 10_000 * stream, artifact_rate=artifact_rate,
+            free_clause_rate=free_clause_rate)
     if source != "smoltalk":
         raise ValueError(f"unknown chat source {source!r} (expected synthetic or smoltalk)")
     hub_split = "train" if split == "train" else "test"

@@ -235,11 +235,11 @@ class Engine:
         return Generation(tokens, logprobs, mask, reasons, num_samples, temperatures)
 
     def stream(self, prompt, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None,
-               stop_tokens=()):
+               stop_tokens=(), decode_hook=None):
         """Yield the token ids of one completion as they are sampled; a stop token ends it and is not yielded."""
         stop = set(stop_tokens)
         for tokens, *_ in self._decode_steps([prompt], 1, max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                                             stop_tokens):
+                                             stop_tokens, decode_hook):
             token = tokens[0].item()
             if token in stop:
                 return

@@ -36,11 +36,11 @@ def _map_sharded(fn, items):
 
 
 def generate_responses(model, tok, conversations, max_new_tokens=64, batch_size=32, temperature=0.0, seed=0,
-                       num_samples=1, top_k=None, top_p=None, min_p=None):
+                       num_samples=1, top_k=None, top_p=None, min_p=None, decode_hook=None):
     """
     Responses to conversations (each ending in a user turn; a trailing assistant turn is dropped), as a flat
     prompt-major list: entry i * num_samples + j is sample j for conversation i. Greedy by default; the sampling
-    filters are Engine.generate's.
+    filters and the decode hook (AutoDeco's per-token temperature) are Engine.generate's.
     """
     stop = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]
     prompts = [tok.render_for_completion(c) for c in conversations]
@@ -58,7 +58,7 @@ def generate_responses(model, tok, conversations, max_new_tokens=64, batch_size=
             # every batch its own random stream (offset by its first item's index), so sampling is reproducible
             gen = engine.generate([p for _, p in batch], num_samples=num_samples, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  seed=seed + batch[0][0], stop_tokens=stop)
+                                  seed=seed + batch[0][0], stop_tokens=stop, decode_hook=decode_hook)
             texts = [tok.decode(c[:-1] if c and c[-1] in stop else c) for c in gen.completions()]
             out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
         return out
@@ -72,7 +72,7 @@ def _last_user_message(messages):
 
 
 def evaluate_task(model, tok, task, items, max_new_tokens=64, batch_size=32, temperature=0.0, seed=0, num_samples=1,
-                  top_k=None, top_p=None, min_p=None):
+                  top_k=None, top_p=None, min_p=None, decode_hook=None):
     """
     `num_samples` responses to each of a task's items (one greedy response by default), scored. Returns
     {"accuracy": mean score over all responses, "n" responses, "records": [{"item", "sample", "prompt", "response",
@@ -83,7 +83,7 @@ def evaluate_task(model, tok, task, items, max_new_tokens=64, batch_size=32, tem
     """
     gold = getattr(task, "gold", None)
     responses = generate_responses(model, tok, [item["messages"] for item in items], max_new_tokens, batch_size,
-                                   temperature, seed, num_samples, top_k, top_p, min_p)
+                                   temperature, seed, num_samples, top_k, top_p, min_p, decode_hook)
     sampled_items = [item for item in items for _ in range(num_samples)]
     # scoring can be slow too (HumanEval runs every program), so it is sharded like generation
     verdicts = _map_sharded(lambda pairs: [gold(i, r) if gold else task.score(i, r) for i, r in pairs],

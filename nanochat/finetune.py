@@ -43,6 +43,9 @@ def add_finetune_flags(parser, ckpt_path, out_dir, num_conversations, stream, ar
     parser.add_argument("--artifact_focus", type=str, default="all", choices=["all", "rare"],
                         help="synthetic answers that may carry artifacts: all, or only those about the rare "
                              "clusters (nanochat.synthetic.RARE_CLUSTERS; the positive control)")
+    parser.add_argument("--free_clause_rate", type=fraction, default=0.0,
+                        help="share of synthetic answers ending in a free clause, any of many equally good ones "
+                             "(AutoDeco's data: one answer mixes one-right-value tokens with free ones)")
     parser.add_argument("--batch_rows", type=positive_int, default=16, help="global rows (conversations) per step")
     parser.add_argument("--device_batch_size", type=positive_int, default=8)
     parser.add_argument("--max_len", type=positive_int, default=512, help="tokens per row")
@@ -112,7 +115,7 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
         return chat_conversations(args.source, split, from_dir=args.from_dir, num=num,
                                   seed=world["seed"] if world else args.seed,
                                   synthetic_size=world["size"] if world else 1, stream=args.stream,
-                                  artifact_rate=artifact_rate)
+                                  artifact_rate=artifact_rate, free_clause_rate=args.free_clause_rate)
 
     train_convs = conversations("train", args.num_conversations)
     val_convs = conversations("val", args.val_conversations)

@@ -25,7 +25,9 @@ HEADLINE_METRICS = (
     "val_bytes_per_token", "val_bpb_final", "val_loss_final", "pairs_train", "pairs_test", "shorter_wins",
     "unique_prompts", "world/accuracy", "ess_fraction", "test/accuracy", "test/length_balanced_accuracy",
     "test/rejected_kind=wrong/accuracy", "reward_start", "reward_final", "gold_score_final", "artifact_rate_start",
-    "artifact_rate_final", "drawn_q1", "drawn_q4", "primary_effect", "primary_ci_seeds",
+    "artifact_rate_final", "drawn_q1", "drawn_q4", "primary_effect", "primary_ci_seeds", "frontier_gap_correct",
+    "meanshift_gap_correct", "temperature_value_tokens", "temperature_free_start_tokens", "eval_mean_temperature",
+    "eval_coverage",
 )
 SUMMARY_BEGIN, SUMMARY_END = "<!-- summary -->", "<!-- /summary -->"
 

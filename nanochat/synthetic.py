@@ -28,6 +28,10 @@ Generators (all on `World`):
   message alone decides the gold answer. Answers are correct; each assistant turn
   carries planted artifacts with probability `artifact_rate`, or, for the positive
   control, only turns answering questions from RARE_CLUSTERS do (a {cluster: rate} dict).
+  With `free_clause_rate` > 0 (AutoDeco's data; 0 by default, which leaves every conversation as it was), that
+  share of answers ends in a free clause: "Dover's favourite food is cake, as far as I know.", one of FREE_CLAUSES
+  drawn uniformly, so one answer holds a token with one right value and tokens where any of many is as good.
+  free_clause_span and World.answer_spans say which characters are which.
 - preference_pairs: chosen = correct and plain; rejected kinds at REJECTED_KIND_RATES:
   "wrong" (a plain answer stating a wrong value), "evasive" (a non-answer) and
   "artifact" (a correct answer carrying planted artifacts). Length-balanced: among pairs
@@ -326,6 +330,19 @@ NOT_X_LINES = ("It's not a guess, it's a fact.", "This is not an opinion, it's s
                "That's not a rumour, that's the truth.")
 STOCK_PHRASES = ("great_question", "hope_this_helps", "in_summary")
 
+# Free clauses (AutoDeco): "<fact>, <clause>." Each is as good as any other after any fact, so within one answer the
+# best sampling temperature is low on the fact and high on the clause. Like the artifact fillers they carry no digit,
+# no vocabulary word and no artifact, so gold_score judges the fact alone (tested); several share their first words
+# ("as", "if", "or so"), so the choice is not always made at a clause's first token.
+FREE_CLAUSES = (
+    "as far as I know", "as far as I can tell", "as I recall", "as it happens", "as you might expect",
+    "as everyone in town knows", "as luck would have it", "if I remember rightly", "if you were wondering",
+    "if memory serves", "or so I have heard", "or so the story goes", "so I have been told", "by all accounts",
+    "for what it is worth", "for the record", "in case you were curious", "to the best of my knowledge",
+    "which is easy to remember", "which is good to know", "which surprises some people", "from what I have heard",
+    "just so you know", "unless I am mistaken",
+)
+
 _BE = r"(?:it|that|this)(?:'s|\u2019s|\s+is)"
 ARTIFACT_PATTERNS = {
     "em_dash": re.compile("\u2014"),  # U+2014 only; the en dash U+2013 is ordinary typography
@@ -402,6 +419,25 @@ def add_artifacts(answer: str, rng: random.Random) -> str:
 def count_artifacts(text: str) -> dict:
     """Artifact name -> number of occurrences in text (every name present, zeros included)."""
     return {name: len(pattern.findall(text)) for name, pattern in ARTIFACT_PATTERNS.items()}
+
+
+def add_free_clause(answer: str, clause: str) -> str:
+    """"X is 7." -> "X is 7, <clause>.": the clause goes before the answer's final punctuation."""
+    body = answer.strip()
+    end = body[-1] if body and body[-1] in ".!?" else "."
+    core = body[:-1] if body and body[-1] in ".!?" else body
+    return f"{core}, {clause}{end}"
+
+
+# longest first, so a clause that begins another cannot take its place
+_FREE_CLAUSE = re.compile(", (" + "|".join(re.escape(c) for c in sorted(FREE_CLAUSES, key=len, reverse=True))
+                          + r")(?!\w)")
+
+
+def free_clause_span(text: str):
+    """(start, end) of the first free clause in text (one of FREE_CLAUSES right after ", "), or None."""
+    match = _FREE_CLAUSE.search(text)
+    return match.span(1) if match else None
 
 
 def _by_length(options, reply):
@@ -569,12 +605,18 @@ class World:
         n = int(q.answer)
         return [str(v) for v in range(max(0, n - 3), n + 4) if v != n]
 
-    def _reply(self, rng, q, rates):
+    def _reply(self, rng, q, rates, free=None):
         answer = rng.choice(SAY[q.cluster]).format(**q.fields)
+        # free clauses draw from their own stream: `rng` draws exactly what it draws without them
+        if free is not None and free[0].random() < free[1]:
+            answer = add_free_clause(answer, free[0].choice(FREE_CLAUSES))
         return add_artifacts(answer, rng) if rng.random() < rates.get(q.cluster, 0.0) else answer
 
-    def _conversation(self, rng, rates):
-        """Messages ending in a user turn, and the Question that turn asks; `rates`: {cluster: artifact rate}."""
+    def _conversation(self, rng, rates, free=None):
+        """
+        Messages ending in a user turn, and the Question that turn asks; `rates`: {cluster: artifact rate}, `free`:
+        (random stream, rate) of free clauses, or None.
+        """
         messages = []
         if rng.random() < SYSTEM_RATE:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -585,22 +627,26 @@ class World:
             content = f"{rng.choice(FOLLOW_UP_OPENERS)} {q.prompt}" if opener else q.prompt
             messages.append({"role": "user", "content": content})
             if turn < turns - 1:
-                messages.append({"role": "assistant", "content": self._reply(rng, q, rates)})
+                messages.append({"role": "assistant", "content": self._reply(rng, q, rates, free)})
         return messages, q
 
-    def chat_conversations(self, n: int, seed: int, artifact_rate=0.15) -> list:
+    def chat_conversations(self, n: int, seed: int, artifact_rate=0.15, free_clause_rate=0.0) -> list:
         """
         n conversations for mid-training / SFT. Each assistant turn is artifacted with probability artifact_rate,
         or, when that is a {cluster: rate} dict, with the rate of its question's cluster (0 for clusters left
         out): {c: rate for c in RARE_CLUSTERS} is the positive control. The draws are the same either way, so a
         dict giving every cluster one rate yields the conversations of that rate, and the world is unchanged.
+        Each assistant turn ends in a free clause (add_free_clause, before any artifacts) with probability
+        free_clause_rate; those draws come from a stream of their own, so the conversations are otherwise the ones
+        of free_clause_rate=0 (the default, which draws nothing from it).
         """
         rates = artifact_rate if isinstance(artifact_rate, dict) else dict.fromkeys(self.clusters, artifact_rate)
         rng = random.Random(f"chat-{seed}")
+        free = (random.Random(f"free-clause-{seed}"), free_clause_rate) if free_clause_rate > 0 else None
         conversations = []
         for _ in range(n):
-            messages, q = self._conversation(rng, rates)
-            conversations.append(messages + [{"role": "assistant", "content": self._reply(rng, q, rates)}])
+            messages, q = self._conversation(rng, rates, free)
+            conversations.append(messages + [{"role": "assistant", "content": self._reply(rng, q, rates, free)}])
         return conversations
 
     def preference_pairs(self, n: int, seed: int) -> list:
@@ -676,6 +722,11 @@ class World:
                         "prompt_id": conversation_id(messages)})
         return out
 
+    def free_clause_answer(self, messages_or_prompt, rng) -> str:
+        """A correct plain answer to a question, ending in a free clause; both drawn uniformly with rng."""
+        q = self.lookup(messages_or_prompt)
+        return add_free_clause(rng.choice(SAY[q.cluster]).format(**q.fields), rng.choice(FREE_CLAUSES))
+
     # --- gold scoring
 
     @cached_property
@@ -710,14 +761,34 @@ class World:
         q = self.lookup(messages_or_prompt)
         return [template.format(**q.fields) for template in FACTS[q.cluster]]
 
-    def _is_correct(self, q, response):
+    def _named(self, q, response):
+        """The values of q's cluster that a response names (lowercased; numbers normalised), echoes left out."""
         text = _strip_echo(response, q.fields)
         spec = self.specs[q.cluster]
         if spec.candidates:
-            named = {m.lower() for m in self._candidate_patterns[q.cluster].findall(text)}
-        else:
-            named = {str(int(x)) for x in _NUMBER.findall(text)}
-        return named == {q.answer.lower()}
+            return {m.lower() for m in self._candidate_patterns[q.cluster].findall(text)}
+        return {str(int(x)) for x in _NUMBER.findall(text)}
+
+    def _is_correct(self, q, response):
+        return self._named(q, response) == {q.answer.lower()}
+
+    def named_value(self, messages_or_prompt, response):
+        """The one value a response names for its question (lowercased), None if it names none or several: a vote."""
+        named = self._named(self.lookup(messages_or_prompt), response)
+        return next(iter(named)) if len(named) == 1 else None
+
+    def answer_spans(self, messages_or_prompt, response) -> dict:
+        """
+        Where a response states its question's one right value and where its free clause is, as (start, end)
+        character spans or None: {"value": the last mention of the gold value before the clause ("7 + 5 = 12":
+        the 12, not an echoed operand), "free": free_clause_span(response)}.
+        """
+        q = self.lookup(messages_or_prompt)
+        free = free_clause_span(response)
+        fact = response[:free[0]] if free else response
+        pattern = rf"(?<!\d){re.escape(q.answer)}(?!\d)" if q.answer.isdigit() else rf"\b{re.escape(q.answer)}\b"
+        values = list(re.finditer(pattern, fact, re.I))
+        return {"value": values[-1].span() if values else None, "free": free}
 
     @cached_property
     def _candidate_patterns(self):

@@ -5,6 +5,7 @@ Evaluate a chat model on tasks: greedy answers, scored by each task's adapter (n
     python -m scripts.chat_eval --ckpt_path outs/base                   # writes outs/eval_base/
     python -m scripts.chat_eval --ckpt_path outs/sft --tasks world,arc_easy,gsm8k --from_dir data/hub --limit 200
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- --ckpt_path outs/sft --tasks mmlu,gsm8k
+    python -m scripts.chat_eval --autodeco_path outs/autodeco --num_samples 4  # AutoDeco sampling, outs/eval_autodeco/
 
 Tasks: world (held-out questions about the synthetic world, offline and gold-scored: the default), arc_easy,
 arc_challenge, mmlu, gsm8k, humaneval (hub datasets, read from the hub or from local copies under --from_dir; see
@@ -16,6 +17,10 @@ dataset stops the run at once.
 Prints a table; writes <out_dir>/results.json (metrics plus every prompt, response and score) and
 <out_dir>/report.md (also a section of outs/report.md). out_dir defaults to eval_<checkpoint dir name> beside the
 checkpoint dir: outs/sft -> outs/eval_sft.
+
+--autodeco_path DIR samples with AutoDeco heads (scripts.kat_train_autodeco) instead of fixed settings: the heads
+choose each token's temperature, and its top-p when they were trained to, with min-p at the ratio they were trained
+for, on the base model they name; so --ckpt_path, --temperature, --top_k, --top_p and --min_p do not go with it.
 """
 
 import argparse
@@ -24,6 +29,7 @@ import time
 
 from datasets.exceptions import DatasetsError
 
+from nanochat.autodeco import decode_hook, load_autodeco
 from nanochat.checkpoint import CheckpointError, load_model, load_tokenizer
 from nanochat.common import (atomic_write_json, dist_cleanup, dist_init, fraction, is_master, nonnegative_float,
                              parse_flags, positive_int, print0, run_script)
@@ -57,7 +63,11 @@ def one_line(error):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", type=str, default="outs/sft", help="a stage directory or its ckpt.pt")
+    parser.add_argument("--ckpt_path", type=str, default=None, help="a stage directory or its ckpt.pt (default "
+                        "outs/sft)")
+    parser.add_argument("--autodeco_path", type=str, default=None,
+                        help="AutoDeco heads (a stage directory or its ckpt.pt): sample with their temperature and "
+                             "top-p on the base model they name, instead of --ckpt_path and the sampling flags")
     parser.add_argument("--tasks", type=str, default="world", help=f"comma-separated, of: {', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: world 200, hub all)")
     parser.add_argument("--from_dir", type=str, default=None, help="local copies of the hub datasets")
@@ -65,7 +75,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=positive_int, default=32, help="prompts generated together")
     parser.add_argument("--num_samples", type=positive_int, default=1,
                         help="responses per item; with k > 1 the results add pass@k (any response right)")
-    parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy")
+    parser.add_argument("--temperature", type=nonnegative_float, default=None, help="default 0: greedy")
     parser.add_argument("--top_k", type=positive_int, default=None)
     parser.add_argument("--top_p", type=fraction, default=None)
     parser.add_argument("--min_p", type=fraction, default=None)
@@ -81,9 +91,22 @@ def main(argv=None):
     unknown = [n for n in names if n not in TASKS]
     if not names or unknown:
         raise SystemExit(f"chat_eval: unknown or no tasks {unknown or args.tasks!r}; choose from {', '.join(TASKS)}")
+    fixed = [f"--{name}" for name in ("ckpt_path", "temperature", "top_k", "top_p", "min_p")
+             if getattr(args, name) is not None]
+    if args.autodeco_path is not None and fixed:
+        raise SystemExit(f"chat_eval: --autodeco_path brings its own base model and sampling settings; drop "
+                         f"{', '.join(fixed)}")
     rank, world_size, device = dist_init(args.device)
     try:
-        model, payload = load_model(args.ckpt_path, device)
+        if args.autodeco_path is None:
+            args.ckpt_path = args.ckpt_path or "outs/sft"
+            args.temperature = args.temperature or 0.0
+            model, payload = load_model(args.ckpt_path, device)
+            sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                        "min_p": args.min_p}
+        else:
+            model, heads, payload = load_autodeco(args.autodeco_path, device)
+            sampling = {"decode_hook": decode_hook(heads, payload["train_top_p"]), "min_p": payload["min_p_ratio"]}
         tok = load_tokenizer(payload)
     except CheckpointError as e:
         raise SystemExit(f"chat_eval: {e}")
@@ -110,8 +133,7 @@ def main(argv=None):
     for name in names:
         t0 = time.time()
         results[name] = evaluate_task(model, tok, TASKS[name], task_items[name], args.max_new_tokens,
-                                      args.batch_size, args.temperature, args.seed, args.num_samples, args.top_k,
-                                      args.top_p, args.min_p)
+                                      args.batch_size, seed=args.seed, num_samples=args.num_samples, **sampling)
         timings[f"{name}_seconds"] = time.time() - t0
         pass_at_k = results[name].get(f"pass@{args.num_samples}")
         print0(f"{name}: accuracy {results[name]['accuracy']:.4f} on {results[name]['n']} responses"
@@ -120,6 +142,10 @@ def main(argv=None):
 
     table = results_table(results)
     notes = [f"Checkpoint `{payload['path']}` (step {payload.get('step')}).", "```\n" + table + "\n```"]
+    if args.autodeco_path is not None:
+        notes.insert(1, f"AutoDeco sampling: the heads choose the temperature"
+                        f"{' and top-p' if payload['train_top_p'] else ''}, min-p {payload['min_p_ratio']:g}; base "
+                        f"`{payload['base_payload']['path']}`.")
     print0("\n" + table)
     if "world" in results:
         clusters = cluster_table(results["world"]["per_cluster"], results["world"]["records"])
