@@ -13,6 +13,7 @@ the kNN behind the density weights. Prints one table at the end and writes outs/
     python -m scripts.bench --only=density --density_n=200000 --brute_max_gib=8
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
     python -m scripts.bench --threads=1 --out=outs/bench_1thread.json
+    python -m scripts.bench --only=autodeco                    # what AutoDeco's heads add to decoding
 
 What is measured:
   train       tokens/s of `nanochat.training.train_step` (forward, backward, grad clip, optimizer step) on one
@@ -57,14 +58,21 @@ What is measured:
               0.04, grad clip 1, AdamW at 1e-4). Scoring and training run in batches of
               --grpo_device_batch_size rows. One untimed step, then the median of --grpo_steps timed steps, for the
               whole step and for each part.
+  autodeco    the decode-time cost of AutoDeco's heads: `Engine.generate` from random 32-token prompts at each
+              batch size of --gen_batches, --new_tokens tokens, min-p 0.1, no stop tokens, plain (temperature 1)
+              beside the heads' decode hook (nanochat.autodeco.decode_hook on heads whose last layers are drawn
+              at random, so they are not the constant fresh ones) with the temperature head alone and with the top-p
+              head too. The three take turns run by run: one untimed run each, then the median of --autodeco_runs
+              timed runs; overhead = median with the hook / plain median - 1 (the issue's target: at most 5%).
   density     kNN (k = 10) plus density weights of --density_n random 256-dim unit vectors: blocked
               (`nanochat.density.knn`, tiles of --density_block_size) beside brute force (the whole N x N cosine
               similarity matrix, then topk of each row). Brute force runs at --density_n when its matrix and
               normalised copy fit in --brute_max_gib; otherwise both run at --density_brute_n and blocked alone
               at --density_n too. Each run is a fresh process with --threads threads: its seconds, and its peak
               extra memory: the peak RSS during the kNN minus the RSS just before it (vectors and torch loaded;
-              on Linux the peak is reset there through /proc/self/clear_refs), beside the theory (`working_bytes`). "identical" is true when, at the size where both
-              ran, they found the same neighbours in the same order with distances within 1e-6.
+              on Linux the peak is reset there through /proc/self/clear_refs), beside the theory
+              (`working_bytes`). "identical" is true when, at the size where both ran, they found the same
+              neighbours in the same order with distances within 1e-6.
 
 Timings are wall clock, so a shared machine makes them noisy: the json records the 1-minute load average before
 and after (this run's own threads count towards the second). Reference figures appear only at the reference size
@@ -97,7 +105,7 @@ from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from nanochat.training import train_step
 
-WORKLOADS = ("train", "generate", "optimizers", "rm", "dpo", "grpo", "density")
+WORKLOADS = ("train", "generate", "optimizers", "rm", "dpo", "grpo", "autodeco", "density")
 OPTIMIZERS = ("muon", "adamw")
 GRPO_PARTS = ("generate", "score", "train")
 PROMPT_LEN = 32
@@ -233,6 +241,39 @@ def bench_generate(args, config, device):
         }
         print(f"generate batch {batch}: kv cache {cache_tps:,.0f} tok/s, no cache {naive_tps:,.0f} tok/s "
               f"({cache_tps / naive_tps:.1f}x)", flush=True)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# autodeco: what the heads add to each decode step
+
+def bench_autodeco(args, config, device):
+    from nanochat.autodeco import AutoDecoHeads, HeadsConfig, decode_hook
+    model = fresh_model(config, args.seed, device).eval()
+    heads = AutoDecoHeads(HeadsConfig(n_embd=config.n_embd)).to(device).eval()
+    with torch.no_grad():  # non-zero last layers: the temperature varies by row, as a trained head's does
+        for mlp in (heads.temp_head, heads.top_p_head):
+            mlp[2].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(args.seed))
+    engine = Engine(model)
+    gen = torch.Generator().manual_seed(args.seed)
+    results = {"prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens, "timed_runs": args.autodeco_runs,
+               "batches": {}}
+    for batch in args.gen_batches:
+        prompts = random_ids(gen, config.vocab_size, batch, PROMPT_LEN)
+
+        def run(hook):
+            return functools.partial(engine.generate, prompts, max_new_tokens=args.new_tokens, temperature=1.0,
+                                     min_p=0.1, seed=args.seed, decode_hook=hook)
+
+        runs = {"plain": run(None), "temperature head": run(decode_hook(heads, use_top_p=False)),
+                "temperature + top-p heads": run(decode_hook(heads, use_top_p=True))}
+        medians = {name: statistics.median(seconds)
+                   for name, seconds in time_steps(runs, 1, args.autodeco_runs, device).items()}
+        results["batches"][batch] = {name: {"median_seconds": m, "overhead": m / medians["plain"] - 1}
+                                     for name, m in medians.items()}
+        print(f"autodeco batch {batch}: plain {medians['plain']:.3f} s, " + ", ".join(
+            f"{name} {m:.3f} s ({m / medians['plain'] - 1:+.1%})" for name, m in medians.items() if name != "plain"),
+            flush=True)
     return results
 
 
@@ -562,6 +603,13 @@ def table(results):
                      f"{median['total']:.2f} s (median)" + (f", {ref / median['total']:.1f}x faster" if ref else ""),
                      f"{ref} s TRL GRPOTrainer, target <= {TARGET_GRPO_SECONDS:g} s" if ref else ""))
         rows += [(f"grpo   {part}", f"{median[part]:.2f} s", "") for part in GRPO_PARTS]
+    if "autodeco" in results:
+        r = results["autodeco"]
+        for batch, b in r["batches"].items():
+            for name, m in b.items():
+                rows.append((f"autodeco b{batch} {name} ({r['new_tokens']} tok)",
+                             f"{m['median_seconds']:.3f} s" + (f" ({m['overhead']:+.1%})" if name != "plain" else ""),
+                             "target <= +5%" if name != "plain" else ""))
     if "density" in results:
         r = results["density"]
         for run in r["runs"]:
@@ -623,6 +671,8 @@ def main(argv=None):
     parser.add_argument("--grpo_device_batch_size", type=int, default=32,
                         help="rows per reference and policy forward (kat_train_grpo's --device_batch_size)")
     parser.add_argument("--grpo_steps", type=int, default=2, help="timed grpo steps, after one untimed step")
+    # autodeco
+    parser.add_argument("--autodeco_runs", type=int, default=5, help="timed generate runs per variant")
     # density
     parser.add_argument("--density_n", type=int, default=100000, help="random 256-dim unit vectors")
     parser.add_argument("--density_brute_n", type=int, default=20000,
@@ -660,6 +710,8 @@ def main(argv=None):
         results["dpo"] = bench_dpo(args, config, device)
     if "grpo" in only:
         results["grpo"] = bench_grpo(args, config, device)
+    if "autodeco" in only:
+        results["autodeco"] = bench_autodeco(args, config, device)
     if "density" in only:
         results["density"] = bench_density(args, density_n)
     results["environment"]["load_average_end"] = os.getloadavg()

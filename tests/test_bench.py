@@ -35,6 +35,7 @@ def test_tiny_run_writes_every_workload(tmp_path):
                     "--opt_heldout_docs=20", "--pairs=3", "--pair_device_batch_size=2", "--pair_steps=2",
                     "--rm_len=8", "--dpo_prompt_len=4", "--dpo_reply_len=5", "--grpo_prompts=2", "--grpo_samples=3",
                     "--grpo_prompt_len=4", "--grpo_new_tokens=5", "--grpo_device_batch_size=4", "--grpo_steps=2",
+                    "--autodeco_runs=2",
                     # brute force at N=500 needs 0.0014 GiB: over budget, so both run at 200 and blocked at 500
                     "--density_n=500", "--density_brute_n=200", "--brute_max_gib=0.001", "--density_block_size=64",
                     "--threads=1", f"--out={out}"])
@@ -59,6 +60,9 @@ def test_tiny_run_writes_every_workload(tmp_path):
     assert all(len(seconds) == 2 for seconds in grpo["step_seconds"].values())
     assert grpo["median_seconds"]["total"] >= grpo["median_seconds"]["generate"] > 0
     assert grpo["reference_trl_grpo_trainer_seconds_per_step"] is None
+    autodeco = results["autodeco"]["batches"]
+    assert set(autodeco) == {"1", "2"}
+    assert all(b["plain"]["overhead"] == 0 and b["temperature head"]["median_seconds"] > 0 for b in autodeco.values())
     d = results["density"]
     assert [(r["method"], r["n"]) for r in d["runs"]] == [("blocked", 200), ("blocked", 500), ("brute", 200)]
     assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in d["runs"])
