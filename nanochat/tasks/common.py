@@ -19,10 +19,11 @@ import datasets
 LETTERS = "ABCDEFGHIJ"
 
 
-def load_rows(hub_id, data_file, split, from_dir, columns, limit):
+def load_rows(hub_id, data_file, split, from_dir, columns, limit, **reader_options):
     """Rows of one split as a list of dicts, plus a description of where they came from.
 
-    data_file is a pattern relative to the repo root, e.g. "all/test-*.parquet".
+    data_file is a pattern relative to the repo root, e.g. "all/test-*.parquet"; reader_options go to the file
+    reader behind datasets.load_dataset (e.g. pandas' CSV options).
     Raises ValueError naming the file and split if a required column is missing.
     """
     source = hub_id if from_dir is None else os.path.join(from_dir, hub_id)
@@ -34,7 +35,7 @@ def load_rows(hub_id, data_file, split, from_dir, columns, limit):
             f"no file matches {where}; fetch the repo with: "
             f"huggingface-cli download {hub_id} --repo-type dataset --local-dir {source}"
         )
-    ds = datasets.load_dataset(source, data_files={split: data_file}, split=split)
+    ds = datasets.load_dataset(source, data_files={split: data_file}, split=split, **reader_options)
     for column in columns:
         if column not in ds.column_names:
             raise ValueError(f"{where} (split {split!r}): missing column {column!r}, found {ds.column_names}")
