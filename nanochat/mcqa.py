@@ -16,15 +16,22 @@ the layout `huggingface-cli download <hub id> --repo-type dataset --local-dir DI
                   unnamed index column (ignored). Only a test set exists, so split_items cuts it into
                   train/validation/test (MMMLU_SHARES) by seed. Language: the locale's first part, lowercased.
 
+    world_en      The synthetic world's own questions (World.mc_items of nanochat/synthetic.py), made, not read:
+    world_l2      single- and two-hop questions about its people and cities, distractors drawn from the values
+                  the world has for the same attribute. world_l2 asks them in "l2", a word-for-word invented
+                  language (synthetic.translate). Cut into WORLD_SHARES by seed, alike in both languages.
+
 A response is scored by its last "Answer: X" line (extract_answer), in the item's language or in English.
 """
 
 import hashlib
+import random
 import re
 import unicodedata
 from functools import partial
 
 
+from nanochat.synthetic import make_world, translate
 from nanochat.tasks import common
 
 LETTERS = "ABCD"
@@ -32,12 +39,11 @@ LETTERS = "ABCD"
 # Answer labels per language, any of which may introduce the final letter. English is accepted in every language,
 # since a model prompted in another language often falls back to it. Matching ignores case and diacritics, so
 # "Idahun" and "ÌDÁHÙN" match "Ìdáhùn" anyway; the plain spelling is listed to say that it is meant.
-# "l2" is the synthetic world's second language (world_l2): the world helper fills in its label; until then it
-# is read with the English one.
+# "l2" is the synthetic world's invented second language (world_l2); its label is the l2 word for "Answer".
 ANSWER_LABELS = {
     "en": ["Answer"],
     "yo": ["Ìdáhùn", "Idahun"],
-    "l2": [],
+    "l2": [translate("Answer", "l2")],
 }
 
 # The instruction above each question; its format line uses the language's first answer label.
@@ -46,6 +52,8 @@ PREAMBLES = {
     "en": 'Think step by step, briefly. Then end with the line "Answer: X", where X is A, B, C or D.',
     "yo": 'Ronú lórí rẹ̀ ní ìgbésẹ̀-ìgbésẹ̀, ní ṣókí. Lẹ́yìn náà, parí pẹ̀lú ìlà "Ìdáhùn: X", níbi tí X jẹ́ A, B, C tàbí D.',
 }
+# word for word, so its format line reads "<l2 label>: X"
+PREAMBLES["l2"] = translate(PREAMBLES["en"], "l2")
 
 MMLU_HUB_ID = "cais/mmlu"
 MMLU_SPLITS = ("auxiliary_train", "dev", "validation", "test")
@@ -54,6 +62,7 @@ MMMLU_LOCALES = ("AR-XY", "BN-BD", "DE-DE", "ES-LA", "FR-FR", "HI-IN", "ID-ID", 
                  "PT-BR", "SW-KE", "YO-NG", "ZH-CN")
 MMMLU_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 MMMLU_COLUMNS = ["Question", "A", "B", "C", "D", "Answer", "Subject"]
+WORLD_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
 
 def make_item(id, question, choices, answer, subject, language):
@@ -113,8 +122,27 @@ def load_mmmlu(locale, split, from_dir=None, limit=None, seed=0):
     return part if limit is None else part[:limit]
 
 
-# dataset name -> loader(split, from_dir, limit, seed); the synthetic world's world_en / world_l2 go here too
-LOADERS = {"mmlu": load_mmlu, **{f"mmlu_{locale}": partial(load_mmmlu, locale) for locale in MMMLU_LOCALES}}
+def load_world(language, split, from_dir=None, limit=None, seed=0, world_seed=42, world_size=1):
+    """
+    One part ("train", "validation", "test") of the synthetic world's questions in "en" or "l2", cut by
+    split_items(seed); limit applies after the cut. from_dir is unused: the world is made, not read. The world is
+    make_world(world_seed, world_size): pass a checkpoint's payload["world"] ({"seed", "size"}) so that the questions
+    are about the people the model learned, e.g. partial(load_world, "l2", world_seed=..., world_size=...).
+    """
+    if split not in WORLD_SHARES:
+        raise ValueError(f"the world's questions are cut into {', '.join(WORLD_SHARES)}, not {split!r}")
+    items = make_world(world_seed, world_size).mc_items(language)
+    # cut on the id without its language, so that a question is in the same part in both languages: the English
+    # twin of an l2 test question is never trained on
+    keys = [{"id": item["id"].split("/", 1)[1]} for item in items]
+    chosen = {key["id"] for key in split_items(keys, WORLD_SHARES, seed)[split]}
+    part = [item for item, key in zip(items, keys) if key["id"] in chosen]
+    return part if limit is None else part[:limit]
+
+
+# dataset name -> loader(split, from_dir, limit, seed)
+LOADERS = {"mmlu": load_mmlu, **{f"mmlu_{locale}": partial(load_mmmlu, locale) for locale in MMMLU_LOCALES},
+           "world_en": partial(load_world, "en"), "world_l2": partial(load_world, "l2")}
 
 
 def load_mcqa(dataset_name, split, from_dir=None, limit=None, seed=0):
@@ -157,6 +185,25 @@ def render_question(item, preamble=None, meta_prompt=None):
     options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, item["choices"]))
     blocks = [preamble, meta_prompt, item["question"].strip(), options]
     return "\n\n".join(block for block in blocks if block)
+
+
+def reference_response(world, item, rationale=True):
+    """The world's model answer to one of its items: the facts that lead to it, then the answer line, in the
+    item's language; with rationale=False, the answer line alone."""
+    facts, letter = world.mc_reference(item)
+    line = f"{ANSWER_LABELS[item['language']][0]}: {letter}"
+    return f"{facts}\n{line}" if rationale else line
+
+
+def world_conversations(world, items, n, seed, rationale=True):
+    """
+    n chat conversations for mid-training / SFT, items drawn with replacement by seed: the rendered question, then
+    reference_response. Pass training items only (load_world(..., "train")), or SFT leaks STaR's held-out questions.
+    """
+    rng = random.Random(f"mc-chat-{seed}")
+    return [[{"role": "user", "content": render_question(item)},
+             {"role": "assistant", "content": reference_response(world, item, rationale)}]
+            for item in rng.choices(items, k=n)]
 
 
 def plain(text):

@@ -45,6 +45,10 @@ Generators (all on `World`):
 - eval_questions: clusters drawn uniformly (so rare topics get measured too), and an
   EVAL_HELDOUT_RATE share of prompts use paraphrase templates that no training
   generator ever emits, to test the answer format rather than memorised strings.
+- mc_items: multiple-choice questions for STaR (nanochat/mcqa.py loads them as world_en / world_l2), four options
+  with distractors from the attribute's own values, single-hop and two-hop (MC_TWO_HOP), in English or in "l2", an
+  invented language that replaces every template and vocabulary word and keeps names and numbers (translate);
+  mc_reference gives each one's rationale (the facts that lead to the answer). No other generator uses them yet.
 
 Prompts come from topic clusters with Zipf-like frequencies CLUSTER_WEIGHTS: "colour"
 and "addition" carry 56% of prompts, eleven tail clusters carry under 5% each, and
@@ -62,8 +66,7 @@ candidate colours or several numbers is wrong, so listing everything cannot hack
 reward. Echoing the question's operand pair ("7 + 5 = 12.", "the larger of 4 and 9
 is 9") is allowed. Numbers must be written as digits.
 
-Later generators (multiple choice in English and in a second invented language for
-STaR, math / QA / code tasks with checkable answers) fit the same mould: add a Cluster
+Later generators (math / QA / code tasks with checkable answers) fit the same mould: add a Cluster
 with question templates, answer templates and items, and gold_score works unchanged.
 """
 
@@ -866,6 +869,54 @@ class World:
             lines.append(rng.choice(FACTS[cluster]).format(**rng.choice(self.specs[cluster].items)))
         return "\n".join(lines)
 
+    # --- multiple choice (STaR)
+
+    def mc_items(self, language: str = "en") -> list:
+        """
+        Every multiple-choice question of the world as mcqa items (see nanochat/mcqa.py) in "en" or "l2": each
+        single-hop kind (MC_SINGLE_HOP) of every subject and each two-hop kind (MC_TWO_HOP) of every person.
+        The order is a fixed shuffle, so that a prefix mixes kinds; it, the choices and the ids
+        "world_<language>/<seed>-<size>/<kind>/<index>" depend only on the world, and are the same in both languages.
+        """
+        keys = [(kind, i) for kind in MC_SINGLE_HOP for i in range(len(self.specs[kind].items))]
+        keys += [(kind, i) for kind in MC_TWO_HOP for i in range(len(self.people))]
+        random.Random(f"mc-order-{self.seed}-{self.size}").shuffle(keys)
+        items = []
+        for kind, i in keys:
+            question, choices, gold, _ = self._mc_question(kind, i)
+            items.append({"id": f"world_{language}/{self.seed}-{self.size}/{kind}/{i}",
+                          "question": translate(question, language),
+                          "choices": [translate(choice, language) for choice in choices], "answer": "ABCD"[gold],
+                          "subject": kind, "language": language})
+        return items
+
+    def mc_reference(self, item) -> tuple:
+        """(rationale, answer letter) for an item of mc_items: the fact sentences that lead to the answer."""
+        _, world, kind, i = item["id"].split("/")
+        if world != f"{self.seed}-{self.size}":
+            raise ValueError(f"item {item['id']!r} is not about this world (seed={self.seed}, size={self.size})")
+        _, _, gold, facts = self._mc_question(kind, int(i))
+        return translate(" ".join(facts), item["language"]), "ABCD"[gold]
+
+    def _mc_question(self, kind, i):
+        """(question, four choices, index of the right one, fact sentences), in English, for one kind and subject."""
+        rng = random.Random(f"mc-{self.seed}-{self.size}-{kind}-{i}")
+        if kind in MC_TWO_HOP:
+            template, first, cluster = MC_TWO_HOP[kind]
+            via = self.specs[first].items[i]
+            # a city's fact is about the person's home city; a person's fact about the same person
+            j = [c.name for c in self.cities].index(via["value"]) if first == "home_city" else i
+            item = self.specs[cluster].items[j]
+            question, facts = template.format(**via), [FACTS[first][0].format(**via)]
+        else:
+            cluster, item = kind, self.specs[kind].items[i]
+            question, facts = rng.choice(ASK[kind]).format(**item), []
+        facts.append(FACTS[cluster][0].format(**item))
+        wrong = rng.sample(self._wrong_values(Question(cluster, question, item["value"], item)), 3)
+        choices = [item["value"]] + wrong
+        rng.shuffle(choices)
+        return question, choices, choices.index(item["value"]), facts
+
 
 def make_world(seed: int = 0, size: int = 1) -> World:
     """The world for (seed, size); size scales people (60x), cities (8x) and regions (3x)."""
@@ -882,3 +933,83 @@ def make_world(seed: int = 0, size: int = 1) -> World:
                      rng.choice(PETS), pet_name, rng.randint(18, 79), rng.choice(FLOWERS), rng.choice(INSTRUMENTS))
               for name, pet_name in zip(names, pet_names)]
     return World(seed, size, people, cities, regions, _build_clusters(people, cities, regions))
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice in English and in "l2", an invented second language (STaR, issue 14)
+
+# Single-hop kinds ask one fact of a Cluster with one of its ASK templates; the reference rationale states that fact.
+# "region" is left out: a size-1 world has only 3 regions, too few for four options.
+MC_SINGLE_HOP = ("colour", "home_city", "job", "food", "pet", "age", "pet_name", "flower", "instrument", "river")
+# Two-hop kinds: (question, first cluster, second cluster). The question names the first fact's subject, the answer
+# is the second fact's value, and the rationale states both: "Bimo" -> "Dover has a pet cat named Bimo." -> "Dover's
+# favourite colour is red.". The hop goes through something that picks one subject: a pet name has one owner and a
+# person one home city (a city has many residents, so "the person who lives in Korta" would be ambiguous).
+MC_TWO_HOP = {
+    "river_of_home": ("Which river flows through the city where {name} lives?", "home_city", "river"),
+    "owner_colour": ("What colour does the owner of {pet_name} like best?", "pet_name", "colour"),
+    "owner_job": ("What is the job of the owner of {pet_name}?", "pet_name", "job"),
+    "owner_food": ("What food does the owner of {pet_name} like best?", "pet_name", "food"),
+    "owner_home_city": ("Which city does the owner of {pet_name} live in?", "pet_name", "home_city"),
+    "owner_instrument": ("Which instrument does the owner of {pet_name} play?", "pet_name", "instrument"),
+}
+MC_LANGUAGES = ("en", "l2")
+
+# l2 is English with every word of the world's templates and vocabularies replaced, token by token, by an invented
+# word; names, digits, punctuation and single capital letters (the option letters, the "X" of the answer format, "I")
+# are kept, so an l2 question asks about the same people as its English twin. L2_EXTRA_WORDS are the words of
+# mcqa's English preamble and answer label that no template here uses: mcqa translates those (it imports this
+# module, not the other way round).
+L2_EXTRA_WORDS = ("answer", "think", "step", "by", "briefly", "then", "end", "with", "the", "line", "where", "is",
+                  "or")
+# An l2 word starts with one of these onsets, which no invented name starts with (a name's second letter is a
+# vowel), so an l2 word is never taken for a name, nor a name for an l2 word.
+L2_ONSETS = ("h", "w", "y", "j", "ch", "sh", "th")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _l2_word(rng, syllables):
+    word = rng.choice(L2_ONSETS) + rng.choice(VOWELS)
+    word += "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables - 1))
+    return word + rng.choice(CODAS)
+
+
+def _l2_lexicon():
+    """{English word: l2 word}, lowercase, a bijection onto words that are neither English words here nor names."""
+    words = set(_reserved_words()) | set(L2_EXTRA_WORDS)
+    for template, _, _ in MC_TWO_HOP.values():
+        words.update(re.findall(r"[a-z]+", template.lower()))
+    lexicon, used = {}, set(words)
+    for word in sorted(words):
+        # each word draws from its own stream, so adding a word later moves no other word (unless they collide)
+        rng = random.Random(f"l2-{word}")
+        while True:
+            l2 = _l2_word(rng, 1 + len(word) // 4)
+            if l2 not in used:
+                break
+        used.add(l2)
+        lexicon[word] = l2
+    return lexicon
+
+
+L2_LEXICON = _l2_lexicon()
+
+
+def translate(text: str, language: str) -> str:
+    """text in "en" (unchanged) or "l2" (L2_LEXICON word by word, first capitals kept); l2 rejects unknown words."""
+    if language == "en":
+        return text
+    if language != "l2":
+        raise ValueError(f"the world speaks {', '.join(MC_LANGUAGES)}, not {language!r}")
+
+    def word(match):
+        w = match.group()
+        if len(w) == 1 and w.isupper():
+            return w  # an option letter, the "X" of the answer format, or "I"
+        if w.lower() in L2_LEXICON:
+            l2 = L2_LEXICON[w.lower()]
+            return l2.capitalize() if w[0].isupper() else l2
+        if w[0].isupper():
+            return w  # a name
+        raise ValueError(f"no l2 word for {w!r} in {text!r}; add the template it comes from to _l2_lexicon")
+    return _WORD.sub(word, text)
