@@ -1,0 +1,368 @@
+"""
+STaR, the Self-Taught Reasoner (issue 14), on multiple-choice QA: each iteration samples rationales to training
+questions, keeps what reached the right answer (nanochat/star.py) and trains on it, then evaluates greedily.
+
+    python -m scripts.kat_train_star --model_name outs/sft --dataset_name world_en --train_strategy reinforce \\
+        --max_epochs 2 --num_train_questions 200 --samples_per_train_question 4
+    python -m scripts.kat_train_star --model_name outs/sft --dataset_name world_en --train_strategy dpo --lora_r 8
+    python -m scripts.kat_train_star --model_name outs/sft --dataset_name world_en --max_epochs 0   # evaluate only
+    python -m scripts.kat_train_star --model_name outs/sft --dataset_name world_en \\
+        --meta_prompt_to_preamble "Think logically." "Please cook."                             # prompt sweep
+    python -m scripts.kat_train_star ... --preload_data_for_training outs/star/<run>/generations_iter1.jsonl
+    torchrun --standalone --nproc_per_node=2 -m scripts.kat_train_star -- --model_name outs/sft ...
+    python -m scripts.kat_train_star ... --resume True                    # continue an interrupted run
+
+One iteration k = 1..--max_epochs:
+1. sample --samples_per_train_question rationales (temperature --temperature) to each of --num_train_questions
+   training questions, seed --seed + k (another stream each iteration); with --rationalize, questions without a
+   usable correct sample are sampled again with the answer as a hint and those samples merged into their records
+   (flagged "hinted"; star.py never trains on one that mentions the hint). Records go to generations_iter<k>.jsonl;
+   --preload_data_for_training reads iteration 1's records from such a file instead of sampling;
+2. train --internal_epochs passes over the data, from the previous iteration's model, or from --model_name each
+   iteration with --reset_model_every_star_epoch (as the STaR paper does):
+   - reinforce: SFT on [question, correct rationale] (star.reinforce_examples; --unique drops a question's
+     repeated rationales), loss on the assistant's tokens only;
+   - dpo: DPO (sigmoid, --dpo_beta) on star.dpo_pairs of the contested questions, against --ref_model_name if
+     given, else the policy's own base weights under lora.adapters_disabled (--lora_r > 0), else a frozen copy of
+     the iteration's starting model.
+   Optimizer steps take --train_batch_size examples per rank x --train_gradient_accumulation_steps micro-batches x
+   world size; an epoch is ceil(examples / that) steps, indices wrapping around so every step is full. AdamW at
+   --learning_rate with --warmup linear warmup steps, then constant. --lora_r > 0 trains fresh adapters each
+   iteration and merges them into the weights at its end, so every saved model is a plain GPT.
+3. evaluate: greedy answers to --num_val_questions validation questions: accuracy with a Wilson 95% interval,
+   no-answer and degeneration rates, accuracy per subject. Iteration 0 (the starting model) too, unless
+   --skip_first_validation_loop.
+
+Debugging and options: --single_batch trains every step on the first batch (an overfitting check);
+--shuffle_dataloader=False keeps record order within an epoch (default: a seeded permutation per epoch);
+--val_every_n_steps N also evaluates every N optimizer steps inside an iteration (recorded as val_inner/*).
+
+Output: --out_dir (default outs/star/<run name>, the name from star.run_name; wandb only with --run): ckpt.pt of
+the final model (loads with checkpoint.load_model and chat_cli), generations_iter<k>.jsonl, report.md with the
+per-iteration table. Resume granularity: one STaR iteration (the state is saved after each, --save_every); a run
+killed inside an iteration redoes that iteration from its start, with the same seeds.
+
+--meta_prompt_to_preamble P1 P2 ... sweeps meta-prompts instead (no training): greedy validation accuracy with no
+meta-prompt and with each one, written to <out_dir>/sweep.md and sweep.json. --meta_prompt adds one meta-prompt
+(between the preamble and the question) to every prompt of a STaR run, training and evaluation alike.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+
+import torch
+
+from nanochat import mcqa, star
+from nanochat.batching import collate_targets
+from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
+from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, is_master, nonnegative_float,
+                             nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
+                             seed_everything, str2bool)
+from nanochat.dpo import dpo_train_step
+from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
+from nanochat.lora import adapters_disabled, apply_lora, merge_lora
+from nanochat.preference import render_reply
+from nanochat.stage import Stage
+from nanochat.training import train_step
+
+STRATEGIES = ("reinforce", "dpo")
+
+
+def wilson(correct, n, z=1.96):
+    """The Wilson score 95% interval of a proportion (lo, hi); (0, 1) for n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate(model, tok, items, args, meta_prompt):
+    """Greedy answers to the validation items: accuracy (Wilson CI), no-answer, degeneration, per subject."""
+    was_training = model.training
+    model.eval()
+    records = star.sample_rationales(model, tok, items, 1, 0.0, args.max_new_tokens, args.gen_batch_size, args.seed,
+                                     meta_prompt=meta_prompt)
+    model.train(was_training)
+    m = star.iteration_metrics(records)
+    lo, hi = wilson(sum(r["samples"][0]["score"] >= 1 for r in records), len(records))
+    return {"accuracy": m["accuracy"], "accuracy_lo": lo, "accuracy_hi": hi, "no_answer_rate": m["no_answer_rate"],
+            "degenerate_rate": m["degenerate_rate"], "questions": len(records),
+            **{f"subject/{s}": a for s, a in m["per_subject"].items()}}
+
+
+def load_items(args, split, limit, world):
+    """One split of --dataset_name; the world's questions are about the world the model learned (its checkpoint's)."""
+    if args.dataset_name.startswith("world_"):
+        if world is None:
+            raise InputError(f"--dataset_name={args.dataset_name}: {args.model_name} was not trained on the "
+                             f"synthetic world (its checkpoint names none); use an mmlu data set")
+        items = mcqa.load_world(args.dataset_name.removeprefix("world_"), split, limit=limit,
+                                world_seed=world["seed"], world_size=world["size"])
+    else:
+        try:
+            items = mcqa.load_mcqa(args.dataset_name, split, from_dir=args.from_dir, limit=limit)
+        except ValueError as e:
+            raise InputError(f"--dataset_name: {e}") from e
+    if not items:
+        raise InputError(f"--dataset_name={args.dataset_name}: the {split} split is empty")
+    return items
+
+
+def read_generations(path):
+    """Records saved by an earlier run (generations_iter<k>.jsonl), checked enough to train on."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--preload_data_for_training {path}, line {number}: not JSON ({e})") from e
+            if not (isinstance(record, dict) and {"item", "messages", "samples"} <= set(record)):
+                raise InputError(f"--preload_data_for_training {path}, line {number}: a record needs item, messages "
+                                 f"and samples (write it with this script: generations_iter<k>.jsonl)")
+            records.append(record)
+    if not records:
+        raise InputError(f"--preload_data_for_training {path}: no records")
+    return records
+
+
+class AdaptersOff:
+    """DPO's reference when training LoRA: the policy itself with its adapters disabled (no second copy)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):  # sequence_logprobs calls hidden_states / logits_from_hidden
+        method = getattr(self.model, name)
+
+        def call(*args, **kwargs):
+            with adapters_disabled(self.model):
+                return method(*args, **kwargs)
+        return call
+
+
+def table_row(k, val, train):
+    acc = f"{val['accuracy']:.3f} [{val['accuracy_lo']:.3f}, {val['accuracy_hi']:.3f}]" if val else "-"
+    rates = f"{val['no_answer_rate']:.3f} | {val['degenerate_rate']:.3f}" if val else "- | -"
+    if train:
+        tr = (f"{train['accuracy']:.3f} | {train['pass_at_k']:.3f} | {train['contested']:.3f} | "
+              f"{train['examples']} | {train['steps']}")
+    else:
+        tr = "- | - | - | - | -"
+    return f"| {k} | {acc} | {rates} | {tr} |"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", type=str, default="outs/sft", help="checkpoint to start from")
+    parser.add_argument("--ref_model_name", type=str, default=None,
+                        help="dpo: checkpoint of the frozen reference (default: see above)")
+    parser.add_argument("--dataset_name", type=str, default="world_en",
+                        help=f"multiple-choice data set: {', '.join(mcqa.LOADERS)}")
+    parser.add_argument("--from_dir", type=str, default=None, help="local copy of the hub data set (mmlu*)")
+    parser.add_argument("--train_strategy", type=str, default="reinforce", choices=STRATEGIES)
+    parser.add_argument("--unique", type=str2bool, default=False,
+                        help="drop a question's repeated rationales (whitespace-insensitive) from its training data")
+    parser.add_argument("--max_epochs", type=nonnegative_int, default=2, help="STaR iterations (0: evaluate only)")
+    parser.add_argument("--internal_epochs", type=positive_int, default=1, help="training passes per iteration")
+    parser.add_argument("--num_train_questions", type=positive_int, default=200)
+    parser.add_argument("--num_val_questions", type=positive_int, default=200)
+    parser.add_argument("--samples_per_train_question", type=positive_int, default=4)
+    parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="of the training samples")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=128)
+    parser.add_argument("--gen_batch_size", type=positive_int, default=32, help="questions per generation batch")
+    parser.add_argument("--rationalize", type=str2bool, default=False,
+                        help="sample failed questions again with the answer as a hint")
+    parser.add_argument("--train_batch_size", type=positive_int, default=8, help="examples per micro-batch per rank")
+    parser.add_argument("--train_gradient_accumulation_steps", type=positive_int, default=1)
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-5)
+    parser.add_argument("--weight_decay", type=nonnegative_float, default=0.0)
+    parser.add_argument("--warmup", type=nonnegative_int, default=0, help="linear warmup steps of each iteration")
+    parser.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--dpo_beta", type=positive_float, default=0.1)
+    parser.add_argument("--max_len", type=positive_int, default=None, help="tokens per training row (default: the "
+                        "model's context length)")
+    parser.add_argument("--reset_model_every_star_epoch", type=str2bool, default=False,
+                        help="each iteration trains from --model_name (on the new data) instead of the last model")
+    parser.add_argument("--lora_r", type=nonnegative_int, default=0, help="LoRA rank (0: full fine-tune)")
+    parser.add_argument("--meta_prompt", type=str, default=None, help="a meta-prompt in every question")
+    parser.add_argument("--meta_prompt_to_preamble", type=str, nargs="+", default=None,
+                        help="sweep these meta-prompts on the validation split (no training)")
+    parser.add_argument("--skip_first_validation_loop", type=str2bool, default=False,
+                        help="no evaluation of the starting model (iteration 0)")
+    parser.add_argument("--preload_data_for_training", type=str, default=None,
+                        help="a generations_iter<k>.jsonl whose records replace iteration 1's sampling")
+    parser.add_argument("--single_batch", type=str2bool, default=False, help="train on the first batch only")
+    parser.add_argument("--shuffle_dataloader", type=str2bool, default=True)
+    parser.add_argument("--val_every_n_steps", type=nonnegative_int, default=0,
+                        help="also evaluate every N optimizer steps inside an iteration (0: only after it)")
+    parser.add_argument("--log_every", type=positive_int, default=10, help="print every N optimizer steps")
+    parser.add_argument("--save_every", type=nonnegative_int, default=1, help="resume state every N iterations")
+    parser.add_argument("--resume", type=str2bool, default=False, help="continue the output directory's run")
+    parser.add_argument("--out_dir", type=str, default=None, help="default: outs/star/<run name>")
+    add_common_flags(parser)
+    args = parse_flags(parser, argv)
+    name = star.run_name({"strategy": args.train_strategy, "dataset": args.dataset_name, "hint": args.rationalize,
+                          "lora_r": args.lora_r, "lr": args.learning_rate, "iterations": args.max_epochs,
+                          "samples_per_question": args.samples_per_train_question,
+                          "temperature": args.temperature, "seed": args.seed})
+    args.out_dir = args.out_dir or os.path.join("outs", "star", name)
+    if args.preload_data_for_training and not os.path.isfile(args.preload_data_for_training):
+        raise InputError(f"--preload_data_for_training {args.preload_data_for_training}: no such file")
+
+    rank, world_size, device = dist_init(args.device)
+    seed_everything(args.seed)
+    model, payload = load_model(args.model_name, device)
+    tok = load_tokenizer(payload)
+    world = payload["world"]
+    val_items = load_items(args, "validation", args.num_val_questions, world)
+
+    if args.meta_prompt_to_preamble:  # the prompt sweep: no stage, no checkpoint, a table
+        model.eval()
+        lines = ["| meta-prompt | accuracy [95% CI] | no answer | degenerate |", "|---|---|---|---|"]
+        results = []
+        for meta in [None] + args.meta_prompt_to_preamble:
+            m = evaluate(model, tok, val_items, args, meta)
+            results.append({"meta_prompt": meta, **m})
+            lines.append(f"| {meta or '(none)'} | {m['accuracy']:.3f} [{m['accuracy_lo']:.3f}, "
+                         f"{m['accuracy_hi']:.3f}] | {m['no_answer_rate']:.3f} | {m['degenerate_rate']:.3f} |")
+        table = "\n".join(lines)
+        print0(table)
+        if is_master():
+            os.makedirs(args.out_dir, exist_ok=True)
+            with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
+                f.write(f"# Meta-prompt sweep\n\n`{payload['path']}` on {len(val_items)} {args.dataset_name} "
+                        f"validation questions, greedy.\n\n{table}\n")
+            with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return dist_cleanup()
+
+    stage = Stage(args.out_dir, args, script="kat_train_star")
+    if stage.finished:
+        return dist_cleanup()
+    train_items = load_items(args, "train", args.num_train_questions, world)
+    max_len = args.max_len or model.config.sequence_len
+    rows_per_step = args.train_batch_size * args.train_gradient_accumulation_steps * world_size
+    # the resume state is the model after each iteration (plain: adapters are merged), no optimizer: each
+    # iteration starts a fresh one; the per-iteration table rows travel as the script's state
+    start, state = stage.resume(model, [], args.max_epochs, tokenizer_dir(payload), device)
+    rows = state or []
+    if start == 0 and not args.skip_first_validation_loop:
+        val = evaluate(model, tok, val_items, args, args.meta_prompt)
+        stage.log_eval(0, val)
+        rows.append({"iteration": 0, "val": val, "train": None})
+
+    for k in range(start + 1, args.max_epochs + 1):
+        if args.reset_model_every_star_epoch:
+            model, _ = load_model(args.model_name, device)
+        model.eval()
+        if k == 1 and args.preload_data_for_training:
+            records = read_generations(args.preload_data_for_training)
+            print0(f"iteration {k}: {len(records)} records from {args.preload_data_for_training} (no sampling)")
+        else:
+            records = star.sample_rationales(model, tok, train_items, args.samples_per_train_question,
+                                             args.temperature, args.max_new_tokens, args.gen_batch_size,
+                                             args.seed + k, meta_prompt=args.meta_prompt)
+        train_metrics = star.iteration_metrics(records)  # before the hinted samples: what the model does alone
+        if args.rationalize:
+            failed = [r for r in records if not any(s["score"] >= 1 and not s["mentions_hint"]
+                                                    for s in r["samples"])]
+            hinted = star.sample_rationales(model, tok, [r["item"] for r in failed], args.samples_per_train_question,
+                                            args.temperature, args.max_new_tokens, args.gen_batch_size,
+                                            args.seed + k + 10_000, meta_prompt=args.meta_prompt, hint=True)
+            for record, extra in zip(failed, hinted):
+                record["samples"] += [s | {"hinted": True} for s in extra["samples"]]
+            print0(f"iteration {k}: rationalised {len(failed)} failed questions with the hint")
+        if is_master():
+            with open(os.path.join(args.out_dir, f"generations_iter{k}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+        # training data of this iteration, rendered once: (ids, mask) rows, or chosen/rejected render pairs
+        if args.train_strategy == "reinforce":
+            examples = star.reinforce_examples(records, args.unique)
+            renders = [tok.render_conversation(c, max_tokens=max_len + 1) for c in examples]
+        else:
+            examples = star.dpo_pairs(records, args.unique)
+            renders = [(render_reply(tok, e["messages"], e["chosen"], max_len),
+                        render_reply(tok, e["messages"], e["rejected"], max_len)) for e in examples]
+        print0(f"iteration {k}: {len(examples)} {args.train_strategy} examples from {len(records)} questions "
+               f"(sample accuracy {train_metrics['accuracy']:.3f}, pass@k {train_metrics['pass_at_k']:.3f})")
+
+        params = apply_lora(model, args.lora_r)
+        reference = None
+        if args.train_strategy == "dpo" and renders:
+            if args.ref_model_name:
+                reference = load_model(args.ref_model_name, device)[0].eval().requires_grad_(False)
+            elif args.lora_r > 0:
+                reference = AdaptersOff(model)
+            else:
+                reference = copy.deepcopy(model).eval().requires_grad_(False)
+        adamw = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        optimizers = remember_initial_lr([adamw])
+        steps_per_epoch = math.ceil(len(renders) / rows_per_step) if renders else 0
+        num_steps = 1 if args.single_batch and renders else steps_per_epoch * args.internal_epochs
+        model.train()
+        losses = []
+        for step in range(num_steps):
+            epoch, s = divmod(step, max(steps_per_epoch, 1))
+            order = list(range(len(renders)))
+            if args.shuffle_dataloader and not args.single_batch:
+                gen = torch.Generator().manual_seed(args.seed * 1000 + k * 100 + epoch)
+                order = torch.randperm(len(renders), generator=gen).tolist()
+            # global rows of this step, wrapping around so the last step is full; then this rank's micro-batches
+            picked = [order[(s * rows_per_step + j) % len(order)] for j in range(rows_per_step)]
+            mine = picked[rank::world_size]
+            chunks = [mine[i:i + args.train_batch_size] for i in range(0, len(mine), args.train_batch_size)]
+            set_lr(optimizers, lr_multiplier(step, num_steps, args.warmup, 0.0))
+            if args.train_strategy == "reinforce":
+                micro = [collate_targets([renders[i] for i in c], device) for c in chunks]
+                loss, grad_norm = train_step(model, optimizers, micro, args.grad_clip)
+            else:  # a micro-batch is its chosen rows then their rejected rows (dpo_train_step)
+                micro = [collate_targets([renders[i][0] for i in c] + [renders[i][1] for i in c], device)
+                         for c in chunks]
+                stats = dpo_train_step(model, reference, optimizers, micro, rows_per_step, args.dpo_beta)
+                loss, grad_norm = stats["loss"], stats["grad_norm"]
+            losses.append(loss)
+            if (step + 1) % args.log_every == 0 or step + 1 == num_steps:
+                print0(f"iteration {k} step {step + 1}/{num_steps} | loss {loss:.4f} | grad norm {grad_norm:.3f}")
+            if args.val_every_n_steps and (step + 1) % args.val_every_n_steps == 0 and step + 1 < num_steps:
+                stage.log_eval(k, evaluate(model, tok, val_items, args, args.meta_prompt), prefix="val_inner")
+        merge_lora(model)  # a plain GPT again: what is saved, resumed and trained next
+        del reference
+        train = {key: v for key, v in train_metrics.items() if key != "per_subject"}
+        train |= {"examples": len(examples), "steps": num_steps}
+        stage.log(k, train | ({"loss": sum(losses) / len(losses)} if losses else {}),
+                  f"{num_steps} steps" + (f", mean loss {sum(losses) / len(losses):.4f}" if losses else ""))
+        val = evaluate(model, tok, val_items, args, args.meta_prompt)
+        stage.log_eval(k, val)
+        rows.append({"iteration": k, "val": val, "train": train})
+        stage.maybe_save(k, model, [], rows)
+
+    model.eval()
+    header = ("| iteration | val accuracy [95% CI] | no answer | degenerate | sample accuracy | pass@k | contested | "
+              "examples | steps |\n|---|---|---|---|---|---|---|---|---|")
+    table = "\n".join([header] + [table_row(r["iteration"], r["val"], r["train"]) for r in rows])
+    print0("\n" + table)
+    last = rows[-1]["val"] if rows and rows[-1]["val"] else None
+    subjects = ""
+    if last:
+        subjects = "\n\nValidation accuracy per subject, last iteration:\n\n| subject | accuracy |\n|---|---|\n"
+        subjects += "\n".join(f"| {key.removeprefix('subject/')} | {v:.3f} |" for key, v in last.items()
+                              if key.startswith("subject/"))
+    metrics = {"iterations": args.max_epochs, "run_name": name,
+               **({f"final_val_{key}": v for key, v in last.items() if not key.startswith("subject/")} if last else {})}
+    notes = (f"STaR ({args.train_strategy}, LoRA r={args.lora_r}) from `{payload['path']}` on {args.dataset_name}: "
+             f"{len(train_items)} training, {len(val_items)} validation questions.\n\n{table}{subjects}")
+    stage.finish(model, tokenizer_dir(payload), metrics, {"total_seconds": stage.elapsed()}, notes=notes,
+                 extra={"method": "star", "strategy": args.train_strategy, "run_name": name},
+                 parents=[payload], world=world, device=device)
+    dist_cleanup()
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,149 @@
+"""
+The STaR stage script end to end on a tiny untrained model and the synthetic world (the mechanics, not learning):
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_star_stage.py -q -o addopts=""
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import Interrupted, kill_after_checkpoint, make_tiny_model
+from nanochat import mcqa
+from nanochat.checkpoint import load_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def star_root(tmp_path_factory, tok):
+    """A tiny untrained checkpoint of the world of seed 0 with its tokenizer."""
+    root = tmp_path_factory.mktemp("star")
+    tok.save(root / "tokenizer")
+    save_checkpoint(root / "sft", make_tiny_model(vocab_size=300, sequence_len=256), 0, str(root / "tokenizer"),
+                    world={"seed": 0, "size": 1})
+    return root
+
+
+def flags(root, out, **overrides):
+    values = {"model_name": root / "sft", "dataset_name": "world_en", "max_epochs": 1, "num_train_questions": 3,
+              "num_val_questions": 3, "samples_per_train_question": 2, "max_new_tokens": 6, "gen_batch_size": 4,
+              "train_batch_size": 2, "learning_rate": 1e-3, "device": "cpu", "out_dir": root / out}
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def correct_generations(root, n=3):
+    """A generations file whose samples we control: per question one correct and one wrong answer line."""
+    items = mcqa.load_world("en", "train", limit=n, world_seed=0, world_size=1)  # the world the checkpoint names
+    records = []
+    for item in items:
+        wrong = next(letter for letter in "ABCD" if letter != item["answer"])
+        samples = [{"response": f"Answer: {letter}", "answer": letter, "score": float(letter == item["answer"]),
+                    "degenerate": False, "mentions_hint": False} for letter in (item["answer"], wrong)]
+        records.append({"item": item, "messages": [{"role": "user", "content": mcqa.render_question(item)}],
+                        "samples": samples})
+    path = root / "controlled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_reinforce_runs_two_iterations_saves_a_loadable_checkpoint_and_the_table(star_root):
+    # catches: a checkpoint that load_model refuses, a report without per-iteration rows, generations not written;
+    # iteration 1 trains on controlled generations (the untrained model never answers right), iteration 2 samples
+    from scripts import kat_train_star
+    kat_train_star.main(flags(star_root, "reinforce", max_epochs=2, rationalize=True,
+                              preload_data_for_training=correct_generations(star_root)))
+    out = star_root / "reinforce"
+    model, _ = load_model(out, "cpu")
+    start = torch.load(star_root / "sft" / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(model.state_dict()[k], start[k]) for k in start)
+    report = (out / "report.md").read_text()
+    assert "| 3 | 2 |" in report  # iteration 1: 3 correct samples -> 3 examples, 2 steps of 2 rows
+    for k in (0, 1, 2):
+        assert f"\n| {k} | " in report
+    assert (out / "generations_iter1.jsonl").exists() and (out / "generations_iter2.jsonl").exists()
+
+
+def test_preloaded_generations_are_trained_on_without_sampling(star_root, monkeypatch):
+    # catches: --preload_data_for_training ignored (sampling anyway) or its records dropped; dpo pairs on them
+    from nanochat import star
+    from scripts import kat_train_star
+    path = correct_generations(star_root)
+    calls = []
+    real = star.sample_rationales
+
+    def counting(model, tok, items, samples_per_question, temperature, *args, **kwargs):
+        calls.append(temperature)
+        return real(model, tok, items, samples_per_question, temperature, *args, **kwargs)
+    monkeypatch.setattr(star, "sample_rationales", counting)
+    kat_train_star.main(flags(star_root, "dpo_preload", train_strategy="dpo", preload_data_for_training=path))
+    assert all(t == 0.0 for t in calls)  # only greedy evaluation, no training samples
+    out = star_root / "dpo_preload"
+    saved = [json.loads(line) for line in open(out / "generations_iter1.jsonl")]
+    assert saved == [json.loads(line) for line in open(path)]
+    meta = json.load(open(out / "meta.json"))
+    assert meta["complete"] is not False
+    # 3 contested questions, one pair each, one step of 2 rows per step (wrapping)
+    assert "| 1 | " in (out / "report.md").read_text() and "| 3 | 2 |" in (out / "report.md").read_text()
+
+
+def test_dpo_with_lora_saves_a_merged_plain_checkpoint(star_root):
+    # catches: adapters saved unmerged (lora_A keys, load_model fails), the reference equal to the policy
+    from scripts import kat_train_star
+    path = correct_generations(star_root)
+    kat_train_star.main(flags(star_root, "dpo_lora", train_strategy="dpo", lora_r=2, preload_data_for_training=path,
+                              skip_first_validation_loop=True))
+    state = torch.load(star_root / "dpo_lora" / "ckpt.pt", weights_only=True)["model"]
+    assert not any("lora" in key for key in state)
+    start = torch.load(star_root / "sft" / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(state[key], start[key]) for key in start)  # the adapters were trained and merged
+    load_model(star_root / "dpo_lora", "cpu")
+
+
+def test_max_epochs_zero_only_evaluates(star_root, monkeypatch):
+    # catches: sampling or training when asked to evaluate only
+    from scripts import kat_train_star
+    kat_train_star.main(flags(star_root, "eval_only", max_epochs=0))
+    out = star_root / "eval_only"
+    assert not list(out.glob("generations_iter*.jsonl"))
+    report = (out / "report.md").read_text()
+    assert "\n| 0 | " in report and "\n| 1 | " not in report
+    start = torch.load(star_root / "sft" / "ckpt.pt", weights_only=True)["model"]
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], start[k]) for k in start)
+
+
+def test_meta_prompt_sweep_writes_one_row_per_prompt(star_root):
+    # catches: nargs="+" taking only one prompt, the baseline row missing, a sweep that trains
+    from scripts import kat_train_star
+    kat_train_star.main(flags(star_root, "sweep") + ["--meta_prompt_to_preamble", "Think logically.", "Please cook."])
+    table = (star_root / "sweep" / "sweep.md").read_text()
+    assert "| (none) |" in table and "| Think logically. |" in table and "| Please cook. |" in table
+    assert len(json.load(open(star_root / "sweep" / "sweep.json"))) == 3
+    assert not (star_root / "sweep" / "ckpt.pt").exists()
+
+
+def test_bad_inputs_are_input_errors(star_root):
+    # catches: a traceback instead of a one-line error on a wrong data set or a missing generations file
+    from nanochat.common import InputError
+    from scripts import kat_train_star
+    with pytest.raises(InputError, match="dataset_name"):
+        kat_train_star.main(flags(star_root, "bad", dataset_name="nope"))
+    with pytest.raises(InputError, match="no such file"):
+        kat_train_star.main(flags(star_root, "bad", preload_data_for_training=star_root / "missing.jsonl"))
+
+
+def test_a_run_killed_after_an_iteration_resumes_to_the_same_weights(star_root, monkeypatch):
+    # catches: a resume that redoes or skips an iteration, loses the table rows, or reseeds sampling differently
+    from scripts import kat_train_star
+    preload = correct_generations(star_root)  # iteration 1 changes the weights, so a lost resume state shows
+    kat_train_star.main(flags(star_root, "straight", max_epochs=2, preload_data_for_training=preload))
+    expected = torch.load(star_root / "straight" / "ckpt.pt", weights_only=True)["model"]
+    with monkeypatch.context() as m:
+        kill_after_checkpoint(m, 1)
+        with pytest.raises(Interrupted):
+            kat_train_star.main(flags(star_root, "killed", max_epochs=2, preload_data_for_training=preload))
+    kat_train_star.main(flags(star_root, "killed", max_epochs=2, preload_data_for_training=preload, resume=True))
+    got = torch.load(star_root / "killed" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    report = (star_root / "killed" / "report.md").read_text()
+    assert all(f"\n| {k} | " in report for k in (0, 1, 2))
