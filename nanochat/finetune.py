@@ -46,6 +46,11 @@ def add_finetune_flags(parser, ckpt_path, out_dir, num_conversations, stream, ar
     parser.add_argument("--free_clause_rate", type=fraction, default=0.0,
                         help="share of synthetic answers ending in a free clause, any of many equally good ones "
                              "(AutoDeco's data: one answer mixes one-right-value tokens with free ones)")
+    parser.add_argument("--mc_conversations", type=nonnegative_int, default=0,
+                        help="synthetic only: this many of the world's multiple-choice questions answered in STaR's "
+                             "format (a short rationale, then 'Answer: X') join the training conversations")
+    parser.add_argument("--mc_l2_share", type=fraction, default=0.1,
+                        help="share of those in the world's second language, the low-resource one STaR studies")
     parser.add_argument("--batch_rows", type=positive_int, default=16, help="global rows (conversations) per step")
     parser.add_argument("--device_batch_size", type=positive_int, default=8)
     parser.add_argument("--max_len", type=positive_int, default=512, help="tokens per row")
@@ -119,6 +124,13 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
 
     train_convs = conversations("train", args.num_conversations)
     val_convs = conversations("val", args.val_conversations)
+    if args.mc_conversations:  # STaR's answer format; only training questions, so STaR's held-out ones stay unseen
+        if world is None:
+            raise InputError("--mc_conversations needs --source=synthetic (the world's multiple-choice questions)")
+        from nanochat import mcqa  # reads hub data sets too: imported only when asked for
+        train_convs += mcqa.sft_conversations(world, args.mc_conversations, args.mc_l2_share, args.seed)
+        print0(f"{args.mc_conversations} multiple-choice conversations, a {args.mc_l2_share:.0%} share in the "
+               f"second language")
     loader = make_loader(train_convs, tok, rows_per_micro, rank, world_size, True)
     if args.max_steps is not None:
         num_steps = args.max_steps

@@ -206,6 +206,20 @@ def world_conversations(world, items, n, seed, rationale=True):
             for item in rng.choices(items, k=n)]
 
 
+def sft_conversations(world_spec, n, l2_share, seed):
+    """
+    n conversations in STaR's answer format for SFT, a round(n * l2_share) of them in the second language (the
+    low-resource one), from the training questions only of the world {"seed", "size"} (a checkpoint's "world").
+    """
+    world = make_world(seed=world_spec["seed"], size=world_spec["size"])
+    num_l2 = round(n * l2_share)
+    conversations = []
+    for language, num in (("en", n - num_l2), ("l2", num_l2)):
+        items = load_world(language, "train", world_seed=world_spec["seed"], world_size=world_spec["size"])
+        conversations += world_conversations(world, items, num, seed=f"{seed}-{language}")
+    return conversations
+
+
 def plain(text):
     """text without diacritics (NFD, combining marks dropped), so labels match however they are accented."""
     return "".join(ch for ch in unicodedata.normalize("NFD", text) if not unicodedata.combining(ch))

@@ -228,3 +228,21 @@ def test_default_outputs_unchanged(seed, size):
                         for r in (f"It is {q['answer']}.", "Great question! It is red or 7.")]),
     }
     assert got == DEFAULT_DIGESTS[(seed, size)]
+
+
+def test_sft_conversations_take_training_questions_only_at_the_second_language_share():
+    # catches: SFT data built from every question (STaR's validation and test questions would be seen in SFT), the
+    # second-language share ignored or inverted, and both languages drawing the same questions in the same order
+    spec = {"seed": 42, "size": 1}
+    convs = mcqa.sft_conversations(spec, 50, 0.2, seed=0)
+    assert len(convs) == 50
+    train = {mcqa.render_question(item) for language in ("en", "l2")
+             for item in mcqa.load_world(language, "train", world_seed=42, world_size=1)}
+    held_out = {mcqa.render_question(item) for language in ("en", "l2") for split in ("validation", "test")
+                for item in mcqa.load_world(language, split, world_seed=42, world_size=1)}
+    questions = [c[0]["content"] for c in convs]
+    assert all(q in train and q not in held_out for q in questions)
+    answers = [c[1]["content"] for c in convs]
+    second = [mcqa.extract_answer(a, "en") is None for a in answers]  # "Thetul: X" is no English answer
+    assert sum(second) == 10
+    assert all(mcqa.extract_answer(a, "l2") is not None for a in answers)
