@@ -58,9 +58,9 @@ import torch
 from nanochat import mcqa, star
 from nanochat.batching import collate_targets
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
-from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, is_master, nonnegative_float,
-                             nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
-                             seed_everything, str2bool)
+from nanochat.common import (InputError, add_common_flags, atomic_write, atomic_write_json, dist_cleanup, dist_init,
+                             is_master, nonnegative_float, nonnegative_int, parse_flags, positive_float, positive_int,
+                             print0, run_script, seed_everything, str2bool)
 from nanochat.dpo import dpo_train_step
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.lora import adapters_disabled, apply_lora, merge_lora
@@ -235,11 +235,9 @@ def main(argv=None):
         print0(table)
         if is_master():
             os.makedirs(args.out_dir, exist_ok=True)
-            with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
-                f.write(f"# Meta-prompt sweep\n\n`{payload['path']}` on {len(val_items)} {args.dataset_name} "
-                        f"validation questions, greedy.\n\n{table}\n")
-            with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
-                json.dump(results, f, indent=1)
+            atomic_write(os.path.join(args.out_dir, "sweep.md"), f"# Meta-prompt sweep\n\n`{payload['path']}` on "
+                         f"{len(val_items)} {args.dataset_name} validation questions, greedy.\n\n{table}\n")
+            atomic_write_json(os.path.join(args.out_dir, "sweep.json"), results)
         return dist_cleanup()
 
     stage = Stage(args.out_dir, args, script="kat_train_star")
@@ -278,9 +276,9 @@ def main(argv=None):
             for record, extra in zip(failed, hinted):
                 record["samples"] += [s | {"hinted": True} for s in extra["samples"]]
             print0(f"iteration {k}: rationalised {len(failed)} failed questions with the hint")
-        if is_master():
-            with open(os.path.join(args.out_dir, f"generations_iter{k}.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+        if is_master():  # read back by --preload_data_for_training: never a half-written file
+            atomic_write(os.path.join(args.out_dir, f"generations_iter{k}.jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in records))
 
         # training data of this iteration, rendered once: (ids, mask) rows, or chosen/rejected render pairs
         if args.train_strategy == "reinforce":
