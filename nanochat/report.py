@@ -5,7 +5,8 @@ stage replaces its section in `outs/report.md` in place instead of adding a seco
 
 `outs/report.md` opens with a one-screen summary: one row per stage with its headline numbers, the metrics of
 HEADLINE_METRICS that the stage reports (one list here rather than a choice in every script, so the summary reads
-alike for every stage), rebuilt from the sections on every write.
+alike for every stage; a key ending in "/" stands for every metric it starts, such as one per data set), rebuilt
+from the sections on every write.
 """
 
 import os
@@ -27,7 +28,7 @@ HEADLINE_METRICS = (
     "test/rejected_kind=wrong/accuracy", "reward_start", "reward_final", "gold_score_final", "artifact_rate_start",
     "artifact_rate_final", "drawn_q1", "drawn_q4", "primary_effect", "primary_ci_seeds", "frontier_gap_correct",
     "meanshift_gap_correct", "temperature_value_tokens", "temperature_free_start_tokens", "eval_mean_temperature",
-    "eval_coverage",
+    "eval_coverage", "val_accuracy_start/", "val_accuracy_final/",
 )
 SUMMARY_BEGIN, SUMMARY_END = "<!-- summary -->", "<!-- /summary -->"
 
@@ -78,10 +79,18 @@ def _table(rows):
     return "\n".join(lines) + "\n"
 
 
+def headline_keys(metrics):
+    """The keys of metrics that HEADLINE_METRICS names, in its order ("x/" names every "x/..." key)."""
+    keys = []
+    for name in HEADLINE_METRICS:
+        keys += [k for k in metrics if k.startswith(name)] if name.endswith("/") else [name] * (name in metrics)
+    return keys
+
+
 def render_section(stage, metrics, timings, flags, device=None, notes=None, charts=(), chart_dir=""):
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     command = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
-    headline = "; ".join(f"{key} {_short(metrics[key])}" for key in HEADLINE_METRICS if key in metrics)
+    headline = "; ".join(f"{key} {_short(metrics[key])}" for key in headline_keys(metrics))
     parts = [f"## {stage}\n", f"<!-- headline: {headline} -->",
              f"_written {time.strftime('%Y-%m-%d %H:%M:%S')} by `{command}`_\n"]
     parts += [f"![{os.path.splitext(name)[0]}]({chart_dir}{name})\n" for name in charts]

@@ -29,9 +29,13 @@ One iteration k = 1..--max_epochs:
    world size; an epoch is ceil(examples / that) steps, indices wrapping around so every step is full. AdamW at
    --learning_rate with --warmup linear warmup steps, then constant. --lora_r > 0 trains fresh adapters each
    iteration and merges them into the weights at its end, so every saved model is a plain GPT.
-3. evaluate: greedy answers to --num_val_questions validation questions: accuracy with a Wilson 95% interval,
-   no-answer and degeneration rates, accuracy per subject. Iteration 0 (the starting model) too, unless
-   --skip_first_validation_loop.
+3. evaluate: greedy answers to --num_val_questions validation questions of each data set: accuracy with a Wilson
+   95% interval, its change since iteration 0 (the starting model, evaluated too unless
+   --skip_first_validation_loop) on the same questions with a paired bootstrap interval over questions (none when
+   no answer changed: a degenerate interval, flagged), no-answer and degeneration rates, accuracy per subject.
+
+--dataset_name takes one data set or several separated by commas, e.g. world_l2,world_en: training questions
+(--num_train_questions of each) are sampled and trained on together, validation is reported per data set.
 
 Debugging and options: --single_batch trains every step on the first batch (an overfitting check);
 --shuffle_dataloader=False keeps record order within an epoch (default: a seeded permutation per epoch);
@@ -61,6 +65,7 @@ from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, atomic_write, atomic_write_json, dist_cleanup, dist_init,
                              is_master, nonnegative_float, nonnegative_int, parse_flags, positive_float, positive_int,
                              print0, run_script, seed_everything, str2bool)
+from nanochat.diversity import bootstrap_ci
 from nanochat.dpo import dpo_train_step
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.lora import adapters_disabled, apply_lora, merge_lora
@@ -81,35 +86,64 @@ def wilson(correct, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate(model, tok, items, args, meta_prompt):
-    """Greedy answers to the validation items: accuracy (Wilson CI), no-answer, degeneration, per subject."""
+def evaluate(model, tok, val_sets, args, meta_prompt):
+    """
+    Greedy answers to the validation questions of each data set (one batched generation for all): per data set,
+    accuracy with its Wilson CI, no-answer and degeneration rates, accuracy per subject, and each question's
+    correctness (kept for the paired comparison with iteration 0).
+    """
     was_training = model.training
     model.eval()
+    items = [item for name in val_sets for item in val_sets[name]]
     records = star.sample_rationales(model, tok, items, 1, 0.0, args.max_new_tokens, args.gen_batch_size, args.seed,
                                      meta_prompt=meta_prompt)
     model.train(was_training)
-    m = star.iteration_metrics(records)
-    lo, hi = wilson(sum(r["samples"][0]["score"] >= 1 for r in records), len(records))
-    return {"accuracy": m["accuracy"], "accuracy_lo": lo, "accuracy_hi": hi, "no_answer_rate": m["no_answer_rate"],
-            "degenerate_rate": m["degenerate_rate"], "questions": len(records),
-            **{f"subject/{s}": a for s, a in m["per_subject"].items()}}
+    out, start = {}, 0
+    for name, its in val_sets.items():
+        part = records[start:start + len(its)]
+        start += len(its)
+        m = star.iteration_metrics(part)
+        correct = [int(r["samples"][0]["score"] >= 1) for r in part]
+        lo, hi = wilson(sum(correct), len(correct))
+        out[name] = {"accuracy": m["accuracy"], "accuracy_lo": lo, "accuracy_hi": hi, "correct": correct,
+                     "no_answer_rate": m["no_answer_rate"], "degenerate_rate": m["degenerate_rate"],
+                     "questions": len(part), **{f"subject/{s}": a for s, a in m["per_subject"].items()}}
+    return out
 
 
-def load_items(args, split, limit, world):
-    """One split of --dataset_name; the world's questions are about the world the model learned (its checkpoint's)."""
-    if args.dataset_name.startswith("world_"):
+def flat(val):
+    """{data set: metrics} as one level of scalar metrics for the history, <data set>/<metric> (per-subject
+    accuracies only in the report's table: dozens of them would bury the progress line)."""
+    return {f"{name}/{k}": v for name, m in val.items() for k, v in m.items()
+            if isinstance(v, (int, float)) and not k.startswith("subject/")}
+
+
+def change_from_start(correct, correct_start):
+    """
+    Paired accuracy difference of the same greedy questions against iteration 0, (point, lo, hi) by the
+    half-sample bootstrap over questions; lo = hi = nan when no question changed (a degenerate interval).
+    """
+    d = [a - b for a, b in zip(correct, correct_start)]
+    if not any(d):
+        return 0.0, math.nan, math.nan
+    return bootstrap_ci(d)
+
+
+def load_items(args, name, split, limit, world):
+    """One split of one data set of --dataset_name; world data sets ask about the world of the model's checkpoint."""
+    if name.startswith("world_"):
         if world is None:
-            raise InputError(f"--dataset_name={args.dataset_name}: {args.model_name} was not trained on the "
+            raise InputError(f"--dataset_name={name}: {args.model_name} was not trained on the "
                              f"synthetic world (its checkpoint names none); use an mmlu data set")
-        items = mcqa.load_world(args.dataset_name.removeprefix("world_"), split, limit=limit,
+        items = mcqa.load_world(name.removeprefix("world_"), split, limit=limit,
                                 world_seed=world["seed"], world_size=world["size"])
     else:
         try:
-            items = mcqa.load_mcqa(args.dataset_name, split, from_dir=args.from_dir, limit=limit)
+            items = mcqa.load_mcqa(name, split, from_dir=args.from_dir, limit=limit)
         except ValueError as e:
             raise InputError(f"--dataset_name: {e}") from e
     if not items:
-        raise InputError(f"--dataset_name={args.dataset_name}: the {split} split is empty")
+        raise InputError(f"--dataset_name={name}: the {split} split is empty")
     return items
 
 
@@ -146,15 +180,31 @@ class AdaptersOff:
         return call
 
 
-def table_row(k, val, train):
-    acc = f"{val['accuracy']:.3f} [{val['accuracy_lo']:.3f}, {val['accuracy_hi']:.3f}]" if val else "-"
-    rates = f"{val['no_answer_rate']:.3f} | {val['degenerate_rate']:.3f}" if val else "- | -"
-    if train:
-        tr = (f"{train['accuracy']:.3f} | {train['pass_at_k']:.3f} | {train['contested']:.3f} | "
-              f"{train['examples']} | {train['steps']}")
-    else:
-        tr = "- | - | - | - | -"
-    return f"| {k} | {acc} | {rates} | {tr} |"
+def val_table(rows):
+    """Validation per iteration and data set: accuracy, its paired change since iteration 0, the failure rates."""
+    lines = ["| iteration | data set | val accuracy [95% CI] | change since iteration 0 [95% CI] | no answer | "
+             "degenerate |", "|---|---|---|---|---|---|"]
+    start = rows[0]["val"] if rows and rows[0]["iteration"] == 0 else None
+    for r in rows:
+        for name, v in (r["val"] or {}).items():
+            change = "-"
+            if start and r["iteration"] > 0:
+                point, lo, hi = change_from_start(v["correct"], start[name]["correct"])
+                change = (f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo)
+                          else "0 (no question changed: degenerate, no interval)")
+            lines.append(f"| {r['iteration']} | {name} | {v['accuracy']:.3f} [{v['accuracy_lo']:.3f}, "
+                         f"{v['accuracy_hi']:.3f}] | {change} | {v['no_answer_rate']:.3f} | "
+                         f"{v['degenerate_rate']:.3f} |")
+    return "\n".join(lines)
+
+
+def train_table(rows):
+    """What each iteration's sampling found and trained on."""
+    lines = ["| iteration | sample accuracy | pass@k | contested | degenerate | examples | steps |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['iteration']} | {t['accuracy']:.3f} | {t['pass_at_k']:.3f} | {t['contested']:.3f} | "
+              f"{t['degenerate_rate']:.3f} | {t['examples']} | {t['steps']} |" for r in rows if (t := r["train"])]
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -163,15 +213,16 @@ def main(argv=None):
     parser.add_argument("--ref_model_name", type=str, default=None,
                         help="dpo: checkpoint of the frozen reference (default: see above)")
     parser.add_argument("--dataset_name", type=str, default="world_en",
-                        help=f"multiple-choice data set: {', '.join(mcqa.LOADERS)}")
+                        help=f"multiple-choice data set, or several separated by commas (trained on together, "
+                        f"evaluated apart): {', '.join(mcqa.LOADERS)}")
     parser.add_argument("--from_dir", type=str, default=None, help="local copy of the hub data set (mmlu*)")
     parser.add_argument("--train_strategy", type=str, default="reinforce", choices=STRATEGIES)
     parser.add_argument("--unique", type=str2bool, default=False,
                         help="drop a question's repeated rationales (whitespace-insensitive) from its training data")
     parser.add_argument("--max_epochs", type=nonnegative_int, default=2, help="STaR iterations (0: evaluate only)")
     parser.add_argument("--internal_epochs", type=positive_int, default=1, help="training passes per iteration")
-    parser.add_argument("--num_train_questions", type=positive_int, default=200)
-    parser.add_argument("--num_val_questions", type=positive_int, default=200)
+    parser.add_argument("--num_train_questions", type=positive_int, default=200, help="per data set")
+    parser.add_argument("--num_val_questions", type=positive_int, default=200, help="per data set")
     parser.add_argument("--samples_per_train_question", type=positive_int, default=4)
     parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="of the training samples")
     parser.add_argument("--max_new_tokens", type=positive_int, default=128)
@@ -207,11 +258,11 @@ def main(argv=None):
     parser.add_argument("--out_dir", type=str, default=None, help="default: outs/star/<run name>")
     add_common_flags(parser)
     args = parse_flags(parser, argv)
-    name = star.run_name({"strategy": args.train_strategy, "dataset": args.dataset_name, "hint": args.rationalize,
+    run = star.run_name({"strategy": args.train_strategy, "dataset": args.dataset_name.replace(",", "+"), "hint": args.rationalize,
                           "lora_r": args.lora_r, "lr": args.learning_rate, "iterations": args.max_epochs,
                           "samples_per_question": args.samples_per_train_question,
                           "temperature": args.temperature, "seed": args.seed})
-    args.out_dir = args.out_dir or os.path.join("outs", "star", name)
+    args.out_dir = args.out_dir or os.path.join("outs", "star", run)
     if args.preload_data_for_training and not os.path.isfile(args.preload_data_for_training):
         raise InputError(f"--preload_data_for_training {args.preload_data_for_training}: no such file")
 
@@ -220,30 +271,33 @@ def main(argv=None):
     model, payload = load_model(args.model_name, device)
     tok = load_tokenizer(payload)
     world = payload["world"]
-    val_items = load_items(args, "validation", args.num_val_questions, world)
+    names = [name.strip() for name in args.dataset_name.split(",") if name.strip()]
+    if not names or len(set(names)) < len(names):
+        raise InputError(f"--dataset_name={args.dataset_name}: name each data set once, separated by commas")
+    val_sets = {name: load_items(args, name, "validation", args.num_val_questions, world) for name in names}
 
     if args.meta_prompt_to_preamble:  # the prompt sweep: no stage, no checkpoint, a table
         model.eval()
-        lines = ["| meta-prompt | accuracy [95% CI] | no answer | degenerate |", "|---|---|---|---|"]
+        lines = ["| meta-prompt | data set | accuracy [95% CI] | no answer | degenerate |", "|---|---|---|---|---|"]
         results = []
         for meta in [None] + args.meta_prompt_to_preamble:
-            m = evaluate(model, tok, val_items, args, meta)
-            results.append({"meta_prompt": meta, **m})
-            lines.append(f"| {meta or '(none)'} | {m['accuracy']:.3f} [{m['accuracy_lo']:.3f}, "
-                         f"{m['accuracy_hi']:.3f}] | {m['no_answer_rate']:.3f} | {m['degenerate_rate']:.3f} |")
+            for name, m in evaluate(model, tok, val_sets, args, meta).items():
+                results.append({"meta_prompt": meta, "dataset": name, **m})
+                lines.append(f"| {meta or '(none)'} | {name} | {m['accuracy']:.3f} [{m['accuracy_lo']:.3f}, "
+                             f"{m['accuracy_hi']:.3f}] | {m['no_answer_rate']:.3f} | {m['degenerate_rate']:.3f} |")
         table = "\n".join(lines)
         print0(table)
         if is_master():
             os.makedirs(args.out_dir, exist_ok=True)
             atomic_write(os.path.join(args.out_dir, "sweep.md"), f"# Meta-prompt sweep\n\n`{payload['path']}` on "
-                         f"{len(val_items)} {args.dataset_name} validation questions, greedy.\n\n{table}\n")
+                         f"{args.num_val_questions} validation questions per data set at most, greedy.\n\n{table}\n")
             atomic_write_json(os.path.join(args.out_dir, "sweep.json"), results)
         return dist_cleanup()
 
     stage = Stage(args.out_dir, args, script="kat_train_star")
     if stage.finished:
         return dist_cleanup()
-    train_items = load_items(args, "train", args.num_train_questions, world)
+    train_items = [item for name in names for item in load_items(args, name, "train", args.num_train_questions, world)]
     max_len = args.max_len or model.config.sequence_len
     rows_per_step = args.train_batch_size * args.train_gradient_accumulation_steps * world_size
     # the resume state is the model after each iteration (plain: adapters are merged), no optimizer: each
@@ -251,8 +305,8 @@ def main(argv=None):
     start, state = stage.resume(model, [], args.max_epochs, tokenizer_dir(payload), device)
     rows = state or []
     if start == 0 and not args.skip_first_validation_loop:
-        val = evaluate(model, tok, val_items, args, args.meta_prompt)
-        stage.log_eval(0, val)
+        val = evaluate(model, tok, val_sets, args, args.meta_prompt)
+        stage.log_eval(0, flat(val))
         rows.append({"iteration": 0, "val": val, "train": None})
 
     for k in range(start + 1, args.max_epochs + 1):
@@ -329,35 +383,41 @@ def main(argv=None):
             if (step + 1) % args.log_every == 0 or step + 1 == num_steps:
                 print0(f"iteration {k} step {step + 1}/{num_steps} | loss {loss:.4f} | grad norm {grad_norm:.3f}")
             if args.val_every_n_steps and (step + 1) % args.val_every_n_steps == 0 and step + 1 < num_steps:
-                stage.log_eval(k, evaluate(model, tok, val_items, args, args.meta_prompt), prefix="val_inner")
+                stage.log_eval(k, flat(evaluate(model, tok, val_sets, args, args.meta_prompt)), prefix="val_inner")
         merge_lora(model)  # a plain GPT again: what is saved, resumed and trained next
         del reference
         train = {key: v for key, v in train_metrics.items() if key != "per_subject"}
         train |= {"examples": len(examples), "steps": num_steps}
         stage.log(k, train | ({"loss": sum(losses) / len(losses)} if losses else {}),
                   f"{num_steps} steps" + (f", mean loss {sum(losses) / len(losses):.4f}" if losses else ""))
-        val = evaluate(model, tok, val_items, args, args.meta_prompt)
-        stage.log_eval(k, val)
+        val = evaluate(model, tok, val_sets, args, args.meta_prompt)
+        stage.log_eval(k, flat(val))
         rows.append({"iteration": k, "val": val, "train": train})
         stage.maybe_save(k, model, [], rows)
 
     model.eval()
-    header = ("| iteration | val accuracy [95% CI] | no answer | degenerate | sample accuracy | pass@k | contested | "
-              "examples | steps |\n|---|---|---|---|---|---|---|---|---|")
-    table = "\n".join([header] + [table_row(r["iteration"], r["val"], r["train"]) for r in rows])
-    print0("\n" + table)
-    last = rows[-1]["val"] if rows and rows[-1]["val"] else None
+    tables = f"Validation (greedy):\n\n{val_table(rows)}\n\nTraining samples:\n\n{train_table(rows)}"
+    print0("\n" + tables)
+    first, last = rows[0]["val"] if rows else None, rows[-1]["val"] if rows else None
     subjects = ""
     if last:
-        subjects = "\n\nValidation accuracy per subject, last iteration:\n\n| subject | accuracy |\n|---|---|\n"
-        subjects += "\n".join(f"| {key.removeprefix('subject/')} | {v:.3f} |" for key, v in last.items()
-                              if key.startswith("subject/"))
-    metrics = {"iterations": args.max_epochs, "run_name": name,
-               **({f"final_val_{key}": v for key, v in last.items() if not key.startswith("subject/")} if last else {})}
+        subjects = ("\n\nValidation accuracy per subject, last iteration:\n\n| data set | subject | accuracy |\n"
+                    "|---|---|---|\n")
+        subjects += "\n".join(f"| {name} | {key.removeprefix('subject/')} | {v:.3f} |" for name, m in last.items()
+                               for key, v in m.items() if key.startswith("subject/"))
+    metrics = {"iterations": args.max_epochs, "run_name": run}
+    for name in names:
+        if first and rows[0]["iteration"] == 0:
+            metrics[f"val_accuracy_start/{name}"] = first[name]["accuracy"]
+        if last:
+            metrics[f"val_accuracy_final/{name}"] = last[name]["accuracy"]
+            metrics |= {f"final_val_{k}/{name}": v for k, v in last[name].items()
+                        if isinstance(v, (int, float)) and not k.startswith("subject/") and k != "accuracy"}
+    sizes = ", ".join(f"{n} {len(v)}" for n, v in val_sets.items())
     notes = (f"STaR ({args.train_strategy}, LoRA r={args.lora_r}) from `{payload['path']}` on {args.dataset_name}: "
-             f"{len(train_items)} training, {len(val_items)} validation questions.\n\n{table}{subjects}")
+             f"{len(train_items)} training questions; validation questions: {sizes}.\n\n{tables}{subjects}")
     stage.finish(model, tokenizer_dir(payload), metrics, {"total_seconds": stage.elapsed()}, notes=notes,
-                 extra={"method": "star", "strategy": args.train_strategy, "run_name": name},
+                 extra={"method": "star", "strategy": args.train_strategy, "run_name": run},
                  parents=[payload], world=world, device=device)
     dist_cleanup()
 

@@ -4,6 +4,11 @@ The STaR stage script end to end on a tiny untrained model and the synthetic wor
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +16,9 @@ import torch
 from conftest import Interrupted, kill_after_checkpoint, make_tiny_model
 from nanochat import mcqa
 from nanochat.checkpoint import load_model, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +155,82 @@ def test_a_run_killed_after_an_iteration_resumes_to_the_same_weights(star_root, 
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     report = (star_root / "killed" / "report.md").read_text()
     assert all(f"\n| {k} | " in report for k in (0, 1, 2))
+
+
+def test_several_data_sets_train_together_and_report_apart(star_root):
+    # catches: a second data set dropped from training or validation, per-data-set rows or headline keys missing
+    from scripts import kat_train_star
+    kat_train_star.main(flags(star_root, "two_sets", dataset_name="world_en,world_l2", max_epochs=1))
+    out = star_root / "two_sets"
+    report = (out / "report.md").read_text()
+    for k in (0, 1):
+        assert f"\n| {k} | world_en | " in report and f"\n| {k} | world_l2 | " in report
+    records = [json.loads(line) for line in open(out / "generations_iter1.jsonl")]
+    assert sorted({r["item"]["language"] for r in records}) == ["en", "l2"] and len(records) == 6
+    headline = report.split("<!-- headline: ")[1].split(" -->")[0]  # outs/report.md's one-screen summary row
+    assert "val_accuracy_start/world_l2" in headline and "val_accuracy_final/world_en" in headline
+
+
+def test_change_since_iteration_zero_is_paired_and_flags_no_change():
+    # catches: an unpaired comparison (the same accuracy from different questions would read as no change), and a
+    # zero-width interval presented as a precise null when no answer changed
+    import math
+    from scripts.kat_train_star import change_from_start
+    point, lo, hi = change_from_start([1, 1, 0, 0] * 10, [0, 0, 1, 1] * 10)
+    assert point == 0.0 and lo < -0.1 and hi > 0.1  # half the questions flipped each way: wide, not degenerate
+    point, lo, hi = change_from_start([1, 1, 0, 0] * 10, [1, 1, 0, 0] * 10)
+    assert point == 0.0 and math.isnan(lo) and math.isnan(hi)
+    point, lo, hi = change_from_start([1] * 40, [1] * 20 + [0] * 20)
+    assert point == 0.5 and 0.3 < lo <= hi < 0.7
+
+
+def weights(out):
+    return torch.load(out / "ckpt.pt", weights_only=True)["model"]
+
+
+def test_two_processes_under_torchrun_train_what_one_process_does(star_root):
+    # catches: examples split unevenly or duplicated across ranks, a loss normalised per rank instead of over the
+    # global batch, gradients not all-reduced, validation counted on one rank's share of the questions
+    from scripts import kat_train_star
+    common = dict(max_epochs=1, preload_data_for_training=correct_generations(star_root), train_batch_size=2)
+    kat_train_star.main(flags(star_root, "one_proc", train_gradient_accumulation_steps=2, **common))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.kat_train_star", "--", *flags(star_root, "two_procs", **common)]
+    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = weights(star_root / "one_proc"), weights(star_root / "two_procs")
+    start = weights(star_root / "sft")
+    assert any(not torch.equal(one[k], start[k]) for k in start)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
+    m1, m2 = (json.loads((star_root / d / "meta.json").read_text())["metrics"] for d in ("one_proc", "two_procs"))
+    assert m1["final_val_questions/world_en"] == m2["final_val_questions/world_en"] == 3
+
+
+def test_sigkill_inside_an_iteration_then_resume_gives_the_uninterrupted_run(star_root):
+    # catches: a resume that skips the killed iteration or keeps it half-trained, or samples with other seeds;
+    # iteration 1 trains on controlled generations, so a skipped iteration leaves other weights
+    from scripts import kat_train_star
+    common = dict(max_epochs=2, preload_data_for_training=correct_generations(star_root))
+    kat_train_star.main(flags(star_root, "uninterrupted", **common))
+    killed = star_root / "sigkilled"
+    log_path = star_root / "sigkill.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "scripts.kat_train_star", *flags(star_root, "sigkilled",
+                                                                                      **common)],
+                                env=ENV, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        try:  # kill as soon as iteration 1 has its data: inside its training, or at the latest in iteration 2
+            deadline = time.time() + 120
+            while not (killed / "generations_iter1.jsonl").exists():
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+                time.sleep(0.002)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
+    kat_train_star.main(flags(star_root, "sigkilled", resume=True, **common))
+    expected, resumed = weights(star_root / "uninterrupted"), weights(killed)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert (killed / "generations_iter2.jsonl").read_text() == (star_root / "uninterrupted" /
+                                                              "generations_iter2.jsonl").read_text()
