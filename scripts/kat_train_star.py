@@ -32,7 +32,8 @@ One iteration k = 1..--max_epochs:
 3. evaluate: greedy answers to --num_val_questions validation questions of each data set: accuracy with a Wilson
    95% interval, its change since iteration 0 (the starting model, evaluated too unless
    --skip_first_validation_loop) on the same questions with a paired bootstrap interval over questions (none when
-   no answer changed: a degenerate interval, flagged), no-answer and degeneration rates, accuracy per subject.
+   no answer changed: a degenerate interval, flagged), no-answer and degeneration rates, accuracy per subject,
+   and the held-out loss: loss per response token on a fixed set of generations, iteration 0's greedy answers.
 
 --dataset_name takes one data set or several separated by commas, e.g. world_l2,world_en: training questions
 (--num_train_questions of each) are sampled and trained on together, validation is reported per data set.
@@ -63,17 +64,18 @@ from nanochat import mcqa, star
 from nanochat.batching import collate_targets
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, atomic_write, atomic_write_json, dist_cleanup, dist_init,
-                             is_master, nonnegative_float, nonnegative_int, parse_flags, positive_float, positive_int,
-                             print0, run_script, seed_everything, str2bool)
+                             get_rank, get_world_size, is_master, nonnegative_float, nonnegative_int, parse_flags,
+                             positive_float, positive_int, print0, run_script, seed_everything, str2bool)
 from nanochat.diversity import bootstrap_ci
 from nanochat.dpo import dpo_train_step
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.lora import adapters_disabled, apply_lora, merge_lora
 from nanochat.preference import render_reply
 from nanochat.stage import Stage
-from nanochat.training import train_step
+from nanochat.training import evaluate_loss, train_step
 
 STRATEGIES = ("reinforce", "dpo")
+DPO_COLUMNS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")  # TRL's names
 
 
 def wilson(correct, n, z=1.96):
@@ -86,11 +88,12 @@ def wilson(correct, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate(model, tok, val_sets, args, meta_prompt):
+def evaluate(model, tok, val_sets, args, meta_prompt, heldout=None):
     """
     Greedy answers to the validation questions of each data set (one batched generation for all): per data set,
-    accuracy with its Wilson CI, no-answer and degeneration rates, accuracy per subject, and each question's
-    correctness (kept for the paired comparison with iteration 0).
+    accuracy with its Wilson CI, no-answer and degeneration rates, accuracy per subject, each question's
+    correctness (kept for the paired comparison with iteration 0) and the conversations answered; with heldout
+    ({data set: conversations}, a fixed set of generations) also the loss per response token on them.
     """
     was_training = model.training
     model.eval()
@@ -107,8 +110,26 @@ def evaluate(model, tok, val_sets, args, meta_prompt):
         lo, hi = wilson(sum(correct), len(correct))
         out[name] = {"accuracy": m["accuracy"], "accuracy_lo": lo, "accuracy_hi": hi, "correct": correct,
                      "no_answer_rate": m["no_answer_rate"], "degenerate_rate": m["degenerate_rate"],
-                     "questions": len(part), **{f"subject/{s}": a for s, a in m["per_subject"].items()}}
+                     "questions": len(part), **{f"subject/{s}": a for s, a in m["per_subject"].items()},
+                     "conversations": [r["messages"] + [{"role": "assistant", "content": r["samples"][0]["response"]}]
+                                       for r in part]}
+        if heldout:
+            out[name]["heldout_loss"] = heldout_loss(model, tok, heldout[name], args)
     return out
+
+
+def heldout_loss(model, tok, conversations, args):
+    """Loss per response token on fixed conversations, this rank's share of them (evaluate_loss sums over ranks)."""
+    was_training = model.training
+    model.eval()
+    max_len = args.max_len or model.config.sequence_len
+    mine = [tok.render_conversation(c, max_tokens=max_len + 1) for c in conversations[get_rank()::get_world_size()]]
+    device = next(model.parameters()).device
+    batches = [collate_targets(mine[i:i + args.train_batch_size], device)
+               for i in range(0, len(mine), args.train_batch_size)]
+    loss = evaluate_loss(model, batches)
+    model.train(was_training)
+    return loss
 
 
 def flat(val):
@@ -183,7 +204,7 @@ class AdaptersOff:
 def val_table(rows):
     """Validation per iteration and data set: accuracy, its paired change since iteration 0, the failure rates."""
     lines = ["| iteration | data set | val accuracy [95% CI] | change since iteration 0 [95% CI] | no answer | "
-             "degenerate |", "|---|---|---|---|---|---|"]
+             "degenerate | held-out loss |", "|---|---|---|---|---|---|---|"]
     start = rows[0]["val"] if rows and rows[0]["iteration"] == 0 else None
     for r in rows:
         for name, v in (r["val"] or {}).items():
@@ -194,16 +215,19 @@ def val_table(rows):
                           else "0 (no question changed: degenerate, no interval)")
             lines.append(f"| {r['iteration']} | {name} | {v['accuracy']:.3f} [{v['accuracy_lo']:.3f}, "
                          f"{v['accuracy_hi']:.3f}] | {change} | {v['no_answer_rate']:.3f} | "
-                         f"{v['degenerate_rate']:.3f} |")
+                         f"{v['degenerate_rate']:.3f} | {v.get('heldout_loss', math.nan):.4f} |")
     return "\n".join(lines)
 
 
 def train_table(rows):
-    """What each iteration's sampling found and trained on."""
-    lines = ["| iteration | sample accuracy | pass@k | contested | degenerate | examples | steps |",
-             "|---|---|---|---|---|---|---|"]
+    """What each iteration's sampling found and trained on (and with dpo, its mean rewards over the steps)."""
+    trained = [r for r in rows if r["train"]]
+    dpo = [key for key in DPO_COLUMNS if trained and key in trained[0]["train"]]
+    lines = ["| iteration | sample accuracy | pass@k | contested | degenerate | " + "".join(f"{key} | " for key in dpo)
+             + "examples | steps |", "|---" * (7 + len(dpo)) + "|"]
     lines += [f"| {r['iteration']} | {t['accuracy']:.3f} | {t['pass_at_k']:.3f} | {t['contested']:.3f} | "
-              f"{t['degenerate_rate']:.3f} | {t['examples']} | {t['steps']} |" for r in rows if (t := r["train"])]
+              f"{t['degenerate_rate']:.3f} | " + "".join(f"{t[key]:.3f} | " for key in dpo)
+              + f"{t['examples']} | {t['steps']} |" for r in trained if (t := r["train"])]
     return "\n".join(lines)
 
 
@@ -258,10 +282,10 @@ def main(argv=None):
     parser.add_argument("--out_dir", type=str, default=None, help="default: outs/star/<run name>")
     add_common_flags(parser)
     args = parse_flags(parser, argv)
-    run = star.run_name({"strategy": args.train_strategy, "dataset": args.dataset_name.replace(",", "+"), "hint": args.rationalize,
-                          "lora_r": args.lora_r, "lr": args.learning_rate, "iterations": args.max_epochs,
-                          "samples_per_question": args.samples_per_train_question,
-                          "temperature": args.temperature, "seed": args.seed})
+    run = star.run_name({"strategy": args.train_strategy, "dataset": args.dataset_name.replace(",", "+"),
+                         "hint": args.rationalize, "lora_r": args.lora_r, "lr": args.learning_rate,
+                         "iterations": args.max_epochs, "samples_per_question": args.samples_per_train_question,
+                         "temperature": args.temperature, "seed": args.seed})
     args.out_dir = args.out_dir or os.path.join("outs", "star", run)
     if args.preload_data_for_training and not os.path.isfile(args.preload_data_for_training):
         raise InputError(f"--preload_data_for_training {args.preload_data_for_training}: no such file")
@@ -282,7 +306,8 @@ def main(argv=None):
         results = []
         for meta in [None] + args.meta_prompt_to_preamble:
             for name, m in evaluate(model, tok, val_sets, args, meta).items():
-                results.append({"meta_prompt": meta, "dataset": name, **m})
+                results.append({"meta_prompt": meta, "dataset": name,
+                                **{key: v for key, v in m.items() if key != "conversations"}})
                 lines.append(f"| {meta or '(none)'} | {name} | {m['accuracy']:.3f} [{m['accuracy_lo']:.3f}, "
                              f"{m['accuracy_hi']:.3f}] | {m['no_answer_rate']:.3f} | {m['degenerate_rate']:.3f} |")
         table = "\n".join(lines)
@@ -304,10 +329,16 @@ def main(argv=None):
     # iteration starts a fresh one; the per-iteration table rows travel as the script's state
     start, state = stage.resume(model, [], args.max_epochs, tokenizer_dir(payload), device)
     rows = state or []
+    heldout = None  # the fixed generations of the held-out loss: the starting model's greedy validation answers
     if start == 0 and not args.skip_first_validation_loop:
         val = evaluate(model, tok, val_sets, args, args.meta_prompt)
+        heldout = {name: v["conversations"] for name, v in val.items()}
+        for name in val:
+            val[name]["heldout_loss"] = heldout_loss(model, tok, heldout[name], args)
         stage.log_eval(0, flat(val))
         rows.append({"iteration": 0, "val": val, "train": None})
+    elif rows and rows[0]["iteration"] == 0:
+        heldout = {name: v["conversations"] for name, v in rows[0]["val"].items()}
 
     for k in range(start + 1, args.max_epochs + 1):
         if args.reset_model_every_star_epoch:
@@ -359,7 +390,7 @@ def main(argv=None):
         steps_per_epoch = math.ceil(len(renders) / rows_per_step) if renders else 0
         num_steps = 1 if args.single_batch and renders else steps_per_epoch * args.internal_epochs
         model.train()
-        losses = []
+        losses, dpo_stats = [], []
         for step in range(num_steps):
             epoch, s = divmod(step, max(steps_per_epoch, 1))
             order = list(range(len(renders)))
@@ -379,18 +410,23 @@ def main(argv=None):
                          for c in chunks]
                 stats = dpo_train_step(model, reference, optimizers, micro, rows_per_step, args.dpo_beta)
                 loss, grad_norm = stats["loss"], stats["grad_norm"]
+                dpo_stats.append({key: v for key, v in stats.items() if key.startswith("rewards/")})
             losses.append(loss)
             if (step + 1) % args.log_every == 0 or step + 1 == num_steps:
-                print0(f"iteration {k} step {step + 1}/{num_steps} | loss {loss:.4f} | grad norm {grad_norm:.3f}")
+                rewards = "".join(f" | {key} {v:.3f}" for key, v in (dpo_stats[-1] if dpo_stats else {}).items())
+                print0(f"iteration {k} step {step + 1}/{num_steps} | loss {loss:.4f}{rewards} | "
+                       f"grad norm {grad_norm:.3f}")
             if args.val_every_n_steps and (step + 1) % args.val_every_n_steps == 0 and step + 1 < num_steps:
-                stage.log_eval(k, flat(evaluate(model, tok, val_sets, args, args.meta_prompt)), prefix="val_inner")
+                stage.log_eval(k, flat(evaluate(model, tok, val_sets, args, args.meta_prompt, heldout)),
+                               prefix="val_inner")
         merge_lora(model)  # a plain GPT again: what is saved, resumed and trained next
         del reference
         train = {key: v for key, v in train_metrics.items() if key != "per_subject"}
         train |= {"examples": len(examples), "steps": num_steps}
+        train |= {key: sum(d[key] for d in dpo_stats) / len(dpo_stats) for key in (dpo_stats[0] if dpo_stats else {})}
         stage.log(k, train | ({"loss": sum(losses) / len(losses)} if losses else {}),
                   f"{num_steps} steps" + (f", mean loss {sum(losses) / len(losses):.4f}" if losses else ""))
-        val = evaluate(model, tok, val_sets, args, args.meta_prompt)
+        val = evaluate(model, tok, val_sets, args, args.meta_prompt, heldout)
         stage.log_eval(k, flat(val))
         rows.append({"iteration": k, "val": val, "train": train})
         stage.maybe_save(k, model, [], rows)
