@@ -51,6 +51,11 @@ def add_finetune_flags(parser, ckpt_path, out_dir, num_conversations, stream, ar
                              "format (a short rationale, then 'Answer: X') join the training conversations")
     parser.add_argument("--mc_l2_share", type=fraction, default=0.1,
                         help="share of those in the world's second language, the low-resource one STaR studies")
+    parser.add_argument("--workflow_conversations", type=nonnegative_int, default=0,
+                        help="synthetic only: this many of workflow GRPO's conversations (the policy writing "
+                             "workflows, the executor answering operator prompts) join the training conversations")
+    parser.add_argument("--workflow_policy_share", type=fraction, default=0.3,
+                        help="share of those that are the policy's; the rest are the executor's")
     parser.add_argument("--batch_rows", type=positive_int, default=16, help="global rows (conversations) per step")
     parser.add_argument("--device_batch_size", type=positive_int, default=8)
     parser.add_argument("--max_len", type=positive_int, default=512, help="tokens per row")
@@ -131,6 +136,14 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
         train_convs += mcqa.sft_conversations(world, args.mc_conversations, args.mc_l2_share, args.seed)
         print0(f"{args.mc_conversations} multiple-choice conversations, a {args.mc_l2_share:.0%} share in the "
                f"second language")
+    if args.workflow_conversations:  # workflow GRPO's two roles; only training tasks, so its eval tasks stay unseen
+        if world is None:
+            raise InputError("--workflow_conversations needs --source=synthetic (the world's workflow tasks)")
+        from nanochat import workflow_data  # pulls in the task loaders: imported only when asked for
+        train_convs += workflow_data.sft_conversations(world, args.workflow_conversations,
+                                                       args.workflow_policy_share, args.seed)
+        print0(f"{args.workflow_conversations} workflow conversations, a {args.workflow_policy_share:.0%} share "
+               f"of them the policy's")
     loader = make_loader(train_convs, tok, rows_per_micro, rank, world_size, True)
     if args.max_steps is not None:
         num_steps = args.max_steps

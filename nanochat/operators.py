@@ -140,14 +140,14 @@ def _math_program(code):
 def _finish(state):
     """The closing line: how the reply gives its answer."""
     if state.domain == "code":
-        return f"Write the Python function {state.entry_point} in one ```python block."
+        return f"Write {state.entry_point} in one ```python block."
     return 'End with the line "Answer: <answer>".'
 
 
 def _shown(state):
     """The current answer, as the prompts show it."""
     if state.domain == "code":
-        return f"Proposed program:\n{state.answer}"
+        return f"Program:\n{state.answer}"
     return f"Proposed answer: {state.answer}"
 
 
@@ -215,8 +215,8 @@ def test(state):
         result = yield Run(state.answer, state.tests)
         feedback = f"passed {result.passed}/{result.total}"
         failure = re.search(r"^test (\d+) failed: (.*)$", result.stderr, re.M)
-        if failure:
-            feedback += f"; failed {state.tests[int(failure.group(1))]}: {failure.group(2).strip()}"
+        if failure:  # which test failed and how, not its text: its literals would crowd the 256-token context
+            feedback += f"; test {int(failure.group(1)) + 1} failed: {failure.group(2).strip().removesuffix(':')}"
         elif result.status != "ok":  # the program itself failed before the tests ran
             feedback += f"; {_error_line(result)}"
         return {"passed": result.status == "ok", "feedback": feedback}

@@ -28,7 +28,8 @@ HEADLINE_METRICS = (
     "test/rejected_kind=wrong/accuracy", "reward_start", "reward_final", "gold_score_final", "artifact_rate_start",
     "artifact_rate_final", "drawn_q1", "drawn_q4", "primary_effect", "primary_ci_seeds", "frontier_gap_correct",
     "meanshift_gap_correct", "temperature_value_tokens", "temperature_free_start_tokens", "eval_mean_temperature",
-    "eval_coverage", "val_accuracy_start/", "val_accuracy_final/",
+    "eval_coverage", "val_accuracy_start/", "val_accuracy_final/", "accuracy_start", "accuracy_final",
+    "invalid_share_final", "policy_accuracy", "best_fixed_accuracy",
 )
 SUMMARY_BEGIN, SUMMARY_END = "<!-- summary -->", "<!-- /summary -->"
 
