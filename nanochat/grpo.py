@@ -50,6 +50,7 @@ class GRPOConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int = None
+    top_p: float = None  # nucleus sampling; the ratio and KL are still of softmax(logits / T), as in TRL
     scale_rewards: str = "group"
     clip_eps: float = 0.2
     epsilon_high: float = None
@@ -313,7 +314,8 @@ def grpo_step(policy, reference, optimizers, engine, prompts, reward_fn, config,
     rows = len(prompts) * config.num_generations
     policy.eval()
     gen = engine.generate(prompts, num_samples=config.num_generations, max_new_tokens=config.max_new_tokens,
-                          temperature=config.temperature, top_k=config.top_k, stop_tokens=stop_tokens, seed=seed,
+                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                          stop_tokens=stop_tokens, seed=seed,
                           global_rows=(rank * rows, world_size * rows))
     policy.train()
     completions = gen.completions()

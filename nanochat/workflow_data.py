@@ -155,12 +155,13 @@ def _distinct_tasks(world, domain, split, count, seed):
     return list(found.values())
 
 
-def synthetic_split(world_spec, split, n, seed, domain_ratios=None):
+def synthetic_split(world_spec, split, n, seed, domain_ratios=None, at_most=False):
     """
     n distinct synthetic tasks of one part ("train", "val", "test") of the world {"seed", "size"} (a checkpoint's
     "world"), in domain_ratios (default workflow_tasks.DEFAULT_RATIOS), shuffled together; deterministic in
     (world, split, n, seed). Raises ValueError where the part has too few distinct tasks of a domain (code is the
-    scarce one: 144 / 23 / 42 in a size-1 world).
+    scarce one: 144 / 23 / 42 in a size-1 world), unless at_most: then such a domain gives all it has (a training
+    pool).
     """
     if split not in TASK_SHARES:
         raise ValueError(f"synthetic workflow tasks are split into {', '.join(TASK_SHARES)}, not {split!r}")
@@ -168,7 +169,7 @@ def synthetic_split(world_spec, split, n, seed, domain_ratios=None):
     tasks = []
     for domain, count in domain_counts(n, DEFAULT_RATIOS if domain_ratios is None else domain_ratios).items():
         found = _distinct_tasks(world, domain, split, count, seed)
-        if len(found) < count:
+        if len(found) < count and not at_most:
             raise ValueError(f"the world (seed {world.seed}, size {world.size}) gave only {len(found)} distinct "
                              f"{domain} tasks in {split!r} of the {count} asked for")
         tasks += found
