@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline, end to end: set-up, tokenizer, base, mid, SFT, preference pairs, prompts, evaluation,
 # density weights, reward model, GRPO with density-aware and with uniform prompt sampling (SEEDS training seeds
-# each), the diversity report; DPO arms too with DPO=1; AutoDeco's heads and their evaluation; STaR; the positive
-# control with CONTROL=1.
+# each), the diversity report; DPO arms too with DPO=1; AutoDeco's heads and their evaluation; STaR; workflow GRPO;
+# the positive control with CONTROL=1.
 #
 #   bash speedrun.sh                          # picks the profile: gpu when CUDA GPUs are visible, else cpu
 #   PROFILE=cpu bash speedrun.sh              # synthetic world, depth 4, vocab 1024: minutes on a laptop
@@ -12,6 +12,7 @@
 #   CONTROL=1 bash speedrun.sh                # then the positive control: SFT artifacts only on rare clusters
 #   AUTODECO=0 bash speedrun.sh               # without AutoDeco (per-token temperature heads and their comparison)
 #   STAR=0 bash speedrun.sh                   # without STaR (rationale self-training, two languages)
+#   WORKFLOW=0 bash speedrun.sh               # without workflow GRPO (operator workflows, five-tier rewards)
 #   DEPTH=6 FORCE=1 WANDB_RUN=myrun COMPILE=0 DPO=1 bash speedrun.sh
 #   screen -L -Logfile outs/screen.log -S speedrun bash speedrun.sh   # safe to run detached
 #
@@ -186,6 +187,22 @@ if [ "${STAR:-1}" = 1 ]; then
             --num_val_questions=500 --max_new_tokens=256 --max_epochs=3 --lora_r=16 --learning_rate=1e-4"
     fi
     run_stage star outs/star/ckpt.pt launch scripts.kat_train_star -- $STAR_FLAGS --out_dir=outs/star
+fi
+
+# Workflow GRPO (WORKFLOW=0 skips it): a policy writes an operator workflow per task, an executor model runs it, and
+# five-tier rewards train the policy; then the policy against fixed workflows (direct answer, chain of thought,
+# 5-way self-consistency, Programmer, Programmer -> Test -> Revise) on held-out tasks. On the cpu profile one SFT of
+# its own learns both roles on the synthetic world (workflows for math, QA and code; the operators' reply formats,
+# with planted weaknesses each domain's right workflow repairs); the frozen copy is the executor. The gpu profile's
+# models have not seen the world, and the workflow data is the world's: there, run the stage with an executor
+# endpoint and a policy of your own (README, "Workflow GRPO").
+if [ "${WORKFLOW:-1}" = 1 ] && [ "$PROFILE" = cpu ]; then
+    run_stage workflow_sft outs/workflow_sft/ckpt.pt launch scripts.chat_sft -- $SFT_FLAGS \
+        --workflow_conversations=8000 --max_steps=300 --out_dir=outs/workflow_sft
+    run_stage workflow outs/workflow/ckpt.pt launch scripts.kat_train_workflow -- --model_name=outs/workflow_sft \
+        --max_steps=30 --eval_every=15 --out_dir=outs/workflow
+    run_stage workflow_eval outs/workflow_eval/workflow_eval.md $PY -m scripts.kat_eval_workflows \
+        --checkpoint=outs/workflow --out_dir=outs/workflow_eval
 fi
 
 # The positive control (CONTROL=1): the same pipeline on an SFT model whose planted artifacts sit only on the rare

@@ -27,7 +27,9 @@ Training data from records:
 - `dpo_pairs`: every usable correct x every incorrect sample of each contested question (some but not all correct),
   as rows of the pairs format (nanochat/pairs.py) that nanochat/preference.py and nanochat/dpo.py train on.
 - `answer_logprob_rewards`: a graded reward per rationale instead of 0/1, how much the rationale raises the
-  log-probability of the correct answer line over answering at once.
+  log-probability of the correct answer line over answering at once. `score_answer_logprob` stores it in each
+  sample as "reward"; reinforce_examples and dpo_pairs with graded=True then count a sample as a success when its
+  reward is above 0, the no-rationale baseline, whatever letter it ended on.
 """
 
 import torch
@@ -72,9 +74,15 @@ def sample_rationales(model, tok, items, samples_per_question, temperature, max_
     return records
 
 
-def _usable(sample):
-    """A correct sample that may be trained on (not one that leans on a hint it will not see)."""
-    return sample["score"] >= 1 and not sample["mentions_hint"]
+def _good(sample, graded=False):
+    """A sample that counts as a success: a correct answer, or with graded rewards (score_answer_logprob) a
+    rationale that makes the correct answer more likely than answering at once (reward > 0, the baseline)."""
+    return sample["reward"] > 0 if graded else sample["score"] >= 1
+
+
+def _usable(sample, graded=False):
+    """A success that may be trained on (not one that leans on a hint it will not see)."""
+    return _good(sample, graded) and not sample["mentions_hint"]
 
 
 def _unique(responses):
@@ -92,32 +100,32 @@ def contested(records):
     return [r for r in records if 0 < sum(s["score"] >= 1 for s in r["samples"]) < len(r["samples"])]
 
 
-def reinforce_examples(records, unique=False):
+def reinforce_examples(records, unique=False, graded=False):
     """
-    SFT conversations [user: question, assistant: rationale], one per usable correct sample, in record order;
-    unique drops a question's repeated responses (a confident model samples the same rationale many times, which
-    would otherwise weigh that question more).
+    SFT conversations [user: question, assistant: rationale], one per usable successful sample (_good), in record
+    order; unique drops a question's repeated responses (a confident model samples the same rationale many times,
+    which would otherwise weigh that question more).
     """
     examples = []
     for record in records:
-        correct = [s["response"] for s in record["samples"] if _usable(s)]
+        correct = [s["response"] for s in record["samples"] if _usable(s, graded)]
         for response in _unique(correct) if unique else correct:
             examples.append(record["messages"] + [{"role": "assistant", "content": response}])
     return examples
 
 
-def dpo_pairs(records, unique=False):
+def dpo_pairs(records, unique=False, graded=False):
     """
-    Preference rows of the contested questions: every usable correct sample (chosen) x every incorrect one
-    (rejected), in sample order. A product row the pairs format refuses (check_pair: an empty reply, or two replies
-    equal up to whitespace) is left out. unique first drops repeated responses on each side.
+    Preference rows of the contested questions: every usable successful sample (chosen) x every unsuccessful one
+    (rejected), in sample order (successful: _good). A product row the pairs format refuses (check_pair: an empty
+    reply, or two replies equal up to whitespace) is left out. unique first drops repeated responses on each side.
     """
     rows = []
     # no contested() filter needed: an all-correct question has nothing to reject, an all-wrong one nothing to choose
     for record in records:
         messages, item = record["messages"], record["item"]
-        chosen = [s["response"] for s in record["samples"] if _usable(s)]
-        rejected = [s["response"] for s in record["samples"] if s["score"] < 1]
+        chosen = [s["response"] for s in record["samples"] if _usable(s, graded)]
+        rejected = [s["response"] for s in record["samples"] if not _good(s, graded)]
         if unique:
             chosen, rejected = _unique(chosen), _unique(rejected)
         for c in chosen:
@@ -165,6 +173,15 @@ def answer_logprob_rewards(model, tok, item, rationales, preamble=None, meta_pro
         inputs, targets = collate_targets(rendered[start:start + batch_size], device)
         logprobs += sequence_logprobs(model, inputs, targets).tolist()
     return [lp - logprobs[0] for lp in logprobs[1:]]
+
+
+def score_answer_logprob(model, tok, records, preamble=None, meta_prompt=None, batch_size=32):
+    """Give every sample of the records its graded reward, answer_logprob_rewards of its response, as "reward"."""
+    for record in records:
+        rewards = answer_logprob_rewards(model, tok, record["item"], [s["response"] for s in record["samples"]],
+                                         preamble, meta_prompt, batch_size)
+        for sample, reward in zip(record["samples"], rewards):
+            sample["reward"] = reward
 
 
 def iteration_metrics(records):

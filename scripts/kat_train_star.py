@@ -22,6 +22,9 @@ One iteration k = 1..--max_epochs:
    iteration with --reset_model_every_star_epoch (as the STaR paper does):
    - reinforce: SFT on [question, correct rationale] (star.reinforce_examples; --unique drops a question's
      repeated rationales), loss on the assistant's tokens only;
+   - with --reward answer_logprob a sample counts as a success when its rationale raises the log-probability of
+     the correct answer line over answering at once (star.answer_logprob_rewards; baseline: no rationale), not
+     when its own letter is right: that decides reinforce's examples and dpo's chosen / rejected sides;
    - dpo: DPO (sigmoid, --dpo_beta) on star.dpo_pairs of the contested questions, against --ref_model_name if
      given, else the policy's own base weights under lora.adapters_disabled (--lora_r > 0), else a frozen copy of
      the iteration's starting model.
@@ -251,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="of the training samples")
     parser.add_argument("--max_new_tokens", type=positive_int, default=128)
     parser.add_argument("--gen_batch_size", type=positive_int, default=32, help="questions per generation batch")
+    parser.add_argument("--reward", type=str, default="correct", choices=["correct", "answer_logprob"],
+                        help="what makes a sample a success: its answer is correct, or its rationale raises log p("
+                             "correct answer) over answering at once (the likelihood reward; star.py)")
     parser.add_argument("--rationalize", type=str2bool, default=False,
                         help="sample failed questions again with the answer as a hint")
     parser.add_argument("--train_batch_size", type=positive_int, default=8, help="examples per micro-batch per rank")
@@ -361,16 +367,24 @@ def main(argv=None):
             for record, extra in zip(failed, hinted):
                 record["samples"] += [s | {"hinted": True} for s in extra["samples"]]
             print0(f"iteration {k}: rationalised {len(failed)} failed questions with the hint")
+        graded = args.reward == "answer_logprob"
+        if graded:  # the rewards of the model that sampled the rationales, stored in the generations file too
+            model.eval()
+            star.score_answer_logprob(model, tok, records, meta_prompt=args.meta_prompt,
+                                      batch_size=args.gen_batch_size)
+            rewards = [s["reward"] for r in records for s in r["samples"]]
+            print0(f"iteration {k}: answer_logprob rewards mean {sum(rewards) / max(len(rewards), 1):+.3f}, "
+                   f"{sum(x > 0 for x in rewards) / max(len(rewards), 1):.0%} above the no-rationale baseline")
         if is_master():  # read back by --preload_data_for_training: never a half-written file
             atomic_write(os.path.join(args.out_dir, f"generations_iter{k}.jsonl"),
                          "".join(json.dumps(r) + "\n" for r in records))
 
         # training data of this iteration, rendered once: (ids, mask) rows, or chosen/rejected render pairs
         if args.train_strategy == "reinforce":
-            examples = star.reinforce_examples(records, args.unique)
+            examples = star.reinforce_examples(records, args.unique, graded)
             renders = [tok.render_conversation(c, max_tokens=max_len + 1) for c in examples]
         else:
-            examples = star.dpo_pairs(records, args.unique)
+            examples = star.dpo_pairs(records, args.unique, graded)
             renders = [(render_reply(tok, e["messages"], e["chosen"], max_len),
                         render_reply(tok, e["messages"], e["rejected"], max_len)) for e in examples]
         print0(f"iteration {k}: {len(examples)} {args.train_strategy} examples from {len(records)} questions "

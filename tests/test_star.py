@@ -51,6 +51,28 @@ def test_dpo_pairs_are_exactly_the_correct_times_incorrect_products_of_contested
     assert len(render_pairs(tok, rows)) == 4
 
 
+def test_graded_rewards_decide_success_by_the_baseline_not_the_letter(tok):
+    # catches: --reward answer_logprob still selecting by the letter (score), a threshold other than the
+    # no-rationale baseline (0), hinted rationales trained on, rewards stored on the wrong samples
+    q = record(item(5), ["Right letter, bad reasoning. Answer: C", "Good reasoning, slip. Answer: A",
+                         "Neutral. Answer: B"])
+    for sample, reward in zip(q["samples"], (-0.5, 1.2, 0.0)):
+        sample["reward"] = reward
+    assert [m[-1]["content"] for m in star.reinforce_examples([q], graded=True)] == ["Good reasoning, slip. Answer: A"]
+    assert [m[-1]["content"] for m in star.reinforce_examples([q])] == ["Right letter, bad reasoning. Answer: C"]
+    pairs = star.dpo_pairs([q], graded=True)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("Good reasoning, slip. Answer: A", "Right letter, bad reasoning. Answer: C"),
+        ("Good reasoning, slip. Answer: A", "Neutral. Answer: B")]
+    q["samples"][1]["mentions_hint"] = True
+    assert star.reinforce_examples([q], graded=True) == []
+    model = make_tiny_model(vocab_size=tok.vocab_size, sequence_len=256)
+    fresh = record(item(6), ["Because. Answer: C", "Answer: A"])
+    star.score_answer_logprob(model, tok, [fresh])
+    expected = star.answer_logprob_rewards(model, tok, fresh["item"], ["Because. Answer: C", "Answer: A"])
+    assert [s_["reward"] for s_ in fresh["samples"]] == pytest.approx(expected)
+
+
 def test_reinforce_trains_on_the_response_tokens_only_and_unique_drops_repeats(tok):
     # catches: a loss on the question's tokens (the SFT mask), incorrect samples reinforced, duplicates kept with
     # unique, hint-citing rationales trained without the hint

@@ -234,3 +234,18 @@ def test_sigkill_inside_an_iteration_then_resume_gives_the_uninterrupted_run(sta
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert (killed / "generations_iter2.jsonl").read_text() == (star_root / "uninterrupted" /
                                                               "generations_iter2.jsonl").read_text()
+
+
+def test_answer_logprob_reward_scores_every_sample_and_trains(star_root):
+    # catches: --reward answer_logprob accepted but ignored (no rewards in the generations, training by letter)
+    from scripts import kat_train_star
+    kat_train_star.main(flags(star_root, "graded", reward="answer_logprob",
+                              preload_data_for_training=correct_generations(star_root)))
+    records = [json.loads(line) for line in open(star_root / "graded" / "generations_iter1.jsonl")]
+    assert all(isinstance(s["reward"], float) for r in records for s in r["samples"])
+    graded = sum(s["reward"] > 0 for r in records for s in r["samples"])
+    assert graded != 3  # 3 samples have the right letter: the fixture must tell the two rules apart
+    # the examples trained on are the samples above the baseline, whatever their letter (training table's row 1)
+    training_table = (star_root / "graded" / "report.md").read_text().split("Training samples:")[1]
+    row = next(line for line in training_table.splitlines() if line.startswith("| 1 | "))
+    assert row.split("|")[6].strip() == str(graded)
