@@ -249,3 +249,25 @@ def test_answer_logprob_reward_scores_every_sample_and_trains(star_root):
     training_table = (star_root / "graded" / "report.md").read_text().split("Training samples:")[1]
     row = next(line for line in training_table.splitlines() if line.startswith("| 1 | "))
     assert row.split("|")[6].strip() == str(graded)
+
+
+def test_single_batch_reset_and_inner_validation_modes(star_root, monkeypatch, capsys):
+    # catches: --reset_model_every_star_epoch training on from the last model (no reload of --model_name),
+    # --val_every_n_steps never evaluating inside an iteration, --single_batch running a whole epoch
+    from scripts import kat_train_star
+    loads = []
+    real = kat_train_star.load_model
+
+    def counting(path, *args, **kwargs):
+        loads.append(str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(kat_train_star, "load_model", counting)
+    preload = correct_generations(star_root)
+    kat_train_star.main(flags(star_root, "modes", max_epochs=2, reset_model_every_star_epoch=True,
+                              val_every_n_steps=1, train_batch_size=1, preload_data_for_training=preload))
+    assert loads == [str(star_root / "sft")] * 3  # the start, then once per iteration
+    out = capsys.readouterr().out
+    assert "val_inner/world_en/accuracy" in out  # 3 examples, 1 per step: evaluated after steps 1 and 2
+    kat_train_star.main(flags(star_root, "single", single_batch=True, train_batch_size=1,
+                              preload_data_for_training=preload))
+    assert "iteration 1 step 1/1 " in capsys.readouterr().out
