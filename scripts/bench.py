@@ -1,9 +1,9 @@
 """
 Speed benchmarks at the project's reference size (depth 4: width 256, 4 heads; vocab 4096; context 512) on a
 randomly initialised model and random tokens: pretraining and decoding throughput, the Muon vs AdamW race that
-decides the default matrix optimizer, the post-training steps (reward model, DPO, GRPO) beside TRL's figures, and
-the kNN behind the density weights. Prints one table at the end and writes outs/bench.json (atomically; a partial
-`--only` run writes only its workloads).
+decides the default matrix optimizer, the post-training steps (reward model, DPO, GRPO) beside TRL's figures, a
+workflow GRPO step by part, and the kNN behind the density weights. Prints one table at the end and writes
+outs/bench.json (atomically; a partial `--only` run writes only its workloads).
 
     python -m scripts.bench                                    # every workload
     python -m scripts.bench --only=train,generate,optimizers   # ~3.5 minutes on 2 quiet cores
@@ -14,6 +14,7 @@ the kNN behind the density weights. Prints one table at the end and writes outs/
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
     python -m scripts.bench --threads=1 --out=outs/bench_1thread.json
     python -m scripts.bench --only=autodeco                    # what AutoDeco's heads add to decoding
+    python -m scripts.bench --only=workflow                    # where a workflow GRPO step's time goes
 
 What is measured:
   train       tokens/s of `nanochat.training.train_step` (forward, backward, grad clip, optimizer step) on one
@@ -64,6 +65,29 @@ What is measured:
               at random, so they are not the constant fresh ones) with the temperature head alone and with the top-p
               head too. The three take turns run by run: one untimed run each, then the median of --autodeco_runs
               timed runs; overhead = median with the hook / plain median - 1 (the issue's target: at most 5%).
+  workflow    a workflow GRPO step as scripts/kat_train_workflow.py takes it, split into policy sampling, execution
+              and training time. A random GPT of --depth and --seq_len is the policy, a frozen copy the KL
+              reference and (through LocalExecutor) the executor; their vocabulary is a BPE tokenizer of
+              --workflow_vocab_size trained on the synthetic world (seed 0, size 1), whose text holds about 1,250
+              tokens, too few for --vocab_size's 4096 (the speedrun's tokenizer has 1024). The step: --workflow_tasks
+              tasks of the world's "train" split (`workflow_data.synthetic_split`), 4 workflows each, the stage's
+              defaults (AdamW 1e-4, clip 0.2, KL 0.04, token loss, grad clip 1, executor temperature 0.7, 5 s per
+              sandbox run). A random policy writes invalid workflows, which cost no execution at all, so the parts
+              are timed apart. sampling: `Engine.generate` of 4 workflows per task from its `policy_prompt`,
+              temperature 1, up to --workflow_new_tokens tokens. execution: the stage's `score_workflows`
+              (`run_workflows`, then each answer's reward: a code answer runs its tests in the sandbox) of as many
+              valid workflows drawn from `workflow_data.WORKFLOWS` of each task's domain, executor replies of up to
+              --workflow_executor_tokens tokens: the work a policy that writes valid workflows causes (the random
+              executor's programs fail at once, so a sandbox run costs about its start-up). Counted per step:
+              executor calls (one per round) and prompts, sandbox runs (workflow steps and code rewards). training:
+              the whole `grpo_step` with a reward_fn of fixed random rewards (no execution), its own sampling
+              included; it samples with the sampling part's seed and weights, so update = training - sampling is
+              the rest (reference log-probs, the policy's forward and backward, AdamW). A random policy seldom
+              samples its end token, so nearly every workflow is truncated, which the stage masks out of the loss:
+              here mask_truncated_completions is off, and the update trains on every sampled token. The same tasks
+              and jobs (executor seeds included) every run, the sampling seed run by run: one untimed run, then the
+              median of --workflow_runs timed runs per part, and each part's share of sampling + execution + update
+              (the step as the stage takes it, each part once).
   density     kNN (k = 10) plus density weights of --density_n random 256-dim unit vectors: blocked
               (`nanochat.density.knn`, tiles of --density_block_size) beside brute force (the whole N x N cosine
               similarity matrix, then topk of each row). Brute force runs at --density_n when its matrix and
@@ -86,28 +110,37 @@ import itertools
 import multiprocessing
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
 import time
+from collections import Counter
 
 import torch
 
-from nanochat.batching import collate_right, collate_targets
+from nanochat import execution, workflow_data
+from nanochat.batching import collate_right, collate_targets, cut_left
 from nanochat.common import atomic_write_json, parse_flags, seed_everything, str2bool
 from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import dpo_train_step
 from nanochat.engine import Engine
+from nanochat.executor import LocalExecutor
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
-from nanochat.grpo import GRPOConfig, batch_logprobs, group_advantages, group_rewards, pack_groups, policy_update
+from nanochat.grpo import (GRPOConfig, batch_logprobs, group_advantages, group_rewards, grpo_step, pack_groups,
+                           policy_update)
 from nanochat.rm import RewardModel, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from nanochat.training import train_step
+from scripts.kat_train_workflow import score_workflows
 
-WORKLOADS = ("train", "generate", "optimizers", "rm", "dpo", "grpo", "autodeco", "density")
+WORKLOADS = ("train", "generate", "optimizers", "rm", "dpo", "grpo", "autodeco", "workflow", "density")
 OPTIMIZERS = ("muon", "adamw")
 GRPO_PARTS = ("generate", "score", "train")
+WORKFLOW_PARTS = ("sampling", "execution", "update")  # the step's time, all of it and none twice
+WORKFLOW_GROUP = 4  # workflows per task: kat_train_workflow's default
+WORKFLOW_TOKENIZER_DOCS = 2000  # world documents the workflow tokenizer learns from: 1000 already give 1024 tokens
 PROMPT_LEN = 32
 WARMDOWN = 0.3  # share of the race's time budget with a linearly decaying learning rate
 LAST_STEPS = 10  # the race's training loss is averaged over this many final steps: one batch is too noisy
@@ -275,6 +308,87 @@ def bench_autodeco(args, config, device):
             f"{name} {m:.3f} s ({m / medians['plain'] - 1:+.1%})" for name, m in medians.items() if name != "plain"),
             flush=True)
     return results
+
+
+# -----------------------------------------------------------------------------
+# workflow: a workflow GRPO step's sampling, execution and training time
+
+def bench_workflow(args, device):
+    world = {"seed": 0, "size": 1}
+    docs = make_world(**world).pretrain_documents(WORKFLOW_TOKENIZER_DOCS, seed=0)
+    tok = train_tokenizer(iter(docs), args.workflow_vocab_size)
+    config = config_from_depth(args.depth, tok.vocab_size, args.seq_len)
+    policy = fresh_model(config, args.seed, device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    executor = LocalExecutor(reference, tok)  # the stage's default: the frozen starting model runs the workflows
+    tasks = workflow_data.synthetic_split(world, "train", args.workflow_tasks, seed=args.seed)
+    stop_tokens = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]
+    max_prompt = args.seq_len - args.workflow_new_tokens
+    prompts = [cut_left(tok.render_for_completion([{"role": "user", "content": workflow_data.policy_prompt(t)}]),
+                        max_prompt) for t in tasks]
+    rng = random.Random(args.seed)
+    jobs = [(rng.choice(workflow_data.WORKFLOWS[t["domain"]]), t) for t in tasks for _ in range(WORKFLOW_GROUP)]
+    # kat_train_workflow's defaults, one rank, no gradient accumulation; the random policy's truncated workflows
+    # stay in the loss, or the update would train on almost nothing
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    rows = len(tasks) * WORKFLOW_GROUP
+    grpo_config = GRPOConfig(num_generations=WORKFLOW_GROUP, max_new_tokens=args.workflow_new_tokens,
+                             temperature=1.0, scale_rewards="group", clip_eps=0.2, beta=0.04, loss_type="token",
+                             mask_truncated_completions=False, grad_clip=1.0, device_batch_size=rows)
+    stage_flags = argparse.Namespace(executor_temperature=0.7, executor_max_tokens=args.workflow_executor_tokens,
+                                     execution_timeout=5.0)
+    rewards = torch.rand(rows, generator=torch.Generator().manual_seed(args.seed))
+    engine = Engine(policy)
+    # workflow steps and code rewards both start their sandbox runs in execution._run: count them there
+    sandbox_runs, run_in_sandbox = [], execution._run
+
+    def counted_run(*run_args, **run_kwargs):
+        sandbox_runs.append(None)  # list.append is atomic: run_workflows starts runs from a thread pool
+        return run_in_sandbox(*run_args, **run_kwargs)
+
+    run_seconds = {part: [] for part in ("sampling", "execution", "training")}
+    counts = {"executor_calls": [], "executor_prompts": [], "sandbox_runs": []}
+    execution._run = counted_run
+    try:
+        for run in range(1 + args.workflow_runs):  # the first run is the untimed warmup
+            policy.eval()
+            _, sampling_s = timed(lambda: engine.generate(
+                prompts, num_samples=WORKFLOW_GROUP, max_new_tokens=args.workflow_new_tokens, temperature=1.0,
+                stop_tokens=stop_tokens, seed=args.seed + run).completions(), device)
+            policy.train()
+            before = (executor.calls, executor.prompt_count, len(sandbox_runs))
+            records, execution_s = timed(lambda: score_workflows(
+                [text for text, _ in jobs], [task for _, task in jobs], executor, stage_flags, args.seed), device)
+            after = (executor.calls, executor.prompt_count, len(sandbox_runs))
+            # the same seed and weights as the sampling above: grpo_step samples the same workflows again
+            (stats, _, _), training_s = timed(lambda: grpo_step(
+                policy, reference, [optimizer], engine, prompts, lambda batch: rewards, grpo_config, stop_tokens,
+                seed=args.seed + run, pad_id=tok.bos_token_id), device)
+            if run:
+                for part, seconds in zip(run_seconds, (sampling_s, execution_s, training_s)):
+                    run_seconds[part].append(seconds)
+                for name, b, a in zip(counts, before, after):
+                    counts[name].append(a - b)
+    finally:
+        execution._run = run_in_sandbox
+    run_seconds["update"] = [t - s for t, s in zip(run_seconds["training"], run_seconds["sampling"])]
+    median = {part: statistics.median(seconds) for part, seconds in run_seconds.items()}
+    step = sum(median[part] for part in WORKFLOW_PARTS)  # the stage's step: its parts, each once
+    share = {part: median[part] / step for part in WORKFLOW_PARTS}
+    per_step = {name: statistics.median(values) for name, values in counts.items()}
+    print(f"workflow sampling : {median['sampling']:.2f} s ({share['sampling']:.0%}), {len(tasks)} tasks x "
+          f"{WORKFLOW_GROUP} workflows of up to {args.workflow_new_tokens} tokens", flush=True)
+    print(f"workflow execution: {median['execution']:.2f} s ({share['execution']:.0%}), {rows} valid workflows: "
+          f"{per_step['executor_calls']:g} executor calls of {per_step['executor_prompts']:g} prompts, "
+          f"{per_step['sandbox_runs']:g} sandbox runs", flush=True)
+    print(f"workflow update   : {median['update']:.2f} s ({share['update']:.0%}) = grpo_step "
+          f"{median['training']:.2f} s - sampling", flush=True)
+    return {"tasks": len(tasks), "samples": WORKFLOW_GROUP, "domains": dict(Counter(t["domain"] for t in tasks)),
+            "vocab_size": tok.vocab_size, "new_tokens": args.workflow_new_tokens,
+            "executor_max_tokens": args.workflow_executor_tokens, "completion_length": stats["completion_length"],
+            "truncated": stats["truncated"], "job_errors": sum(r["error"] is not None for r in records),
+            "warmup_runs": 1, "timed_runs": args.workflow_runs, "step_seconds": step, "median_seconds": median,
+            "share": share, "per_step": per_step, "run_seconds": run_seconds, "counts": counts}
 
 
 # -----------------------------------------------------------------------------
@@ -610,6 +724,17 @@ def table(results):
                 rows.append((f"autodeco b{batch} {name} ({r['new_tokens']} tok)",
                              f"{m['median_seconds']:.3f} s" + (f" ({m['overhead']:+.1%})" if name != "plain" else ""),
                              "target <= +5%" if name != "plain" else ""))
+    if "workflow" in results:
+        r = results["workflow"]
+        median, share, counts = r["median_seconds"], r["share"], r["per_step"]
+        rows.append((f"workflow step {r['tasks']}x{r['samples']}, {r['new_tokens']} tok",
+                     f"{r['step_seconds']:.2f} s (sum of the medians)", ""))
+        rows.append(("workflow   sampling", f"{median['sampling']:.2f} s ({share['sampling']:.0%})", ""))
+        rows.append(("workflow   execution", f"{median['execution']:.2f} s ({share['execution']:.0%})",
+                     f"{counts['executor_calls']:g} executor calls, {counts['executor_prompts']:g} prompts, "
+                     f"{counts['sandbox_runs']:g} sandbox runs"))
+        rows.append(("workflow   update", f"{median['update']:.2f} s ({share['update']:.0%})",
+                     f"grpo_step {median['training']:.2f} s - sampling"))
     if "density" in results:
         r = results["density"]
         for run in r["runs"]:
@@ -673,6 +798,13 @@ def main(argv=None):
     parser.add_argument("--grpo_steps", type=int, default=2, help="timed grpo steps, after one untimed step")
     # autodeco
     parser.add_argument("--autodeco_runs", type=int, default=5, help="timed generate runs per variant")
+    # workflow
+    parser.add_argument("--workflow_tasks", type=int, default=8, help="tasks per workflow GRPO step")
+    parser.add_argument("--workflow_new_tokens", type=int, default=40, help="tokens of each sampled workflow, at most")
+    parser.add_argument("--workflow_executor_tokens", type=int, default=48, help="tokens of each executor reply")
+    parser.add_argument("--workflow_vocab_size", type=int, default=1024,
+                        help="the tokenizer's and the workflow models' vocabulary")
+    parser.add_argument("--workflow_runs", type=int, default=3, help="timed workflow steps, after one untimed step")
     # density
     parser.add_argument("--density_n", type=int, default=100000, help="random 256-dim unit vectors")
     parser.add_argument("--density_brute_n", type=int, default=20000,
@@ -696,7 +828,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = {"environment": environment(device), "flags": dict(vars(args))}
-    if set(only) - {"optimizers", "density"}:
+    if set(only) - {"optimizers", "workflow", "density"}:
         config = config_from_depth(args.depth, args.vocab_size, args.seq_len)
     if "train" in only:
         results["train"] = bench_train(args, config, device)
@@ -712,6 +844,8 @@ def main(argv=None):
         results["grpo"] = bench_grpo(args, config, device)
     if "autodeco" in only:
         results["autodeco"] = bench_autodeco(args, config, device)
+    if "workflow" in only:
+        results["workflow"] = bench_workflow(args, device)
     if "density" in only:
         results["density"] = bench_density(args, density_n)
     results["environment"]["load_average_end"] = os.getloadavg()

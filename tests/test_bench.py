@@ -36,6 +36,9 @@ def test_tiny_run_writes_every_workload(tmp_path):
                     "--rm_len=8", "--dpo_prompt_len=4", "--dpo_reply_len=5", "--grpo_prompts=2", "--grpo_samples=3",
                     "--grpo_prompt_len=4", "--grpo_new_tokens=5", "--grpo_device_batch_size=4", "--grpo_steps=2",
                     "--autodeco_runs=2",
+                    # 3 tasks: one of each domain, so code answers run their tests in the sandbox
+                    "--workflow_tasks=3", "--workflow_new_tokens=8", "--workflow_executor_tokens=8",
+                    "--workflow_vocab_size=300", "--workflow_runs=2",
                     # brute force at N=500 needs 0.0014 GiB: over budget, so both run at 200 and blocked at 500
                     "--density_n=500", "--density_brute_n=200", "--brute_max_gib=0.001", "--density_block_size=64",
                     "--threads=1", f"--out={out}"])
@@ -63,6 +66,16 @@ def test_tiny_run_writes_every_workload(tmp_path):
     autodeco = results["autodeco"]["batches"]
     assert set(autodeco) == {"1", "2"}
     assert all(b["plain"]["overhead"] == 0 and b["temperature head"]["median_seconds"] > 0 for b in autodeco.values())
+    workflow = results["workflow"]
+    assert workflow["domains"] == {"math": 1, "qa": 1, "code": 1} and workflow["samples"] == bench.WORKFLOW_GROUP
+    assert set(workflow["median_seconds"]) == {"sampling", "execution", "training", "update"}
+    assert all(len(seconds) == 2 for seconds in workflow["run_seconds"].values())
+    assert all(workflow["median_seconds"][part] > 0 for part in bench.WORKFLOW_PARTS)
+    assert abs(sum(workflow["share"].values()) - 1) < 1e-9
+    assert abs(workflow["step_seconds"] - sum(workflow["median_seconds"][p] for p in bench.WORKFLOW_PARTS)) < 1e-9
+    per_step = workflow["per_step"]
+    assert per_step["executor_calls"] >= 1 and per_step["executor_prompts"] >= 3 * bench.WORKFLOW_GROUP
+    assert per_step["sandbox_runs"] >= 1
     d = results["density"]
     assert [(r["method"], r["n"]) for r in d["runs"]] == [("blocked", 200), ("blocked", 500), ("brute", 200)]
     assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in d["runs"])
