@@ -207,7 +207,9 @@ def load_payload(path, device="cpu"):
                               f"{payload.get('format', 1)}, this one reads {FORMAT}); re-run the stage that writes it")
     if payload.get("complete") is not True:
         raise CheckpointError(f"{file} is not a finished checkpoint; re-run its stage with --resume=True")
-    payload["path"] = file
+    payload["path"] = file  # as given: reports and lineage show the path the user typed
+    # resolved now, so the files beside the checkpoint (its tokenizer) are still found after a chdir
+    payload["dir"] = os.path.dirname(os.path.abspath(file))
     return payload
 
 
@@ -245,8 +247,8 @@ def load_model(path, device="cpu", kind="gpt"):
 
 
 def tokenizer_dir(payload):
-    """The directory of the tokenizer copy that travels with a checkpoint."""
-    return os.path.join(os.path.dirname(payload["path"]), TOKENIZER_NAME)
+    """The directory of the tokenizer copy that travels with a checkpoint (absolute: independent of the cwd)."""
+    return os.path.join(payload["dir"], TOKENIZER_NAME)
 
 
 def load_tokenizer(payload):

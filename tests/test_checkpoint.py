@@ -4,6 +4,7 @@ checkpoint only at the end, weights_only loading, the tokenizer tied to the mode
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +46,22 @@ def test_round_trip_reproduces_outputs_exactly_from_any_working_directory(tmp_pa
         assert load_tokenizer(payload).encode("Zavu likes red") == load_tokenizer(payload).encode("Zavu likes red")
     meta = (tmp_path / "sft" / "meta.json").read_text()
     assert '"step": 5' in meta and '"n_layer": 2' in meta and '"complete": true' in meta
+
+
+def test_a_checkpoint_saved_with_relative_paths_loads_after_a_cd(tmp_path, tiny_model, tok, monkeypatch):
+    # catches: the tokenizer looked up relative to the cwd of the load call, not to the checkpoint's directory
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    tok.save("outs/tokenizer")
+    save_checkpoint("outs/sft", tiny_model, step=1, tokenizer_dir="outs/tokenizer")
+    _, loaded_before_cd = load_model("outs/sft")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    shutil.rmtree(tmp_path / "run" / "outs" / "tokenizer")  # only the copy beside the checkpoint is left
+    _, loaded_after_cd = load_model("../run/outs/sft")
+    for payload in (loaded_before_cd, loaded_after_cd):
+        assert load_tokenizer(payload).encode("Zavu likes red") == tok.encode("Zavu likes red")
+    assert loaded_before_cd["path"] == os.path.join("outs", "sft", "ckpt.pt")  # reports keep the path as typed
 
 
 def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_model, tok_dir, monkeypatch):
