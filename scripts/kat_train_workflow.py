@@ -47,6 +47,7 @@ from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_cleanup, dist_init, nonnegative_float,
                              nonnegative_int, open_fraction, parse_flags, positive_float, positive_int, print0,
                              run_script, seed_everything, str2bool)
+from nanochat.diversity import t_quantile
 from nanochat.engine import Engine
 from nanochat.executor import LocalExecutor, OpenAIExecutor
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
@@ -109,8 +110,9 @@ def score_workflows(texts, tasks, executor, args, seed):
             ops = operators_used(parse(text))
         except WorkflowError:
             ops = []
-        records.append({"domain": task["domain"], "reward": reward, "invalid": (result.error or "").startswith("invalid"),
-                        "operators": ops, "workflow": text, "error": result.error})
+        invalid = (result.error or "").startswith("invalid")
+        records.append({"domain": task["domain"], "reward": reward, "invalid": invalid, "operators": ops,
+                        "workflow": text, "error": result.error})
     return records
 
 
@@ -141,6 +143,17 @@ def summary(records, device):
               "reward_max": max(seen, default=math.nan), "accuracy": sums[1] / max(n_all, 1),
               "invalid_share": sums[2] / max(n_all, 1)}
     return stats
+
+
+def window_mean(values):
+    """(mean, lo, hi): a Student-t 95% interval over steps (each step's mean over its P x G workflows)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = t_quantile(0.975, n - 1) * sd / n ** 0.5
+    return mean, mean - half, mean + half
 
 
 def load_pools(args, split, world, limit):
@@ -345,11 +358,25 @@ def main(argv=None):
                for k in ("reward", "accuracy", "invalid_share")}
     metrics |= {f"final_{k.removeprefix('eval/')}": v for k, v in evals[-1].items() if k.startswith("eval/")}
     metrics |= {"steps": args.max_steps, "executor": executor.describe()}
+    # the training curve's two ends: the first and the last third of the steps (at most 10 each), a t interval over
+    # steps, so a rise is told apart from step-to-step noise (the held-out evaluation above is greedy and small)
+    train = [h for h in stage.history if "train/reward" in h]
+    k = max(1, min(10, len(train) // 3))
+    ends = {}
+    for key in ("reward", "accuracy", "invalid_share"):
+        for when, part in (("first", train[:k]), ("last", train[-k:])):
+            ends[key, when] = window_mean([h[f"train/{key}"] for h in part])
+            metrics[f"train_{key}_{when}"] = ends[key, when][0]
     usage = {d: Counter({k.rsplit("/", 1)[1]: round(v, 3) for k, v in evals[-1].items()
                          if k.startswith(f"eval/operators/{d}/")}) for d in DOMAINS}
     notes = ("Held-out evaluation (greedy workflows), start -> end:\n\n| | start | end |\n|---|---|---|\n"
              + "\n".join(f"| {k.removeprefix('eval/')} | {evals[0].get(k, math.nan):.3f} | {evals[-1][k]:.3f} |"
                          for k in evals[-1] if k.startswith("eval/") and "/operators/" not in k)
+             + f"\n\nSampled workflows in training, the first {k} steps -> the last {k} (mean over steps, 95% t "
+             f"interval over steps):\n\n| | first | last |\n|---|---|---|\n"
+             + "\n".join(f"| {key} | " + " | ".join("{:.3f} [{:.3f}, {:.3f}]".format(*ends[key, when])
+                                                   for when in ("first", "last")) + " |"
+                         for key in ("reward", "accuracy", "invalid_share"))
              + "\n\nOperator usage per domain at the end (share of workflows using each):\n\n"
              + "\n".join(f"- {d}: " + ", ".join(f"{name} {v:.2f}" for name, v in usage[d].most_common())
                          for d in DOMAINS if usage[d]))
