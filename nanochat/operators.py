@@ -39,6 +39,7 @@ class State:
     domain: str
     entry_point: str = ""  # code tasks: the function to write
     tests: tuple = ()      # code tasks: assert snippets
+    setup: str = ""        # code tasks: code the tests need before the program (HumanEval's imports and helpers)
     answer: str = ""
     code: str = ""
     feedback: str = ""
@@ -212,7 +213,8 @@ def test(state):
     """Code: run the task's tests on the program. Math: run Programmer's program again and check that it prints
     the current answer (a number). No executor call either way."""
     if state.domain == "code":
-        result = yield Run(state.answer, state.tests)
+        # the program as the reward runs it: after the task's setup
+        result = yield Run(f"{state.setup}\n\n{state.answer}\n" if state.setup else state.answer, state.tests)
         feedback = f"passed {result.passed}/{result.total}"
         failure = re.search(r"^test (\d+) failed: (.*)$", result.stderr, re.M)
         if failure:  # which test failed and how, not its text: its literals would crowd the 256-token context

@@ -491,7 +491,8 @@ def _job(workflow, task):
             raise problems[0]
     except WorkflowError as e:
         return WorkflowResult("", [], 0, f"invalid workflow: {e}")
-    state = State(task["question"], task["domain"], task.get("entry_point", ""), tuple(task.get("tests", ())))
+    state = State(task["question"], task["domain"], task.get("entry_point", ""), tuple(task.get("tests", ())),
+                  task.get("setup", ""))
     trace = []
     try:
         state, _ = yield from _run(ast, state, trace, "")

@@ -222,6 +222,15 @@ def test_test_then_done_skips_revise_when_the_tests_pass_and_revises_when_they_f
     assert [len(batch) for batch in executor.batches] == [2, 1]  # the Test round makes no executor call
 
 
+def test_test_runs_the_program_after_the_tasks_setup():
+    # catches: Test running the bare program while the reward runs it after the setup (HumanEval's imports and
+    # helpers): a right program would fail Test and be revised away
+    executor = Scripted([("Write add(a, b).", program("a + b"))])
+    task = add_task("Write add(a, b).") | {"setup": "OFFSET = 0\n", "tests": ["assert add(1, 2) == 3 + OFFSET"]}
+    (result,) = run_workflows([("Programmer -> Test ? done : Revise", task)], executor)
+    assert operators_of(result) == ["Programmer", "Test"] and result.trace[1].feedback == "passed 1/1"
+
+
 def test_loops_run_exactly_n_times_and_done_ends_the_loop():
     # catches: an off-by-one loop, a loop run once, or a `done` that only skips the else branch (the loop would
     # go on testing)
