@@ -218,7 +218,6 @@ def test_hand_written_workflow_through_an_endpoint_without_a_checkpoint(root, se
     ({"dataset_names": "synthetic,gsm9k"}, r"unknown or no data sets \['gsm9k'\]"),
     ({"checkpoint": "/nowhere"}, r"checkpoint not found: /nowhere/ckpt.pt"),
     ({"max_tokens": 200}, r"--max_tokens=200 leaves too little of the executor's 256-token context"),
-    ({"limit": 300}, r"synthetic tasks: .* distinct code tasks in 'test' of the 90 asked for; lower --limit"),
     ({"dataset_names": "gsm8k", "from_dir": "{root}/no_hub"}, r"data set gsm8k unavailable \(FileNotFoundError: no "
      r"file matches .*no_hub/openai/gsm8k"),
     ({"checkpoint": "{root}/policy_with_executor"}, r"checkpoint not found: .*gone/ckpt.pt"),
