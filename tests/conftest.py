@@ -5,6 +5,10 @@ seed-0 synthetic world with a tokenizer trained on it (the preference-stage test
 
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -31,6 +35,28 @@ def kill_after_checkpoint(monkeypatch, step):
         if saved_step == step:
             raise Interrupted
     monkeypatch.setattr(checkpoint, "save_resume_state", save_then_die)
+
+
+def sigkill_when(module, flags, ready, log_path, timeout=120):
+    """
+    Run `python -m module *flags` from the repo root on one thread and SIGKILL it (a real kill: no handler, no
+    cleanup) as soon as the path `ready` exists; returns its exit code, -SIGKILL when the kill landed. Fails with
+    the run's log when it ends or times out before.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *flags], env=env, cwd=ROOT, stdout=log, stderr=log,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not os.path.exists(ready):
+                assert proc.poll() is None and time.time() < deadline, open(log_path).read()
+                time.sleep(0.002)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
 
 
 # a chat whose history holds assistant turns: what a reply-only mask must not score

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_model
+from conftest import ROOT, make_tiny_model, sigkill_when
 from nanochat.autodeco import (BEYOND_K, CAPPED, EASY, TOPK, AutoDecoConfig, autodeco_step, check_chat_rows, chat_rows,
                                decode_hook, goldilocks_counts, hinge_target, load_autodeco, open_chat_dataset,
                                required_temperature, select_tokens, target_rank, temperature_losses, token_codes)
@@ -387,20 +387,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_heads(stage, tmp_path):
     flags = dict(max_steps=60, save_steps=2, eval_samples=0, temp_diag_enabled="false")
     kat_train_autodeco.main(train_flags(stage, tmp_path / "straight", **flags))
     killed = tmp_path / "killed"
-    with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "scripts.kat_train_autodeco",
-                                 *train_flags(stage, killed, **flags)], env=ENV, cwd=ROOT, stdout=log, stderr=log,
-                                start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while not (killed / "optim.pt").exists():
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
-                time.sleep(0.002)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
+    code = sigkill_when("scripts.kat_train_autodeco", train_flags(stage, killed, **flags), killed / "optim.pt",
+                        tmp_path / "log")
+    assert code == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
     kat_train_autodeco.main(train_flags(stage, killed, resume="true", **flags))
     expected, resumed = heads_state(tmp_path / "straight"), heads_state(killed)
     for name, tensor in expected.items():

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import Interrupted, kill_after_checkpoint, make_tiny_model
+from conftest import Interrupted, kill_after_checkpoint, make_tiny_model, sigkill_when
 from nanochat import mcqa
 from nanochat.checkpoint import load_model, save_checkpoint
 
@@ -214,21 +213,10 @@ def test_sigkill_inside_an_iteration_then_resume_gives_the_uninterrupted_run(sta
     common = dict(max_epochs=2, preload_data_for_training=correct_generations(star_root))
     kat_train_star.main(flags(star_root, "uninterrupted", **common))
     killed = star_root / "sigkilled"
-    log_path = star_root / "sigkill.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "scripts.kat_train_star", *flags(star_root, "sigkilled",
-                                                                                      **common)],
-                                env=ENV, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
-        try:  # kill as soon as iteration 1 has its data: inside its training, or at the latest in iteration 2
-            deadline = time.time() + 120
-            while not (killed / "generations_iter1.jsonl").exists():
-                assert proc.poll() is None and time.time() < deadline, log_path.read_text()
-                time.sleep(0.002)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
+    # kill as soon as iteration 1 has its data: inside its training, or at the latest in iteration 2
+    code = sigkill_when("scripts.kat_train_star", flags(star_root, "sigkilled", **common),
+                        killed / "generations_iter1.jsonl", star_root / "sigkill.log")
+    assert code == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
     kat_train_star.main(flags(star_root, "sigkilled", resume=True, **common))
     expected, resumed = weights(star_root / "uninterrupted"), weights(killed)
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)

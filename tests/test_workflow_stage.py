@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, sigkill_when
 from nanochat import workflow_data
 from nanochat.batching import collate_targets
 from nanochat.checkpoint import load_model, save_checkpoint
@@ -142,21 +141,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(policy_root, executor_u
     common = dict(max_steps=4, lora_rank=2)
     kat_train_workflow.main(flags(policy_root, executor_url, "straight", **common))
     killed = policy_root / "killed"
-    log_path = policy_root / "killed.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "scripts.kat_train_workflow",
-                                 *flags(policy_root, executor_url, "killed", **common)],
-                                env=ENV, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while not (killed / "optim.pt").exists():
-                assert proc.poll() is None and time.time() < deadline, log_path.read_text()
-                time.sleep(0.002)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
+    code = sigkill_when("scripts.kat_train_workflow", flags(policy_root, executor_url, "killed", **common),
+                        killed / "optim.pt", policy_root / "killed.log")
+    assert code == -signal.SIGKILL and not (killed / "ckpt.pt").exists()
     kat_train_workflow.main(flags(policy_root, executor_url, "killed", resume=True, **common))
     expected, resumed = weights(policy_root / "straight"), weights(killed)
     assert not any("lora" in k for k in resumed)  # merged at the end
