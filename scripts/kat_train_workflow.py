@@ -99,7 +99,7 @@ class SeededExecutor:
 
 
 def score_workflows(texts, tasks, executor, args, seed):
-    """Run each workflow text on its task; one record per workflow: reward, tier, validity, operators, error."""
+    """Run each workflow text on its task; one record per workflow: domain, reward, validity, operators, error."""
     results = run_workflows(list(zip(texts, tasks)), SeededExecutor(executor, seed),
                             temperature=args.executor_temperature, max_tokens=args.executor_max_tokens,
                             execution_timeout=args.execution_timeout)
