@@ -238,8 +238,11 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, kv_cache=None, valid=None):
         """Final normed hidden states (B, T, n_embd): what the LM head, reward head and density pooling read."""
+        end = (kv_cache.pos if kv_cache is not None else 0) + idx.size(1)  # past every position: slot index + 1
         positions, attn_mask = self._positions_and_mask(idx, kv_cache, valid)
-        if positions.max() >= self.rotary_len:
+        # only when the slots run past the rotary table can a position (padding makes them smaller) be out of it: a
+        # plain int test first, so a compiled forward has no data-dependent branch (a graph break and a host sync)
+        if end > self.rotary_len and positions.max() >= self.rotary_len:
             raise ValueError(f"sequence of {positions.max().item() + 1} tokens exceeds rotary length "
                              f"{self.rotary_len}")
         cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]

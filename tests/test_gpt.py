@@ -112,3 +112,19 @@ def test_lr_schedule_shape():
     assert lr_multiplier(50, 100, 10, 0.2) == 1.0
     assert lr_multiplier(90, 100, 10, 0.2) == pytest.approx(0.5)
     assert lr_multiplier(99, 100, 0, 0.2, final_frac=0.0) == pytest.approx(0.05)
+
+
+def test_positions_past_the_rotary_table_are_refused_and_padding_keeps_them_in():
+    # catches: the cheap slot-count test skipping the real check (a too-long sequence reading garbage rotary rows),
+    # or refusing a cached batch whose left padding keeps every real position inside the table
+    from nanochat.gpt import KVCache
+    model = make_tiny_model()
+    R = model.rotary_len
+    with pytest.raises(ValueError, match="exceeds rotary length"):
+        model(torch.zeros(1, R + 1, dtype=torch.long))
+    model(torch.zeros(1, R, dtype=torch.long))  # exactly the table: fine
+    cache = KVCache(model.config, 1, R + 1, "cpu")
+    valid = torch.ones(1, R, dtype=torch.bool)
+    valid[0, :2] = False  # two padding slots: the real tokens sit at positions 0 .. R - 3
+    model(torch.zeros(1, R, dtype=torch.long), kv_cache=cache, valid=valid)
+    model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)  # slot R, position R - 2: inside the table
