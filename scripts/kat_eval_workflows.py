@@ -104,8 +104,15 @@ class Seeded:
 # inputs
 
 def recorded_executor(payload):
-    """The executor checkpoint a policy checkpoint records, or None."""
-    return payload["extra"].get("executor") or payload["flags"].get("executor_checkpoint")
+    """
+    The executor checkpoint a policy checkpoint records, or None. kat_train_workflow records it relative to the
+    policy's own directory, so the pair loads from any working directory; a path as typed (relative to where the
+    training ran) is the fallback.
+    """
+    path = payload["extra"].get("executor") or payload["flags"].get("executor_checkpoint")
+    if path and not os.path.isabs(path) and os.path.exists(os.path.join(payload["dir"], path)):
+        return os.path.join(payload["dir"], path)
+    return path
 
 
 def check_context(flag, value, model, whose):

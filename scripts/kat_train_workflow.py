@@ -36,6 +36,7 @@ held-out ones apart), or hub data sets by name (--dataset_names, through workflo
 
 import argparse
 import math
+import os
 import random
 from collections import Counter
 
@@ -381,8 +382,10 @@ def main(argv=None):
              + "\n".join(f"- {d}: " + ", ".join(f"{name} {v:.2f}" for name, v in usage[d].most_common())
                          for d in DOMAINS if usage[d]))
     stage.finish(policy, tokenizer_dir(payload), metrics, {"train_seconds": stage.elapsed()}, notes=notes,
+                 # the executor, relative to this checkpoint's directory: the pair loads from any working directory
                  extra={"method": "workflow_grpo", "executor": None if args.executor_base_url else
-                        (args.executor_checkpoint or args.model_name)},
+                        os.path.relpath(os.path.abspath(args.executor_checkpoint or args.model_name),
+                                        os.path.abspath(args.out_dir))},
                  parents=[payload], world=world, device=device)
     dist_cleanup()
 

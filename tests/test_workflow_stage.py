@@ -170,3 +170,17 @@ def test_bad_inputs_are_one_line_errors(policy_root, executor_url, override, mat
     else:
         pytest.fail(f"{override} was accepted")
     assert match in message
+
+
+def test_the_recorded_executor_is_found_from_another_working_directory(policy_root, tmp_path, monkeypatch):
+    # catches: the executor recorded as typed (relative to where training ran), which the evaluation then cannot
+    # find from anywhere else
+    from nanochat.checkpoint import load_payload
+    from scripts import kat_eval_workflows, kat_train_workflow
+    monkeypatch.chdir(policy_root)  # train with relative paths, as speedrun.sh does
+    kat_train_workflow.main(flags(policy_root, "", "local_executor", model_name="policy", out_dir="local_executor",
+                                  max_steps=1, num_return_sequences_in_group=2, num_eval_tasks=2,
+                                  executor_max_tokens=4, executor_base_url="", executor_model=""))
+    monkeypatch.chdir(tmp_path)
+    executor = kat_eval_workflows.recorded_executor(load_payload(policy_root / "local_executor"))
+    assert os.path.samefile(executor, policy_root / "policy")
