@@ -29,6 +29,15 @@ class InputError(ValueError):
     """
 
 
+def check_completion_budget(flag, value, model, whose="model"):
+    """A completion budget (--max_new_tokens and the like) may take at most half of the model's context, so that
+    the prompt keeps the other half (Engine callers cut prompts to the rest): an InputError naming the flag."""
+    context = model.config.sequence_len
+    if value > context // 2:
+        raise InputError(f"--{flag}={value} leaves too little of the {whose}'s {context}-token context for the "
+                         f"prompt; use at most {context // 2}")
+
+
 class DivergedError(RuntimeError):
     """A NaN or inf loss, gradient or weight: the run stops before anything non-finite is saved."""
 

@@ -32,9 +32,9 @@ import torch
 
 from nanochat.batching import cut_left
 from nanochat.checkpoint import check_same_tokenizer, load_model, load_tokenizer, tokenizer_dir
-from nanochat.common import (InputError, add_common_flags, all_reduce_sum, atomic_write_json, dist_cleanup, dist_init,
-                             nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float,
-                             positive_int, print0, run_script, seed_everything, str2bool)
+from nanochat.common import (InputError, add_common_flags, all_reduce_sum, atomic_write_json, check_completion_budget,
+                             dist_cleanup, dist_init, nonnegative_float, nonnegative_int, open_fraction, parse_flags,
+                             positive_float, positive_int, print0, run_script, seed_everything, str2bool)
 from nanochat.density import (QUARTILES, check_density_model, load_density, pair_weights, read_quartiles,
                               sample_indices, weight_stats)
 from nanochat.engine import Engine
@@ -141,9 +141,7 @@ def main(argv=None):
     check_same_tokenizer(payload, rm_payload)
     tok = load_tokenizer(payload)
     stop_tokens = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]
-    if args.max_new_tokens > policy.config.sequence_len // 2:
-        raise InputError(f"--max_new_tokens={args.max_new_tokens} leaves the prompt less than half of the model's "
-                         f"{policy.config.sequence_len}-token context; use at most {policy.config.sequence_len // 2}")
+    check_completion_budget("max_new_tokens", args.max_new_tokens, policy, "policy")
     max_prompt = policy.config.sequence_len - args.max_new_tokens
 
     def prompt_ids(messages):

@@ -45,9 +45,9 @@ import torch
 from nanochat import workflow_data, workflow_tasks
 from nanochat.batching import cut_left
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
-from nanochat.common import (InputError, add_common_flags, all_reduce_sum, dist_cleanup, dist_init, nonnegative_float,
-                             nonnegative_int, open_fraction, parse_flags, positive_float, positive_int, print0,
-                             run_script, seed_everything, str2bool)
+from nanochat.common import (InputError, add_common_flags, all_reduce_sum, check_completion_budget, dist_cleanup,
+                             dist_init, nonnegative_float, nonnegative_int, open_fraction, parse_flags, positive_float,
+                             positive_int, print0, run_script, seed_everything, str2bool)
 from nanochat.diversity import t_quantile
 from nanochat.engine import Engine
 from nanochat.executor import LocalExecutor, OpenAIExecutor
@@ -271,12 +271,11 @@ def main(argv=None):
         executor_model = reference
         if args.executor_checkpoint and args.executor_checkpoint != args.model_name:
             executor_model = load_model(args.executor_checkpoint, device)[0].eval().requires_grad_(False)
+        check_completion_budget("executor_max_tokens", args.executor_max_tokens, executor_model, "executor")
         executor = LocalExecutor(executor_model, tok)
     print0(f"executor: {executor.describe()}")
     stop_tokens = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]
-    if args.max_tokens > policy.config.sequence_len // 2:
-        raise InputError(f"--max_tokens={args.max_tokens} leaves the prompt less than half of the model's "
-                         f"{policy.config.sequence_len}-token context; use at most {policy.config.sequence_len // 2}")
+    check_completion_budget("max_tokens", args.max_tokens, policy, "policy")
     max_prompt = policy.config.sequence_len - args.max_tokens
 
     def prompt_ids(task):

@@ -156,6 +156,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(policy_root, executor_u
     ({"domain_ratios": "math=0.5,qa=0.6"}, "domain_ratios"),
     ({"lora_rank": 2, "lora_target_modules": "c_nope"}, "lora_target_modules"),
     ({"dataset_names": "nope"}, "dataset_names"),
+    ({"executor_base_url": "", "executor_max_tokens": 200}, "executor_max_tokens"),
+    ({"max_tokens": 200}, "--max_tokens=200 leaves too little of the policy's 256-token context"),
 ])
 def test_bad_inputs_are_one_line_errors(policy_root, executor_url, override, match, capsys):
     # catches: a traceback (or a silent default) instead of an error naming the flag
