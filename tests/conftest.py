@@ -37,16 +37,30 @@ def kill_after_checkpoint(monkeypatch, step):
     monkeypatch.setattr(checkpoint, "save_resume_state", save_then_die)
 
 
+def subprocess_env():
+    """One thread per process, this repo importable, and no proxy: tests reach nothing but 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def torchrun(module, flags, nproc=2, timeout=300):
+    """Run `torchrun --standalone --nproc_per_node=nproc -m module -- *flags` from the repo root, one thread per
+    process; fails with its stderr unless it exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
+           "--", *flags]
+    result = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def sigkill_when(module, flags, ready, log_path, timeout=120):
     """
     Run `python -m module *flags` from the repo root on one thread and SIGKILL it (a real kill: no handler, no
     cleanup) as soon as the path `ready` exists; returns its exit code, -SIGKILL when the kill landed. Fails with
     the run's log when it ends or times out before.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, *flags], env=env, cwd=ROOT, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", module, *flags], env=subprocess_env(), cwd=ROOT,
+                                stdout=log, stderr=log, start_new_session=True)
         try:
             deadline = time.time() + timeout
             while not os.path.exists(ready):

@@ -10,14 +10,13 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_model, sigkill_when
+from conftest import ROOT, make_tiny_model, sigkill_when, torchrun
 from nanochat.autodeco import (BEYOND_K, CAPPED, EASY, TOPK, AutoDecoConfig, autodeco_step, check_chat_rows, chat_rows,
                                decode_hook, goldilocks_counts, hinge_target, load_autodeco, open_chat_dataset,
                                required_temperature, select_tokens, target_rank, temperature_losses, token_codes)
@@ -359,20 +358,14 @@ def test_training_writes_heads_diagnostics_and_a_readable_report(stage, tmp_path
     assert contexts and all(len(line) <= len("context: ") + 2 + 3 + 20 + 2 for line in contexts)
 
 
-def torchrun(nproc, flags, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "scripts.kat_train_autodeco", "--", *flags]
-    result = subprocess.run(cmd, env=ENV, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_two_processes_train_the_heads_one_process_does(stage, tmp_path):
     # catches: a Goldilocks selection made per rank (other tokens, other counts), a loss normalised by the local
     # count, gradients not all-reduced
     from scripts import kat_train_autodeco
     common = dict(max_steps=3, eval_samples=0, temp_diag_enabled="false")
     kat_train_autodeco.main(train_flags(stage, tmp_path / "one", per_device_train_batch_size=4, **common))
-    torchrun(2, train_flags(stage, tmp_path / "two", per_device_train_batch_size=2, **common), ROOT)
+    torchrun("scripts.kat_train_autodeco",
+             train_flags(stage, tmp_path / "two", per_device_train_batch_size=2, **common))
     one, two = heads_state(tmp_path / "one"), heads_state(tmp_path / "two")
     assert not torch.equal(one["temp_head.2.weight"], heads_state(stage / "init")["temp_head.2.weight"])
     for name in one:

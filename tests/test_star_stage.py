@@ -4,20 +4,15 @@ The STaR stage script end to end on a tiny untrained model and the synthetic wor
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import Interrupted, kill_after_checkpoint, make_tiny_model, sigkill_when
+from conftest import Interrupted, kill_after_checkpoint, make_tiny_model, sigkill_when, torchrun
 from nanochat import mcqa
 from nanochat.checkpoint import load_model, save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +188,7 @@ def test_two_processes_under_torchrun_train_what_one_process_does(star_root):
     from scripts import kat_train_star
     common = dict(max_epochs=1, preload_data_for_training=correct_generations(star_root), train_batch_size=2)
     kat_train_star.main(flags(star_root, "one_proc", train_gradient_accumulation_steps=2, **common))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.kat_train_star", "--", *flags(star_root, "two_procs", **common)]
-    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("scripts.kat_train_star", flags(star_root, "two_procs", **common))
     one, two = weights(star_root / "one_proc"), weights(star_root / "two_procs")
     start = weights(star_root / "sft")
     assert any(not torch.equal(one[k], start[k]) for k in start)

@@ -8,22 +8,18 @@ earns reward 1 and an invalid one 0: the signal GRPO must follow.
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from conftest import make_tiny_model, sigkill_when
+from conftest import make_tiny_model, sigkill_when, torchrun
 from nanochat import workflow_data
 from nanochat.batching import collate_targets
 from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.training import train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k.lower() != "http_proxy"} | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 WORLD = {"seed": 0, "size": 1}
 RATIOS = "math=0.5,qa=0.5"
 
@@ -121,10 +117,7 @@ def test_two_processes_under_torchrun_train_what_one_process_does(policy_root, e
     # gathered, the loss normalised per rank
     from scripts import kat_train_workflow
     kat_train_workflow.main(flags(policy_root, executor_url, "one_proc"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.kat_train_workflow", "--", *flags(policy_root, executor_url, "two_procs")]
-    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("scripts.kat_train_workflow", flags(policy_root, executor_url, "two_procs"))
     one, two = weights(policy_root / "one_proc"), weights(policy_root / "two_procs")
     start = weights(policy_root / "policy")
     assert any(not torch.equal(one[k], start[k]) for k in start)
