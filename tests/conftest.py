@@ -38,9 +38,10 @@ def kill_after_checkpoint(monkeypatch, step):
 
 
 def subprocess_env():
-    """One thread per process, this repo importable, and no proxy: tests reach nothing but 127.0.0.1."""
+    """One thread per process, this repo importable, the hub offline and no proxy: tests reach nothing but
+    127.0.0.1."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def torchrun(module, flags, nproc=2, timeout=300):

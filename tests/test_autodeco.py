@@ -16,15 +16,13 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_model, sigkill_when, torchrun
+from conftest import make_tiny_model, sigkill_when, torchrun
 from nanochat.autodeco import (BEYOND_K, CAPPED, EASY, TOPK, AutoDecoConfig, autodeco_step, check_chat_rows, chat_rows,
                                decode_hook, goldilocks_counts, hinge_target, load_autodeco, open_chat_dataset,
                                required_temperature, select_tokens, target_rank, temperature_losses, token_codes)
 from nanochat.checkpoint import CheckpointError, save_checkpoint
 from nanochat.common import InputError
 from nanochat.engine import Engine, sample_next
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
 
 
 @pytest.fixture(scope="module")
