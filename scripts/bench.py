@@ -1,14 +1,18 @@
 """
 Speed benchmarks at the project's reference size (depth 4: width 256, 4 heads; vocab 4096; context 512) on a
 randomly initialised model and random tokens: pretraining and decoding throughput, the Muon vs AdamW race that
-decides the default matrix optimizer, the post-training steps (reward model, DPO, GRPO) beside TRL's figures, a
-workflow GRPO step by part, and the kNN behind the density weights. Prints one table at the end and writes
-outs/bench.json (atomically; a partial `--only` run writes only its workloads).
+decides the default matrix optimizer, the post-training steps (reward model, DPO, GRPO), a workflow GRPO step by
+part, and the kNN behind the density weights. train, generate, rm, dpo and grpo run beside their peers, measured in
+the same run by scripts/bench_peers.py: HF transformers' GPT-2 (training step, `generate`) and TRL's RewardTrainer,
+DPOTrainer and GRPOTrainer, when the peers extra is installed (`pip install -e '.[peers]'`; without it ours run alone
+and the table says so). Prints one table at the end and writes outs/bench.json (atomically; a partial `--only` run
+writes only its workloads).
 
     python -m scripts.bench                                    # every workload
-    python -m scripts.bench --only=train,generate,optimizers   # ~3.5 minutes on 2 quiet cores
-    python -m scripts.bench --only=train,generate              # skip the 2 x 60 s optimizer race
-    python -m scripts.bench --only=rm,dpo,grpo                 # the post-training steps beside TRL's
+    python -m scripts.bench --only=train,generate,rm,dpo,grpo  # every comparison with a peer, 3 repeats each
+    python -m scripts.bench --only=train,generate --repeats=5
+    python -m scripts.bench --only=train,generate,optimizers
+    python -m scripts.bench --only=rm,dpo,grpo --peers=False   # ours alone
     python -m scripts.bench --only=rm,grpo --compile=True      # as kat_train_rm / kat_train_grpo --compile=True
     python -m scripts.bench --only=density --density_n=200000 --brute_max_gib=8
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
@@ -98,9 +102,55 @@ What is measured:
               (`working_bytes`). "identical" is true when, at the size where both ran, they found the same
               neighbours in the same order with distances within 1e-6.
 
-Timings are wall clock, so a shared machine makes them noisy: the json records the 1-minute load average before
-and after (this run's own threads count towards the second). Reference figures appear only at the reference size
-and the workloads' default shapes.
+Peers (train, generate, rm, dpo, grpo). Each side runs in its own process; --repeats times, the sides take turns
+(ours, peer, ours, peer, ...), each measurement being the workload as described above, its warmup included. The table
+gives each side's median [min-max] over the measurements and ours vs peer = how many times faster ours is, from the
+two medians (ours / peer for a rate, peer / ours for seconds per step). Headline values: train and rm the median
+step's rate, generate the kv-cache tokens/s, dpo the median step's pairs/s, grpo the median step's seconds; the
+details (no-cache speed, grpo parts) are those of our median measurement. What the peers do:
+  train       GPT2LMHeadModel of the same depth, width, heads, vocab and context (dropout off), forward with its own
+              shifted loss, backward, grad clip 1, torch AdamW, on the same --train_batch x --seq_len token shape;
+              compared with ours on adamw and on muon. GPT-2 differs in its details (learned positions, LayerNorm
+              with biases, GELU, tied embeddings), so its parameter count differs a little.
+  generate    `model.generate` greedy (do_sample=False, use_cache=True, min_new_tokens = max_new_tokens, no eos, so
+              it never stops early), same prompt length, batch sizes and --new_tokens; one warmup, one timed run.
+  rm          RewardTrainer on a GPT2ForSequenceClassification (1 label), pre-tokenized pairs of the same lengths,
+              --pair_device_batch_size pairs per micro-batch with gradient accumulation over --pairs, centering 0.01,
+              grad clip 1, its default AdamW. Seconds per optimizer step from a TrainerCallback (on_step_begin to
+              on_step_end: data collation is outside, as ours builds its batches before timing); --pair_warmup steps
+              dropped, the median of --pair_steps.
+  dpo         DPOTrainer, same shapes, with a frozen reference GPT-2, sigmoid loss at beta 0.1, grad clip 1. It
+              tokenizes text and appends <eos> to each reply, so the reply texts hold --dpo_reply_len - 1 words: the
+              same token counts as ours. Timed as rm.
+  grpo        GRPOTrainer with --grpo_samples generations per prompt, --grpo_prompts prompts per optimizer step,
+              completions of exactly --grpo_new_tokens tokens (min_new_tokens) sampled at temperature 1 (top-p 1, no
+              top-k: as ours), scored by a random GPT2ForSequenceClassification of the same size (ours: a random
+              RewardModel), a reference model for KL beta 0.04 (its default is 0: no reference) and learning rate
+              1e-4. Two settings: "default", its default micro-batch of 8 rows with gradient accumulation over the
+              step's 128 rows (it still generates them in one batch), and "one_pass", all rows in one micro-batch,
+              its fastest setting here. Not identical: TRL decodes every completion to text and re-tokenizes it for
+              the reward model, and computes its loss and metrics its own way (loss type, entropy, clip ratios); one
+              untimed step, then the median of --grpo_steps.
+  Both sides use a word-level tokenizer built in memory (bench_peers.word_tokenizer: token i is the word "t{i}"),
+  fp32, the CPU, report_to="none", no saving, no eval, no logging, dataloader_num_workers=0; nothing is downloaded.
+
+Load rule. Timings are wall clock, so a shared machine makes them noisy. Before and after every measurement the
+1-minute load average is recorded (this run's own threads count towards it); a measurement's load is the mean of
+the two. A ratio is not quoted (the table says why) when any reading exceeds --threads + 0.5 (other jobs were
+taking cores), or when our measurements' mean load and the peer's differ by more than 0.5 (they ran under different
+load). The 1-minute average lags: on a machine that was idle, let the load settle before trusting the first repeat.
+
+Memory. Every workload, and every peer, runs in a process forked from a server that has imported torch, nanochat,
+transformers and TRL and run nothing. "peak RSS +" is that process's peak RSS (VmHWM) minus its RSS when it started:
+what the workload added over the shared imports (its models, activations, optimizer state, allocator caches, lazily
+loaded kernels), all its measurements included. A fresh process is the honest way: in one long process memory freed
+by one workload stays resident in the allocator and hides the next one's peak. The json also has the absolute peak.
+
+FLOP/s. The train row's achieved FLOP/s = the median tokens/s x (6 x matmul parameters + 12 x layers x width x
+context) per token: forward and backward through every weight matrix (the token embedding is a lookup and does not
+count; GPT-2's tied one counts once, as its LM head), plus attention's scores and weighted sum at full (not causal)
+length. Beside it, the machine's measured fp32 peak: the best of 5 torch.mm of two 2048 x 2048 matrices at --threads
+threads, in a worker of its own, and the achieved share of it.
 """
 
 import argparse
@@ -115,6 +165,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from collections import Counter
 
 import torch
@@ -133,6 +184,7 @@ from nanochat.rm import RewardModel, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
 from nanochat.training import train_step
+from scripts import bench_peers
 from scripts.kat_train_workflow import score_workflows
 
 WORKLOADS = ("train", "generate", "optimizers", "rm", "dpo", "grpo", "autodeco", "workflow", "density")
@@ -147,21 +199,12 @@ LAST_STEPS = 10  # the race's training loss is averaged over this many final ste
 DENSITY_DIM, DENSITY_K = 256, 10
 SAME_DISTANCE = 1e-6  # blocked and brute force round a cosine differently, by a few fp32 ulps
 
-# reference figures measured once, before 2026-11-22, with HF transformers 5.23 on this machine class (2 CPU cores,
-# fp32) at the reference size; they are fixed numbers, not measured in this run (the README's table says so)
-REF_TRAIN_TOKENS_PER_S = 2960  # GPT-2, batch 8 x 512
-REF_GENERATE_TOKENS_PER_S = {1: 250, 16: 1790}  # generate(), greedy, 256 new tokens
-# the same for TRL 1.16's trainers on the rm, dpo and grpo workloads at their default shapes
-REF_RM_PAIRS_PER_S = 14.3  # RewardTrainer, 16 pairs of 128 + 128 tokens
-REF_DPO_PAIRS_PER_S = 6.4  # DPOTrainer, 16 pairs of 64 prompt + 64 chosen + 64 rejected tokens
-REF_GRPO_SECONDS_PER_STEP = 15.8  # GRPOTrainer, 16 prompts x 8 samples, 64 + 64 tokens
+PEER_WORKLOADS = ("train", "generate", "rm", "dpo", "grpo")  # measured beside HF transformers or TRL (bench_peers)
+INSTALL_PEERS = "peers not installed: pip install -e '.[peers]'"
 TARGET_PAIRS_SPEEDUP = 2  # rm and dpo: at least twice TRL's pairs/s
-TARGET_GRPO_SECONDS = 5.0  # grpo: at most 5 s per step, over 3x faster than TRL
-
-
-def at_reference_size(args):
-    return (args.depth, args.vocab_size, args.seq_len) == (4, 4096, 512)
-
+TARGET_GRPO_SECONDS = 5.0  # grpo: at most 5 s per step
+LOAD_TOLERANCE = 0.5  # the load rule: see the docstring
+MATMUL_N = 2048  # the peak's matmul: 17 GFLOP, large enough for the BLAS's best blocking, a second or less
 
 def sync(device):
     # GPU kernels run asynchronously: stop the clock only once they have finished
@@ -225,9 +268,10 @@ def bench_train(args, config, device):
         results[name] = throughput(seconds, tokens_per_step, "tokens")
         print(f"train {name:5s}: {results[name]['tokens_per_s']:,.0f} tok/s (median step "
               f"{results[name]['tokens_per_s_median_step']:,.0f})", flush=True)
-    reference = REF_TRAIN_TOKENS_PER_S if at_reference_size(args) and args.train_batch == 8 else None
+    # FLOPs: every matmul weight once (the token embedding is a lookup, not a matmul)
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n)
     return {"batch": args.train_batch, "seq_len": args.seq_len, "warmup_steps": args.train_warmup,
-            "timed_steps": args.train_steps, **results, "reference_hf_gpt2_tokens_per_s": reference}
+            "timed_steps": args.train_steps, **results, "matmul_params": matmul_params}
 
 
 # -----------------------------------------------------------------------------
@@ -249,7 +293,6 @@ def bench_generate(args, config, device):
     engine = Engine(model)
     naive_tokens = args.new_tokens if args.naive_new_tokens <= 0 else min(args.naive_new_tokens, args.new_tokens)
     gen = torch.Generator().manual_seed(args.seed)
-    at_reference = at_reference_size(args) and args.new_tokens == 256
     results = {"prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens, "naive_new_tokens": naive_tokens,
                "batches": {}}
     for batch in args.gen_batches:
@@ -270,7 +313,6 @@ def bench_generate(args, config, device):
             "kv_cache": {"tokens_per_s": cache_tps, "seconds": cache_s},
             "no_cache": {"tokens_per_s": naive_tps, "seconds": naive_s},
             "cache_speedup": cache_tps / naive_tps,
-            "reference_hf_generate_tokens_per_s": REF_GENERATE_TOKENS_PER_S.get(batch) if at_reference else None,
         }
         print(f"generate batch {batch}: kv cache {cache_tps:,.0f} tok/s, no cache {naive_tps:,.0f} tok/s "
               f"({cache_tps / naive_tps:.1f}x)", flush=True)
@@ -473,14 +515,12 @@ def bench_rm(args, config, device):
         # --compile: the training forward compiled as kat_train_rm --compile does it
         train_rm = torch.compile(rm, dynamic=True) if args.compile else rm
         steps[name] = functools.partial(rm_train_step, train_rm, optimizers, micro, args.pairs, 0.01, 1.0)
-    at_reference = at_reference_size(args) and (args.pairs, args.rm_len) == (16, 128)
     results = {"pairs": args.pairs, "tokens_per_row": args.rm_len, "device_batch_pairs": b,
                "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps}
     for name, seconds in time_steps(steps, args.pair_warmup, args.pair_steps, device).items():
         results[name] = throughput(seconds, args.pairs, "pairs")
         print(f"rm {name:5s}: {results[name]['pairs_per_s']:,.1f} pairs/s (median step "
               f"{results[name]['pairs_per_s_median_step']:,.1f})", flush=True)
-    results["reference_trl_reward_trainer_pairs_per_s"] = REF_RM_PAIRS_PER_S if at_reference else None
     return results
 
 
@@ -498,11 +538,9 @@ def bench_dpo(args, config, device):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0)
     step = functools.partial(dpo_train_step, policy, reference, [optimizer], micro, n, 0.1, "sigmoid", 1.0)
     seconds = time_steps({"dpo": step}, args.pair_warmup, args.pair_steps, device)["dpo"]
-    at_reference = at_reference_size(args) and (n, args.dpo_prompt_len, args.dpo_reply_len) == (16, 64, 64)
     results = {"pairs": n, "prompt_len": args.dpo_prompt_len, "reply_len": args.dpo_reply_len,
                "device_batch_pairs": b, "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps,
-               **throughput(seconds, n, "pairs"),
-               "reference_trl_dpo_trainer_pairs_per_s": REF_DPO_PAIRS_PER_S if at_reference else None}
+               **throughput(seconds, n, "pairs")}
     print(f"dpo: {results['pairs_per_s']:,.1f} pairs/s (median step {results['pairs_per_s_median_step']:,.1f})",
           flush=True)
     return results
@@ -547,14 +585,11 @@ def bench_grpo(args, config, device):
                 step_seconds[part].append(seconds)
     step_seconds["total"] = [sum(parts) for parts in zip(*(step_seconds[part] for part in GRPO_PARTS))]
     median = {part: statistics.median(seconds) for part, seconds in step_seconds.items()}
-    at_reference = at_reference_size(args) and (args.grpo_prompts, args.grpo_samples, args.grpo_prompt_len,
-                                                 args.grpo_new_tokens) == (16, 8, 64, 64)
     print(f"grpo: {median['total']:.2f} s/step (generate {median['generate']:.2f}, score {median['score']:.2f}, "
           f"train {median['train']:.2f})", flush=True)
     return {"prompts": args.grpo_prompts, "samples": args.grpo_samples, "prompt_len": args.grpo_prompt_len,
             "new_tokens": args.grpo_new_tokens, "device_batch_size": batch_rows, "warmup_steps": 1,
-            "timed_steps": args.grpo_steps, "median_seconds": median, "step_seconds": step_seconds,
-            "reference_trl_grpo_trainer_seconds_per_step": REF_GRPO_SECONDS_PER_STEP if at_reference else None}
+            "timed_steps": args.grpo_steps, "median_seconds": median, "step_seconds": step_seconds}
 
 
 # -----------------------------------------------------------------------------
@@ -657,95 +692,282 @@ def bench_density(args, compare_n):
 
 
 # -----------------------------------------------------------------------------
+# workers: every measurement runs in a process of its own, forked from a server that has imported torch, nanochat,
+# transformers and TRL and run nothing. A process's peak RSS is then its workload's alone: in one long process,
+# memory freed by one workload stays resident (the allocator keeps it) and hides the next one's.
+
+def worker(conn, threads):
+    torch.set_num_threads(threads)
+    start = reset_peak_rss()
+    while (job := conn.recv()) is not None:
+        fn, fn_args = job
+        try:
+            conn.send(("ok", fn(*fn_args)))
+        except Exception:  # the parent re-raises it with the worker's traceback
+            conn.send(("error", traceback.format_exc()))
+    conn.send({"rss_start_bytes": start, "peak_rss_bytes": peak_rss_bytes()})
+
+
+class Worker:
+    """One process that runs measurements on request, one at a time, and at the end reports its peak RSS."""
+
+    def __init__(self, context, name, threads):
+        self.name = name
+        self.conn, child = context.Pipe()
+        # not a daemon: the density workload starts processes of its own
+        self.process = context.Process(target=worker, args=(child, threads), name=f"bench {name}")
+        self.process.start()
+
+    def run(self, fn, *fn_args):
+        self.conn.send((fn, fn_args))
+        status, out = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"bench worker {self.name!r} failed:\n{out}")
+        return out
+
+    def close(self):
+        self.conn.send(None)
+        memory = self.conn.recv()
+        self.process.join()
+        memory["peak_extra_bytes"] = max(0, memory["peak_rss_bytes"] - memory["rss_start_bytes"])
+        return memory
+
+
+def load_now():
+    return os.getloadavg()[0]
+
+
+def measure(sides, repeats):
+    """
+    {side: [{"result": ..., "load": (before, after)}, ...]} of `sides` {side: (worker, fn, fn_args)}: each repeat
+    runs every side once, in turn (A B A B ...), so a neighbour's load hits all of them alike.
+    """
+    runs = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side, (w, fn, fn_args) in sides.items():
+            before = load_now()
+            result = w.run(fn, *fn_args)
+            runs[side].append({"result": result, "load": (before, load_now())})
+    return runs
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def load_verdict(ours_loads, peer_loads, threads):
+    """
+    Why a ratio must not be quoted, or None. Each measurement's load is the mean of the 1-minute load average just
+    before and just after it. Refused: any load above --threads + LOAD_TOLERANCE (other jobs took cores), or our
+    measurements' mean load and the peer's differing by more than LOAD_TOLERANCE (they ran under different load).
+    """
+    worst = max(max(pair) for pair in ours_loads + peer_loads)
+    if worst > threads + LOAD_TOLERANCE:
+        return f"not quoted: load {worst:.2f} > {threads} threads + {LOAD_TOLERANCE}"
+    ours, peer = (statistics.mean(sum(pair) / 2 for pair in loads) for loads in (ours_loads, peer_loads))
+    if abs(ours - peer) > LOAD_TOLERANCE:
+        return f"not quoted: load {ours:.2f} (ours) vs {peer:.2f} (peer)"
+    return None
+
+
+def compare(ours, peer, ours_loads, peer_loads, threads, higher_is_better):
+    """
+    Our and the peer's values (one per measurement) -> their spreads and speedup = how many times faster ours is,
+    from the medians: ours / peer for a rate, peer / ours for seconds. None with the reason when the load rule
+    refuses it, or without a peer.
+    """
+    result = {"ours": spread(ours), "higher_is_better": higher_is_better,
+              "ours_load": [list(pair) for pair in ours_loads]}
+    if peer is None:
+        return {**result, "peer": None, "speedup": None, "not_quoted": INSTALL_PEERS}
+    result |= {"peer": spread(peer), "peer_load": [list(pair) for pair in peer_loads]}
+    ratio = statistics.median(ours) / statistics.median(peer)
+    reason = load_verdict(ours_loads, peer_loads, threads)
+    return {**result, "speedup": None if reason else (ratio if higher_is_better else 1 / ratio), "not_quoted": reason}
+
+
+def matmul_peak():
+    """Measured fp32 FLOP/s of a MATMUL_N square torch.mm at the worker's thread count: the best of 5 after a warmup."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    torch.mm(a, b)
+    best = min(timed(lambda: torch.mm(a, b), torch.device("cpu"))[1] for _ in range(5))
+    return {"flops": 2 * MATMUL_N ** 3 / best}
+
+
+def train_flops_per_step(matmul_params, args, config):
+    """6 * matmul params * tokens (forward and backward) + attention's 12 * layers * width * context per token."""
+    tokens = args.train_batch * args.seq_len
+    return tokens * (6 * matmul_params + 12 * config.n_layer * config.n_embd * args.seq_len)
+
+
+def median_run(runs, key):
+    """The run whose `key` is the median one: its details (parts, no-cache speed) stand for all runs."""
+    return sorted((r["result"] for r in runs), key=key)[(len(runs) - 1) // 2]
+
+
+def run_peer_workload(name, context, args, config, device, peers):
+    """
+    One workload beside its peers: each side in its own worker, --repeats interleaved measurements. Returns our
+    median run's details, each side's runs, loads and memory, and the comparisons.
+    """
+    ours = {"train": bench_train, "generate": bench_generate, "rm": bench_rm, "dpo": bench_dpo,
+            "grpo": bench_grpo}[name]
+    sides = {"ours": (ours, (args, config, device))}
+    if peers:
+        sides |= {"train": {"hf": (bench_peers.train, (args,))},
+                  "generate": {"hf": (bench_peers.generate, (args, PROMPT_LEN))},
+                  "rm": {"trl": (bench_peers.rm, (args,))}, "dpo": {"trl": (bench_peers.dpo, (args,))},
+                  "grpo": {f"trl {s}": (bench_peers.grpo, (args, s)) for s in bench_peers.GRPO_SETTINGS}}[name]
+    workers = {side: Worker(context, f"{name} {side}", args.threads) for side in sides}
+    try:
+        runs = measure({side: (workers[side], *job) for side, job in sides.items()}, args.repeats)
+    finally:
+        memory = {side: w.close() for side, w in workers.items()}
+    peer_sides = [side for side in sides if side != "ours"]
+
+    def values(side, get):
+        return [get(r["result"]) for r in runs[side]]
+
+    def pair(label, ours_get, peer_side, peer_get, higher_is_better=True):
+        peer = values(peer_side, peer_get) if peer_side else None
+        peer_loads = [r["load"] for r in runs[peer_side]] if peer_side else None
+        return label, compare(values("ours", ours_get), peer, [r["load"] for r in runs["ours"]], peer_loads,
+                              args.threads, higher_is_better)
+
+    peer = peer_sides[0] if peer_sides else None
+    if name in ("train", "rm"):
+        unit = "tokens" if name == "train" else "pairs"
+        comparisons = dict(pair(f"{name} {opt}", lambda r, opt=opt: r[opt][f"{unit}_per_s_median_step"], peer,
+                                lambda r: r[f"{unit}_per_s_median_step"]) for opt in OPTIMIZERS)
+        detail = median_run(runs["ours"], lambda r: r["adamw"][f"{unit}_per_s_median_step"])
+    elif name == "generate":
+        comparisons = dict(pair(f"generate b{b}", lambda r, b=b: r["batches"][b]["kv_cache"]["tokens_per_s"], peer,
+                                lambda r, b=b: r["batches"][b]["tokens_per_s"]) for b in args.gen_batches)
+        detail = median_run(runs["ours"], lambda r: r["batches"][args.gen_batches[0]]["kv_cache"]["tokens_per_s"])
+    elif name == "dpo":
+        comparisons = dict([pair("dpo", lambda r: r["pairs_per_s_median_step"], peer,
+                                 lambda r: r["pairs_per_s_median_step"])])
+        detail = median_run(runs["ours"], lambda r: r["pairs_per_s_median_step"])
+    else:  # grpo: one comparison per TRL setting
+        comparisons = dict(pair(f"grpo {side or ''}".strip(), lambda r: r["median_seconds"]["total"], side,
+                                lambda r: r["median_seconds"], higher_is_better=False) for side in peer_sides or [None])
+        detail = median_run(runs["ours"], lambda r: r["median_seconds"]["total"])
+    return {**detail, "repeats": args.repeats, "peers": INSTALL_PEERS if not peers else bench_peers.__name__,
+            "comparisons": comparisons, "memory": memory,
+            "runs": {side: [{"load": r["load"], **({} if side == "ours" else r["result"])} for r in side_runs]
+                     for side, side_runs in runs.items()}}
+
+
+def run_alone(name, context, args, fn, fn_args):
+    """A workload without peers: once, in its own worker, for its peak RSS."""
+    w = Worker(context, name, args.threads)
+    try:
+        before = load_now()
+        result = w.run(fn, *fn_args)
+        load = (before, load_now())
+    finally:
+        memory = w.close()
+    return {**result, "load": load, "memory": memory}
+
+
+# -----------------------------------------------------------------------------
 
 def environment(device):
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": os.getloadavg()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": os.getloadavg(),
+            "peers": {name: getattr(module, "__version__", None) for name, module in
+                      (("transformers", getattr(bench_peers, "transformers", None)),
+                       ("trl", getattr(bench_peers, "trl", None)))}}
 
 
-def pairs_measured(r, ref):
-    speedup = f", {r['pairs_per_s'] / ref:.1f}x TRL" if ref else ""
-    return f"{r['pairs_per_s']:,.1f} pairs/s (median step {r['pairs_per_s_median_step']:,.1f}){speedup}"
+def mib(n):
+    return f"{n / 2**20:,.0f} MiB"
 
 
-def pairs_reference(ref, trainer):
-    return f"{ref} pairs/s TRL {trainer}, target >= {TARGET_PAIRS_SPEEDUP}x" if ref else ""
+def fmt(s, unit, digits):
+    return f"{s['median']:,.{digits}f} [{s['min']:,.{digits}f}-{s['max']:,.{digits}f}] {unit}"
+
+
+def comparison_rows(r, unit, digits, peer_memory, target=""):
+    """workload | ours | peer | ours vs peer | load | peak RSS (ours / peer) rows of a peer workload."""
+    rows = []
+    for label, c in r["comparisons"].items():
+        loads = [x for pair in c["ours_load"] + c.get("peer_load", []) for x in pair]
+        memory = mib(r["memory"]["ours"]["peak_extra_bytes"])
+        side = label.split(" ", 1)[1] if label.startswith("grpo trl") else peer_memory
+        if c["peer"] is not None:
+            memory += " / " + mib(r["memory"][side]["peak_extra_bytes"])
+        ratio = f"{c['speedup']:.2f}x" if c["speedup"] is not None else c["not_quoted"]
+        rows.append((label, fmt(c["ours"], unit, digits), fmt(c["peer"], unit, digits) if c["peer"] else "",
+                     ratio + (f" ({target})" if target else ""), f"{min(loads):.2f}-{max(loads):.2f}", memory))
+    return rows
 
 
 def table(results):
-    rows = [("workload", "measured", "reference")]
+    rows = [("workload", "ours: median [min-max]", "peer: median [min-max]", "ours vs peer", "load 1-min",
+             "peak RSS +")]
     if "train" in results:
         r = results["train"]
-        ref = r["reference_hf_gpt2_tokens_per_s"]
-        for name in OPTIMIZERS:
-            t = r[name]
-            rows.append((f"train {name} {r['batch']}x{r['seq_len']}",
-                         f"{t['tokens_per_s']:,.0f} tok/s (median step {t['tokens_per_s_median_step']:,.0f})",
-                         f"{ref:,} tok/s HF GPT-2" if ref else ""))
+        rows += comparison_rows(r, "tok/s", 0, "hf")
+        f = r["flops"]
+        rows.append(("train FLOP/s", ", ".join(f"{k} {v / 1e9:,.1f} G ({v / f['matmul_peak']:.0%})"
+                                               for k, v in f["achieved"].items()),
+                     f"fp32 mm peak {f['matmul_peak'] / 1e9:,.1f} G", "", "", ""))
     if "generate" in results:
         r = results["generate"]
+        rows += comparison_rows(r, "tok/s", 0, "hf")
         for batch, g in r["batches"].items():
-            ref = g["reference_hf_generate_tokens_per_s"]
-            rows.append((f"generate b{batch} kv cache ({r['new_tokens']} tok)",
-                         f"{g['kv_cache']['tokens_per_s']:,.0f} tok/s", f"{ref:,} tok/s HF generate" if ref else ""))
             rows.append((f"generate b{batch} no cache ({r['naive_new_tokens']} tok)",
-                         f"{g['no_cache']['tokens_per_s']:,.0f} tok/s", ""))
-            rows.append((f"generate b{batch} cache speedup", f"{g['cache_speedup']:.1f}x", ""))
+                         f"{g['no_cache']['tokens_per_s']:,.0f} tok/s, cache {g['cache_speedup']:.1f}x faster",
+                         "", "", "", ""))
     if "optimizers" in results:
         r = results["optimizers"]
         for name in OPTIMIZERS:
             o = r[name]
             rows.append((f"optimizers {name} {r['budget_seconds']:g} s ({o['steps']} steps)",
                          f"train {o['train_loss']:.3f} / held-out {o['heldout_loss']:.3f}",
-                         "winner" if name == r["winner"] else ""))
+                         "winner" if name == r["winner"] else "", "", "", mib(r["memory"]["peak_extra_bytes"])))
     if "rm" in results:
-        r = results["rm"]
-        ref = r["reference_trl_reward_trainer_pairs_per_s"]
-        for name in OPTIMIZERS:
-            rows.append((f"rm {name} {r['pairs']} pairs x {r['tokens_per_row']}+{r['tokens_per_row']}",
-                         pairs_measured(r[name], ref), pairs_reference(ref, "RewardTrainer")))
+        rows += comparison_rows(results["rm"], "pairs/s", 1, "trl", f"target >= {TARGET_PAIRS_SPEEDUP}x")
     if "dpo" in results:
-        r = results["dpo"]
-        ref = r["reference_trl_dpo_trainer_pairs_per_s"]
-        rows.append((f"dpo {r['pairs']} pairs x {r['prompt_len']}+{r['reply_len']}+{r['reply_len']}",
-                     pairs_measured(r, ref), pairs_reference(ref, "DPOTrainer")))
+        rows += comparison_rows(results["dpo"], "pairs/s", 1, "trl", f"target >= {TARGET_PAIRS_SPEEDUP}x")
     if "grpo" in results:
         r = results["grpo"]
-        ref, median = r["reference_trl_grpo_trainer_seconds_per_step"], r["median_seconds"]
-        rows.append((f"grpo step {r['prompts']}x{r['samples']}, {r['prompt_len']}+{r['new_tokens']} tok",
-                     f"{median['total']:.2f} s (median)" + (f", {ref / median['total']:.1f}x faster" if ref else ""),
-                     f"{ref} s TRL GRPOTrainer, target <= {TARGET_GRPO_SECONDS:g} s" if ref else ""))
-        rows += [(f"grpo   {part}", f"{median[part]:.2f} s", "") for part in GRPO_PARTS]
+        rows += comparison_rows(r, "s/step", 2, None, f"target <= {TARGET_GRPO_SECONDS:g} s")
+        rows += [(f"grpo   {part} (median run)", f"{r['median_seconds'][part]:.2f} s", "", "", "", "")
+                 for part in GRPO_PARTS]
     if "autodeco" in results:
         r = results["autodeco"]
         for batch, b in r["batches"].items():
             for name, m in b.items():
                 rows.append((f"autodeco b{batch} {name} ({r['new_tokens']} tok)",
                              f"{m['median_seconds']:.3f} s" + (f" ({m['overhead']:+.1%})" if name != "plain" else ""),
-                             "target <= +5%" if name != "plain" else ""))
+                             "", "target <= +5%" if name != "plain" else "", "", ""))
     if "workflow" in results:
         r = results["workflow"]
         median, share, counts = r["median_seconds"], r["share"], r["per_step"]
         rows.append((f"workflow step {r['tasks']}x{r['samples']}, {r['new_tokens']} tok",
-                     f"{r['step_seconds']:.2f} s (sum of the medians)", ""))
-        rows.append(("workflow   sampling", f"{median['sampling']:.2f} s ({share['sampling']:.0%})", ""))
+                     f"{r['step_seconds']:.2f} s (sum of the medians)", "", "", "",
+                     mib(r["memory"]["peak_extra_bytes"])))
+        rows.append(("workflow   sampling", f"{median['sampling']:.2f} s ({share['sampling']:.0%})", "", "", "", ""))
         rows.append(("workflow   execution", f"{median['execution']:.2f} s ({share['execution']:.0%})",
                      f"{counts['executor_calls']:g} executor calls, {counts['executor_prompts']:g} prompts, "
-                     f"{counts['sandbox_runs']:g} sandbox runs"))
+                     f"{counts['sandbox_runs']:g} sandbox runs", "", "", ""))
         rows.append(("workflow   update", f"{median['update']:.2f} s ({share['update']:.0%})",
-                     f"grpo_step {median['training']:.2f} s - sampling"))
+                     f"grpo_step {median['training']:.2f} s - sampling", "", "", ""))
     if "density" in results:
         r = results["density"]
         for run in r["runs"]:
-            mib, theory = run["peak_extra_bytes"] / 2**20, run["working_bytes_theory"] / 2**20
+            theory = run["working_bytes_theory"]
             rows.append((f"density {run['method']} N={run['n']}",
-                         f"{run['seconds']:.2f} s, peak +{mib:,.1f} MiB (theory {theory:,.1f})", ""))
+                         f"{run['seconds']:.2f} s, peak +{mib(run['peak_extra_bytes'])} (theory {mib(theory)})",
+                         "", "", "", ""))
         rows.append((f"density blocked = brute N={r['compared_at_n']}", f"identical: {str(r['identical']).lower()}",
-                     ""))
+                     "", "", "", ""))
         if r["brute_skipped"]:
-            rows.append(("density brute", f"skipped, {r['brute_skipped']}", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+            rows.append(("density brute", f"skipped, {r['brute_skipped']}", "", "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
@@ -761,8 +983,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=cores,
                         help="torch intra-op threads, density's processes too (default: every core this process "
                              "may use)")
-    parser.add_argument("--device", type=str, default="cpu", help="the reference figures are CPU ones")
+    parser.add_argument("--device", type=str, default="cpu", help="the peers are measured on the CPU")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved measurements of ours and each peer (train, generate, rm, dpo, grpo)")
+    parser.add_argument("--peers", type=str2bool, default=True,
+                        help="measure HF transformers and TRL beside ours when they are installed")
     # train
     parser.add_argument("--train_batch", type=int, default=8)
     parser.add_argument("--train_warmup", type=int, default=2, help="untimed steps")
@@ -825,29 +1051,44 @@ def main(argv=None):
     if "density" in only:  # before the other workloads: a budget error should not wait for them
         density_n = density_compare_n(args)
 
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    peers = args.peers and bench_peers.MISSING is None
+    if args.peers and not peers:
+        print(f"{INSTALL_PEERS} ({bench_peers.MISSING}): measuring ours alone", flush=True)
+
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = {"environment": environment(device), "flags": dict(vars(args))}
-    if set(only) - {"optimizers", "workflow", "density"}:
-        config = config_from_depth(args.depth, args.vocab_size, args.seq_len)
-    if "train" in only:
-        results["train"] = bench_train(args, config, device)
-    if "generate" in only:
-        results["generate"] = bench_generate(args, config, device)
-    if "optimizers" in only:
-        results["optimizers"] = bench_optimizers(args, device)
-    if "rm" in only:
-        results["rm"] = bench_rm(args, config, device)
-    if "dpo" in only:
-        results["dpo"] = bench_dpo(args, config, device)
-    if "grpo" in only:
-        results["grpo"] = bench_grpo(args, config, device)
-    if "autodeco" in only:
-        results["autodeco"] = bench_autodeco(args, config, device)
-    if "workflow" in only:
-        results["workflow"] = bench_workflow(args, device)
-    if "density" in only:
-        results["density"] = bench_density(args, density_n)
+    config = config_from_depth(args.depth, args.vocab_size, args.seq_len)
+    # workers fork from a server that imported these once (transformers and TRL take seconds) and ran nothing; not
+    # this module: a worker imports it again itself (as __mp_main__ under `python -m`), in well under a second
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["scripts.bench_peers", "nanochat.engine", "nanochat.grpo"])
+    for name in (w for w in WORKLOADS if w in only):
+        if name in PEER_WORKLOADS:
+            results[name] = run_peer_workload(name, context, args, config, device, peers)
+        elif name == "optimizers":
+            results[name] = run_alone(name, context, args, bench_optimizers, (args, device))
+        elif name == "autodeco":
+            results[name] = run_alone(name, context, args, bench_autodeco, (args, config, device))
+        elif name == "workflow":
+            results[name] = run_alone(name, context, args, bench_workflow, (args, device))
+        else:
+            results[name] = run_alone(name, context, args, bench_density, (args, density_n))
+    if "train" in results:
+        r = results["train"]
+        peak = run_alone("matmul peak", context, args, matmul_peak, ())
+        flops = {"ours": train_flops_per_step(r["matmul_params"], args, config)}
+        achieved = {name.split()[1]: c["ours"]["median"] / (args.train_batch * args.seq_len) * flops["ours"]
+                    for name, c in r["comparisons"].items()}
+        if peers:
+            flops["hf"] = train_flops_per_step(r["runs"]["hf"][0]["matmul_params"], args, config)
+            achieved["hf"] = r["comparisons"]["train adamw"]["peer"]["median"] / (args.train_batch * args.seq_len) \
+                * flops["hf"]
+        r["flops"] = {"formula": "tokens * (6 * matmul params + 12 * layers * width * context)",
+                      "flops_per_step": flops, "achieved": achieved, "matmul_peak": peak["flops"],
+                      "matmul_n": MATMUL_N}
     results["environment"]["load_average_end"] = os.getloadavg()
 
     env = results["environment"]

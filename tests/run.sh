@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # A bare `pip install torch` would pull a multi-GB CUDA build: pin the local CPU wheel first.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-# the hf extra (transformers) lets tests/test_export_hf.py run instead of skipping
-.venv/bin/pip install -q -e '.[dev,hf]'
+# the hf extra (transformers) lets tests/test_export_hf.py run instead of skipping; the peers extra (trl: a few
+# seconds more on a fresh install) lets tests/test_bench.py measure the peers too
+.venv/bin/pip install -q -e '.[dev,hf,peers]'
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 # pytest exits 5 when it collects nothing; set -e turns that (and any failure) into our exit code.
 exec .venv/bin/python -m pytest "$@"
