@@ -112,9 +112,11 @@ if [ "$PROFILE" = cpu ]; then
     SFT_FLAGS="--max_len=256 --batch_rows=32 --device_batch_size=16 --max_steps=100"
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
-    # 900 steps: the reward model needs them to learn which facts are wrong (on run D's data pairs_test accuracy
-    # 0.876 after 600 steps, 0.901 after 900; wrong facts 0.683 / 0.743); the other rejected kinds take tens of steps
-    RM_FLAGS="--max_steps=900 --max_len=64 --device_batch_size=8 --eval_every=150 --compile=$COMPILE"
+    # the artifact and evasive pairs are learnt in tens of steps, the wrong facts take hundreds: drawing the wrong-fact
+    # pairs 8x as often, 300 steps reach what 900 uniform steps did, at a third of the time (run E's SFT and pairs,
+    # pairs_test accuracy: 300 uniform steps 0.860, 900 uniform 0.890, 300 with wrong=4 0.888, with wrong=8 0.894)
+    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=100
+        --compile=$COMPILE"
     # 48 new tokens: the longest plain answers with two artifacts run past 32, and a truncated completion enters
     # no loss (at 32, 13-20% of them were truncated)
     GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=48"

@@ -18,6 +18,8 @@ Sampling. Both arms draw a step's pairs with replacement, each prompt with proba
 split evenly among its pairs: the density-aware arm's weight is the prompt's density weight, the uniform arm's is 1
 for every prompt. So the arms differ only in the weights (uniform weights in a density file draw exactly the
 uniform arm's batches), and a prompt with many pairs is not drawn more often than one with a single pair.
+`--kind_weights` multiplies the weight of each pair of a rejected kind (synthetic pairs: artifact, evasive, wrong),
+the same in both arms.
 
 Accuracy counts a pair right when its margin (chosen minus rejected: a reward difference for the RM, a log-prob
 or implicit-reward difference for DPO) is > 0, as TRL does: a tie counts 0, so a model that cannot tell the two
@@ -93,13 +95,43 @@ def split_by_prompt(rows, share, seed):
     return train, val
 
 
-def sampling_weights(rows, density_path=None):
+def sampling_weights(rows, density_path=None, kind_weights=None):
     """
     Per-row sampling weights: each prompt's weight shared evenly among the rows of the prompt (`pair_weights`). The
     weight is the prompt's density weight in density_path, or 1 for every prompt without one (the uniform arm).
+    kind_weights ({rejected_kind: factor}) then multiplies the rows of those kinds, in both arms alike.
     """
     prompt_ids = [row["prompt_id"] for row in rows]
-    return pair_weights(prompt_ids, load_density(density_path) if density_path else dict.fromkeys(prompt_ids, 1.0))
+    weights = pair_weights(prompt_ids, load_density(density_path) if density_path else dict.fromkeys(prompt_ids, 1.0))
+    if kind_weights:
+        weights = weights * torch.tensor([kind_weights.get(row.get("rejected_kind"), 1.0) for row in rows],
+                                         dtype=weights.dtype)
+    return weights
+
+
+def parse_kind_weights(text):
+    """"wrong=4,evasive=0.5" -> {"wrong": 4.0, "evasive": 0.5}; "" -> {}. Factors are positive numbers."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        try:
+            factor = float(value) if sep and kind.strip() else float("nan")
+        except ValueError:
+            factor = float("nan")
+        if not factor > 0 or factor == float("inf"):  # nan fails the first test
+            raise ValueError(f"expected kind=factor pairs with a positive factor, like wrong=4, got {part!r}")
+        weights[kind.strip()] = factor
+    return weights
+
+
+def kind_shares(rows, weights):
+    """{rejected_kind: the share of draws it gets under `weights`}, for the rows that carry a kind."""
+    shares = {}
+    for row, w in zip(rows, weights.tolist()):
+        if "rejected_kind" in row:
+            shares[row["rejected_kind"]] = shares.get(row["rejected_kind"], 0.0) + w
+    total = float(weights.sum())
+    return {kind: w / total for kind, w in sorted(shares.items())}
 
 
 def pair_batch(step, weights, batch_size, seed):
@@ -123,6 +155,10 @@ def add_pair_flags(parser):
                         help="held-out pairs evaluated at the end (skipped with a note when missing)")
     parser.add_argument("--density_path", type=str, default=".cache/data/density.jsonl")
     parser.add_argument("--val_share", type=fraction, default=0.05, help="share of prompt ids held out for validation")
+    parser.add_argument("--kind_weights", type=str, default="",
+                        help="kind=factor,...: draw the training pairs whose rejected_kind is kind factor times as "
+                             "often, in both arms (synthetic pairs carry a kind, hub pairs none); e.g. wrong=4 "
+                             "spends the steps on the pairs that need facts, not on those learnt in tens of steps")
     parser.add_argument("--max_len", type=nonnegative_int, default=0,
                         help="tokens per reply render, cut from the left (0: the SFT model's context length)")
     parser.add_argument("--warmup_steps", type=nonnegative_int, default=10)
@@ -164,11 +200,23 @@ def load_pair_data(args, world_size):
     elif args.test_pairs_path:
         print0(f"note: {args.test_pairs_path} is missing or empty; no test evaluation")
     try:
-        weights = sampling_weights(train, args.density_path if args.density_aware else None)
+        kind_weights = parse_kind_weights(args.kind_weights)
+    except ValueError as e:
+        raise InputError(f"--kind_weights={args.kind_weights!r}: {e}") from None
+    kinds = {row["rejected_kind"] for row in train if "rejected_kind" in row}
+    if set(kind_weights) - kinds:
+        raise InputError(f"--kind_weights: no training pair of {args.pairs_path} has rejected_kind "
+                         f"{', '.join(sorted(set(kind_weights) - kinds))} (kinds there: "
+                         f"{', '.join(sorted(kinds)) or 'none'})")
+    try:
+        weights = sampling_weights(train, args.density_path if args.density_aware else None, kind_weights)
     except InputError as e:
         raise InputError(f"--density_aware: {e} (write it with python -m scripts.kat_density, or pass "
                          f"--density_aware=False)") from e
     print0(f"{len(rows)} pairs: {len(train)} training, {len(val)} validation ({args.val_share:.0%} of prompt ids); "
            f"{len(test) if test is not None else 0} test; prompts drawn "
            f"{'by density weight' if args.density_aware else 'uniformly'}")
+    if kind_weights:
+        print0("--kind_weights: share of draws by rejected kind "
+               + ", ".join(f"{kind} {share:.0%}" for kind, share in kind_shares(train, weights).items()))
     return PairData(train, val, test, weights)

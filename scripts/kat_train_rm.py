@@ -6,6 +6,7 @@ Bradley-Terry loss (nanochat/rm.py).
     python -m scripts.kat_train_rm --density_aware=True           # pairs drawn by their prompt's density weight
     python -m scripts.kat_train_rm --max_steps=300 --max_len=64 --batch_size_pairs=64 --device_batch_size=16
     python -m scripts.kat_train_rm --matrix_optimizer=adamw --learning_rate=1e-3
+    python -m scripts.kat_train_rm --kind_weights=wrong=8 --max_steps=300   # the speedrun's: wrong facts 8x as often
     torchrun --standalone --nproc_per_node=2 -m scripts.kat_train_rm -- --batch_size_pairs=32
     python -m scripts.kat_train_rm --resume=True                  # continue outs/rm/ after an interruption
 
@@ -13,7 +14,9 @@ Data. A seeded --val_share of the prompt ids of --pairs_path (with all their pai
 the rest is training. --test_pairs_path (pairs_test.jsonl, prompts never in pairs_all) is evaluated at the end.
 Each step draws --batch_size_pairs pairs with replacement, each prompt in proportion to its weight, split evenly
 among its pairs: weight 1 for every prompt (uniform, the default) or, with --density_aware, the prompt's weight in
---density_path (scripts.kat_density); the two arms differ only in these weights (nanochat/preference.py). The draw
+--density_path (scripts.kat_density); the two arms differ only in these weights (nanochat/preference.py).
+--kind_weights=wrong=8 draws each wrong-fact pair 8 times as often in both arms: the artifact and evasive pairs are
+learnt in tens of steps, the wrong facts take hundreds, so the steps go where the learning is. The draw
 is a function of (--seed, step), so every rank draws the same global batch and takes its slice, and a resumed run
 draws what the uninterrupted one would have. Each rank runs its slice in
 micro-batches of --device_batch_size pairs (a chosen and a rejected row each), shortest pairs together.

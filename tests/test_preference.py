@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import MULTI_TURN
-from nanochat.preference import (load_pair_data, micro_batches, pair_batch, pair_correct, render_reply,
-                                 sampling_weights, split_by_prompt)
+from nanochat.common import InputError
+from nanochat.preference import (kind_shares, load_pair_data, micro_batches, pair_batch, pair_correct,
+                                 parse_kind_weights, render_reply, sampling_weights, split_by_prompt)
 from nanochat.synthetic import pair_id
 
 def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
@@ -106,9 +107,41 @@ def test_equal_density_weights_draw_exactly_the_uniform_arms_batches(tmp_path, w
         json.dumps({"prompt_id": pid, "density": 1.0, "weight": 1.0, "knn_mean_distance": 1.0}) + "\n"
         for pid in dict.fromkeys(r["prompt_id"] for r in pairs)))
     args = argparse.Namespace(batch_size_pairs=8, device_batch_size=4, pairs_path=str(tmp_path / "pairs.jsonl"),
-                              test_pairs_path="", density_path=str(tmp_path / "density.jsonl"), val_share=0.2, seed=5)
+                              test_pairs_path="", density_path=str(tmp_path / "density.jsonl"), val_share=0.2, seed=5,
+                              kind_weights="wrong=3")
     uniform = load_pair_data(argparse.Namespace(**vars(args), density_aware=False), world_size=1)
     density = load_pair_data(argparse.Namespace(**vars(args), density_aware=True), world_size=1)
     assert uniform.train == density.train and len({r["prompt_id"] for r in uniform.train}) < len(uniform.train)
     for step in range(6):
         assert pair_batch(step, uniform.weights, 8, seed=5) == pair_batch(step, density.weights, 8, seed=5)
+
+
+def test_kind_weights_multiply_each_pair_of_the_kind_not_its_whole_prompt():
+    # catches: the factor applied to the prompt (its other pairs drawn more too), or not applied at all. Prompt "a"
+    # has a wrong and an artifact pair, "b" one wrong pair: weights 1/2 * 3, 1/2, 1 * 3 -> shares 0.3, 0.1, 0.6
+    rows = [{"prompt_id": "a", "rejected_kind": "wrong"}, {"prompt_id": "a", "rejected_kind": "artifact"},
+            {"prompt_id": "b", "rejected_kind": "wrong"}]
+    weights = sampling_weights(rows, kind_weights={"wrong": 3.0})
+    drawn = torch.tensor(sum((pair_batch(step, weights, 80, seed=1) for step in range(100)), []))
+    assert (torch.bincount(drawn, minlength=3) / len(drawn)).tolist() == pytest.approx([0.3, 0.1, 0.6], abs=0.02)
+    assert kind_shares(rows, weights) == pytest.approx({"artifact": 0.1, "wrong": 0.9})
+    assert torch.equal(sampling_weights(rows, kind_weights={}), sampling_weights(rows))
+
+
+@pytest.mark.parametrize("text", ["wrong", "wrong=0", "wrong=-1", "wrong=nan", "wrong=inf", "wrong=x", "=2"])
+def test_kind_weights_refuse_a_factor_that_is_not_a_positive_number(text):
+    # catches: a zero or negative factor silently removing a kind, or nan weights reaching the sampler
+    with pytest.raises(ValueError, match="positive factor"):
+        parse_kind_weights(text)
+    assert parse_kind_weights("wrong=4, evasive=0.5") == {"wrong": 4.0, "evasive": 0.5}
+    assert parse_kind_weights("") == {}
+
+
+def test_a_kind_weight_for_a_kind_the_pairs_lack_is_an_input_error(tmp_path, world):
+    # catches: a typo ("wrnog=4") or hub pairs (no kinds) training silently with uniform weights
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.preference_pairs(20, seed=0)))
+    args = argparse.Namespace(batch_size_pairs=8, device_batch_size=4, pairs_path=str(tmp_path / "pairs.jsonl"),
+                              test_pairs_path="", density_path="", val_share=0.2, seed=5, density_aware=False,
+                              kind_weights="wrnog=4")
+    with pytest.raises(InputError, match="no training pair .* has rejected_kind wrnog .kinds there: artifact"):
+        load_pair_data(args, world_size=1)
