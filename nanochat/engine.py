@@ -88,6 +88,8 @@ def _keep_rows(cache, index):
 
 def _scatter(values, rows, B):
     """Full-size (B,) values from those of the decode batch's rows; 0 for rows dropped from it."""
+    if rows.numel() == B:  # no row dropped yet (`rows` is then 0..B-1): the values as they are
+        return values
     full = values.new_zeros(B)
     full[rows] = values
     return full
@@ -145,7 +147,9 @@ class Engine:
     def device(self):
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
+    # inference mode: no autograd bookkeeping on any op (about a tenth of a batch-1 decode step). What `generate`
+    # returns is built outside it (stacked), so it is an ordinary tensor that training can save for backward
+    @torch.inference_mode()
     def _decode_steps(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, min_p, seed,
                       stop_tokens, decode_hook=None, global_rows=None):
         """
@@ -197,19 +201,22 @@ class Engine:
             if decode_hook is not None:
                 chosen = _scatter(_per_row(temperature, rows.numel(), device, "temperature"), rows, B)
             yield full_tokens, _scatter(logprobs, rows, B), active, chosen
-            active = active & ~torch.isin(full_tokens, stop)  # not in place: the yielded `active` stays as it was
-            if not active.any() or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:
                 return
-            keep = active[rows]
-            kept = keep.sum().item()
-            if kept <= COMPACT_AT * rows.numel() and rows.numel() > MIN_ROWS:
-                keep[(~keep).nonzero().squeeze(1)[:max(0, MIN_ROWS - kept)]] = True  # fill up to MIN_ROWS
-                index = keep.nonzero().squeeze(1)
-                _keep_rows(cache, index)
-                rows, tokens = rows[index], tokens[index]
-                # per-row settings follow their rows (a hook's are replaced at the next step anyway)
-                temperature = temperature[index] if torch.is_tensor(temperature) else temperature
-                top_p = top_p[index] if torch.is_tensor(top_p) else top_p
+            if stop.numel():  # without stop tokens no row finishes: no per-token check, no host sync
+                active = active & ~torch.isin(full_tokens, stop)  # not in place: the yielded `active` stays as it was
+                keep = active[rows]  # every row still decoding is in the decode batch
+                kept = keep.sum().item()
+                if kept == 0:
+                    return
+                if kept <= COMPACT_AT * rows.numel() and rows.numel() > MIN_ROWS:
+                    keep[(~keep).nonzero().squeeze(1)[:max(0, MIN_ROWS - kept)]] = True  # fill up to MIN_ROWS
+                    index = keep.nonzero().squeeze(1)
+                    _keep_rows(cache, index)
+                    rows, tokens = rows[index], tokens[index]
+                    # per-row settings follow their rows (a hook's are replaced at the next step anyway)
+                    temperature = temperature[index] if torch.is_tensor(temperature) else temperature
+                    top_p = top_p[index] if torch.is_tensor(top_p) else top_p
             with autocast_ctx(device):
                 hidden = model.hidden_states(tokens[:, None], kv_cache=cache)[:, -1]
                 logits = model.logits_from_hidden(hidden)

@@ -272,3 +272,12 @@ def test_a_step_of_greedy_per_row_temperatures_still_draws_its_random_numbers():
     sample_next(logits, torch.zeros(4), generator=a)
     sample_next(logits, torch.tensor([0.0, 0.0, 0.0, 1.0]), generator=b)
     assert torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+
+
+def test_generation_is_usable_for_training(tiny_model):
+    # catches: decoding under inference mode handing out inference tensors, which GRPO's forward on the sampled
+    # tokens cannot save for backward
+    gen = Engine(tiny_model).generate(PROMPTS, max_new_tokens=4, temperature=1.0, seed=0)
+    assert not any(t.is_inference() for t in (gen.tokens, gen.logprobs, gen.mask))
+    loss = tiny_model(gen.tokens, gen.tokens, loss_reduction="none")
+    (loss.sum() - gen.logprobs.sum()).backward()

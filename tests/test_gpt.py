@@ -128,3 +128,47 @@ def test_positions_past_the_rotary_table_are_refused_and_padding_keeps_them_in()
     valid[0, :2] = False  # two padding slots: the real tokens sit at positions 0 .. R - 3
     model(torch.zeros(1, R, dtype=torch.long), kv_cache=cache, valid=valid)
     model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)  # slot R, position R - 2: inside the table
+
+
+def test_unpadded_cache_fast_path_equals_the_masked_path(tiny_model):
+    # catches: the unpadded cache's no-mask attention running a single decode query causally against only the
+    # first key (SDPA's is_causal aligns top-left), or its sliced rotary tables starting at the wrong slot
+    from nanochat.gpt import KVCache
+    idx = torch.randint(0, 97, (2, 7))
+    steps = torch.randint(0, 97, (2, 4))
+    outputs = {}
+    for padded in (False, True):
+        cache = KVCache(tiny_model.config, 2, 11, "cpu")
+        cache.padded = padded  # True forces the general path: positions from `valid` and an explicit mask
+        with torch.no_grad():
+            logits = [tiny_model(idx, kv_cache=cache)]
+            logits += [tiny_model(steps[:, t:t + 1], kv_cache=cache) for t in range(4)]
+        outputs[padded] = torch.cat(logits, dim=1)
+    assert torch.allclose(outputs[False], outputs[True], atol=1e-5)
+    with torch.no_grad():
+        full = tiny_model(torch.cat([idx, steps], dim=1))
+    assert torch.allclose(outputs[False], full, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [15.0, 0.0])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, reduction):
+    # catches: the fused loss dropping the softcap's 1 - tanh^2 in its gradient, letting ignored targets count, or
+    # losing rows at a chunk boundary (3 x 9 rows in chunks of 4 leave a partial last chunk)
+    from nanochat import gpt
+    monkeypatch.setattr(gpt, "LOSS_CHUNK", 4)
+    model = make_tiny_model()
+    model.config.softcap = softcap
+    idx = torch.randint(0, 97, (3, 9))
+    targets = torch.randint(0, 97, (3, 9))
+    targets[0, :5] = -1
+    fused = model(idx, targets, loss_reduction=reduction)
+    fused.backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model.logits_from_hidden(model.hidden_states(idx))  # the unfused path
+    plain = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1, reduction=reduction)
+    plain.backward()
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    for p, g in zip(model.parameters(), fused_grads):  # float32 sums in another order: relative to the largest
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
