@@ -157,12 +157,16 @@ def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, re
     # losing rows at a chunk boundary (3 x 9 rows in chunks of 4 leave a partial last chunk)
     from nanochat import gpt
     monkeypatch.setattr(gpt, "LOSS_CHUNK", 4)
+    calls = []  # the fused path must really run, or this compares the plain loss with itself
+    fused_apply = gpt.HeadCrossEntropy.apply
+    monkeypatch.setattr(gpt.HeadCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
     model = make_tiny_model()
     model.config.softcap = softcap
     idx = torch.randint(0, 97, (3, 9))
     targets = torch.randint(0, 97, (3, 9))
     targets[0, :5] = -1
     fused = model(idx, targets, loss_reduction=reduction)
+    assert calls == [1]
     fused.backward()
     fused_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
