@@ -2,10 +2,11 @@
 Direct Preference Optimization (Rafailov et al. 2023) and two variants of its loss, against a frozen reference.
 
 Log-probs. A reply's log-prob is the sum of log p(token | everything before it) over the reply's target tokens
-only: the tokens its render mask marks (the final reply and its <|assistant_end|>, never an earlier turn; see
-nanochat/preference.py for rendering and the max_len cut), made targets by nanochat/batching.py's
-`collate_targets`. Prompt tokens never count. Chosen and rejected rows of a micro-batch go through one forward,
-right-padded; only target positions reach the LM head.
+only: the final reply and its <|assistant_end|>, never an earlier turn (see nanochat/preference.py for rendering
+and the max_len cut). Prompt tokens never count. A pair's prompt runs once and its chosen and rejected replies
+continue from the prompt's keys/values (pair batches, nanochat/preference.py; `completion_logprobs` of
+nanochat/grpo.py), the same numbers as two full forwards at three quarters of the tokens when prompt and reply are
+equally long.
 
 Losses, with h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected)):
     sigmoid  -log sigmoid(beta h)             DPO, summed log-probs
@@ -32,10 +33,11 @@ accuracy and, for DPO, the implicit-reward accuracy are reported beside it.
 import torch
 import torch.nn.functional as F
 
-from nanochat.batching import IGNORE_INDEX, collate_targets
+from nanochat.batching import IGNORE_INDEX
 from nanochat.common import all_reduce_sum, autocast_ctx, get_rank, get_world_size
 from nanochat.evaluate import evaluate_task
-from nanochat.preference import pair_correct, render_pairs
+from nanochat.grpo import completion_logprobs
+from nanochat.preference import pack_pairs, pair_correct, split_pair
 from nanochat.tasks import world as world_task
 from nanochat.training import optimizer_step
 
@@ -51,6 +53,11 @@ def sequence_logprobs(model, inputs, targets):
     token_logprobs = -F.cross_entropy(logits, targets[keep], reduction="none")
     rows = torch.arange(inputs.size(0), device=inputs.device)[:, None].expand_as(targets)[keep]
     return torch.zeros(inputs.size(0), device=inputs.device).index_add(0, rows, token_logprobs.float())
+
+
+def pair_logps(model, batch):
+    """(P, 2) summed log-probs of each pair's chosen and rejected reply in a pair GroupBatch, one forward."""
+    return completion_logprobs(model, batch, chunk_rows=batch.completion_ids.size(0)).sum(1).view(-1, 2)
 
 
 def dpo_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):
@@ -73,27 +80,26 @@ def dpo_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_
 def dpo_train_step(policy, reference, optimizers, micro_batches, global_pairs, beta=0.1, loss_type="sigmoid",
                    grad_clip=1.0):
     """
-    One optimizer step over this rank's micro-batches [(inputs, targets)], each holding n chosen rows then their
-    n rejected rows. Losses are divided by the global number of pairs and gradients summed over ranks (the 1-rank
-    gradient of the global batch). Returns the global batch's loss and TRL-named metrics, and the gradient norm.
-    IPO's log-probs are averaged per reply token, the others' summed.
+    One optimizer step over this rank's micro-batches of pairs (GroupBatches of nanochat.preference.micro_batches).
+    Losses are divided by the global number of pairs and gradients summed over ranks (the 1-rank gradient of the
+    global batch). Returns the global batch's loss and TRL-named metrics, and the gradient norm. IPO's log-probs are
+    averaged per reply token, the others' summed.
     """
-    device = micro_batches[0][0].device
+    device = micro_batches[0].prompt_ids.device
     sums = torch.zeros(7, device=device)
-    for inputs, targets in micro_batches:
+    for batch in micro_batches:
         with torch.no_grad():
-            ref = sequence_logprobs(reference, inputs, targets)
-        pi = sequence_logprobs(policy, inputs, targets)
+            ref = pair_logps(reference, batch)
+        pi = pair_logps(policy, batch)
         if loss_type == "ipo":
             # IPO's target 1 / (2 beta) is on the per-token scale (the IPO paper's runs, TRL), not a length's multiple
-            tokens = (targets != IGNORE_INDEX).sum(1)
+            tokens = batch.completion_mask.sum(1).view(-1, 2)
             pi, ref = pi / tokens, ref / tokens
-        n = inputs.size(0) // 2
-        losses, chosen, rejected = dpo_losses(pi[:n], pi[n:], ref[:n], ref[n:], beta, loss_type)
+        losses, chosen, rejected = dpo_losses(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], beta, loss_type)
         (losses.sum() / global_pairs).backward()
         margins = chosen - rejected
         sums += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), margins.sum(),
-                             pair_correct(margins).sum(), pi[:n].detach().sum(), pi[n:].detach().sum()])
+                             pair_correct(margins).sum(), pi[:, 0].detach().sum(), pi[:, 1].detach().sum()])
     grad_norm = optimizer_step(policy, optimizers, grad_clip)
     means = (all_reduce_sum(sums) / global_pairs).tolist()
     names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -114,10 +120,9 @@ def pair_logprobs(model, tok, rows, batch_size=32, max_len=None):
     local = list(range(rank, len(rows), world_size))
     for start in range(0, len(local), batch_size):
         batch = local[start:start + batch_size]
-        inputs, targets = collate_targets(render_pairs(tok, [rows[i] for i in batch], max_len), device)
-        logprobs, tokens = sequence_logprobs(model, inputs, targets), (targets != IGNORE_INDEX).sum(1).float()
-        n = len(batch)
-        out[:, batch] = torch.stack([logprobs[:n], logprobs[n:], tokens[:n], tokens[n:]])
+        groups = pack_pairs([split_pair(tok, rows[i], max_len) for i in batch], device)
+        logprobs, tokens = pair_logps(model, groups), groups.completion_mask.sum(1).view(-1, 2).float()
+        out[:, batch] = torch.stack([logprobs[:, 0], logprobs[:, 1], tokens[:, 0], tokens[:, 1]])
     return dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), all_reduce_sum(out).cpu()))
 
 

@@ -9,7 +9,11 @@ The GPT: a modern small transformer in one file.
 
 Hidden states for other methods (reward model, density embeddings, AutoDeco heads): `model.hidden_states(idx)`
 returns the final normed hidden states (B, T, n_embd), the exact tensor the LM head reads. `forward` is
-`lm_head(hidden_states(idx))`, so there is one copy of the model code.
+`lm_head(hidden_states(idx))`, so there is one copy of the model code. `hidden_states(idx, at=...)` returns only one
+position per row (the reward model's end token): the last block then runs its query, attention output and MLP for
+that position alone (its keys and values still cover every position), a sixth of the work of a depth-4 model saved
+and the same numbers. Not in the engine's prefill: one row's query would run through a one-row matmul, whose last
+bits differ from a two-row one, and a rank holding one prompt would sample differently from one process.
 
 Incremental decoding: pass a `KVCache` (or `PrefixKV`, to train on completions that share a prompt). Prompts of
 different lengths are left-padded; `valid` marks their real tokens. Padding slots are masked out as keys and each
@@ -199,24 +203,69 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache, attn_mask):
+    def forward(self, x, cos, sin, kv_cache, attn_mask, at=None):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if at is not None:
+            return self._forward_at(x, k, v, cos, sin, kv_cache, attn_mask, at)
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         # rotary and QK-norm act on each head alike: run them once over the query and key heads side by side
         qk = norm(apply_rotary(torch.cat([q, k], dim=2), cos, sin)).transpose(1, 2)
         q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         gqa = self.n_kv_head != self.n_head
-        if attn_mask is None:
-            # no mask: every key up to the query's own slot. With as many queries as keys that is causal, and a single
-            # query is the last slot (GPT._rotary_and_mask returns None only in these two cases)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if T == 1:  # a decoded token: the last slot, or the slots the mask leaves it
+            y = one_query_attention(q, k, v, attn_mask)
+        elif attn_mask is None:
+            # no mask: every key up to the query's own slot, with as many queries as keys: causal
+            # (GPT._rotary_and_mask returns None only then, or for a single query)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _forward_at(self, x, k, v, cos, sin, kv_cache, attn_mask, at):
+        """The output (B, 1, C) of one query per row, at position `at` (an int, or a (B,) tensor) of this call's
+        tokens, against every key (all of which still go to kv_cache)."""
+        B, T, C = x.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        k = norm(apply_rotary(k, cos, sin)).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        if isinstance(at, int):  # the same column in every row: slices, and the keys after it are cut off
+            x_at, cos_at, sin_at = x[:, at:at + 1], cos[:, at:at + 1], sin[:, at:at + 1]
+            k, v = k[:, :, :t0 + at + 1], v[:, :, :t0 + at + 1]
+            mask = None if attn_mask is None else attn_mask[:, :, at:at + 1, :t0 + at + 1]
+        else:
+            rows = torch.arange(B, device=x.device)
+            x_at = x[rows, at][:, None]
+            table_rows = rows if cos.size(0) > 1 else 0  # per-row tables (padding), or one shared
+            cos_at, sin_at = cos[table_rows, at][:, None], sin[table_rows, at][:, None]
+            if attn_mask is None:  # causal: the keys up to the query's own slot
+                mask = torch.arange(k.size(2), device=x.device)[None, :] <= (t0 + at)[:, None]
+                mask = mask[:, None, None, :]
+            else:
+                mask = attn_mask[rows, :, at][:, :, None]
+        q = norm(apply_rotary(self.c_q(x_at).view(B, 1, self.n_head, self.head_dim), cos_at, sin_at)).transpose(1, 2)
+        return self.c_proj(one_query_attention(q, k, v, mask).transpose(1, 2).reshape(B, 1, C))
+
+
+def one_query_attention(q, k, v, mask):
+    """
+    Attention of one query per row: q (B, H, 1, D) against k, v (B, H_kv, S, D), mask (B, 1, 1, S) bool or None.
+    Explicit matmuls, not SDPA: SDPA's CPU kernel splits a single query's keys among threads by the batch size,
+    so a row's output would change in its last bits with the other rows in its batch, and two ranks would no longer
+    sample what one process samples.
+    """
+    if k.size(1) != q.size(1):  # GQA: each key/value head serves a run of query heads
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 class MLP(nn.Module):
@@ -235,8 +284,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, attn_mask):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
+    def forward(self, x, cos, sin, kv_cache, attn_mask, at=None):
+        if at is None:
+            x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
+        else:  # one position per row goes on (GPT.hidden_states' `at`)
+            x_at = x[:, at:at + 1] if isinstance(at, int) else x[torch.arange(x.size(0), device=x.device), at][:, None]
+            x = x_at + self.attn(norm(x), cos, sin, kv_cache, attn_mask, at)
         return x + self.mlp(norm(x))
 
 
@@ -304,15 +357,21 @@ class GPT(nn.Module):
                              f"{self.rotary_len}")
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None], mask[:, None]
 
-    def hidden_states(self, idx, kv_cache=None, valid=None):
-        """Final normed hidden states (B, T, n_embd): what the LM head, reward head and density pooling read."""
+    def hidden_states(self, idx, kv_cache=None, valid=None, at=None):
+        """
+        Final normed hidden states (B, T, n_embd): what the LM head, reward head and density pooling read. With `at`
+        (an int column, or a (B,) tensor of positions), only row i's state at position at[i]: (B, n_embd), the last
+        block run for those queries alone.
+        """
+        if isinstance(at, int):
+            at = range(idx.size(1))[at]  # -1: the last column; out of range raises
         cos, sin, attn_mask = self._rotary_and_mask(idx, kv_cache, valid)
         x = norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, attn_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, kv_cache, attn_mask, at if i == len(self.blocks) - 1 else None)
         if kv_cache is not None:
             kv_cache.pos += idx.size(1)
-        return norm(x)
+        return norm(x) if at is None else norm(x[:, 0])
 
     def logits_from_hidden(self, h):
         logits = self.lm_head(h).float()

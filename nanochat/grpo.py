@@ -159,13 +159,15 @@ def used_lengths(mask):
     return (mask.long() * columns).amax(dim=1)
 
 
-def completion_states(model, batch, predict):
+def completion_states(model, batch, predict, at=None, chunk_rows=None):
     """
     The final hidden states of a GroupBatch's completions, each prompt run through `model` once: yields
     (rows, hidden (n, w, n_embd)) for chunks of rows of similar length that together cover every row whose
     completion mask is not all 0, and w = the longest used length in the chunk (`used_lengths`). With `predict`
     hidden[:, t] predicts completion token t (the prompt's last state, then the completion's own up to w - 1);
-    otherwise hidden[:, t] has read completion token t.
+    otherwise hidden[:, t] has read completion token t. Without `predict`, `at` (B,) asks for one state per row,
+    the one that has read completion token at[i]: hidden is then (n, n_embd) (GPT.hidden_states' `at`).
+    `chunk_rows`: rows per chunk (default G).
 
     Why chunks: completions are as long as the longest in their batch, and sampled lengths are skewed (most answers
     end after a few tokens, some run to max_new_tokens), so a batch of rows padded to its longest is mostly
@@ -182,33 +184,39 @@ def completion_states(model, batch, predict):
         return
     with autocast_ctx(device):
         prompt_last = model.hidden_states(batch.prompt_ids, kv_cache=cache, valid=batch.prompt_valid)[:, -1:]
-    for rows in order.split(G):
+    for rows in order.split(chunk_rows or G):
         width = int(lengths[rows[0]])
         prompt_of = torch.div(rows, G, rounding_mode="floor")
         tokens = batch.completion_ids[rows, :width - 1 if predict else width]
         parts = [prompt_last[prompt_of]] if predict else []
+        if at is not None:
+            with autocast_ctx(device):
+                yield rows, model.hidden_states(tokens, kv_cache=cache.rows(prompt_of), at=at[rows])
+            continue
         if tokens.size(1):
             with autocast_ctx(device):
                 parts.append(model.hidden_states(tokens, kv_cache=cache.rows(prompt_of)))
         yield rows, torch.cat(parts, dim=1)
 
 
-def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False):
+def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False, chunk_rows=None):
     """
     Log-probabilities (P*G, Tc) of a GroupBatch's completion tokens under `model` at `temperature`, and with
     `with_entropy` the entropy (nats, detached) at each of those positions: the same numbers as a full forward of
     every prompt + completion row (`completion_states`), 0 past each row's last masked-in token and on rows whose
-    mask is all 0. `compile` fuses the vocabulary-sized tail.
+    mask is all 0. `compile` fuses the vocabulary-sized tail; `chunk_rows` as in completion_states.
     """
     tail = compiled_token_logprobs() if compile else token_logprobs
     B, width = batch.completion_ids.shape
     rows, logprobs, entropies = [], [], []
-    for sub, hidden in completion_states(model, batch, predict=True):
+    for sub, hidden in completion_states(model, batch, predict=True, chunk_rows=chunk_rows):
         out = tail(model, hidden, batch.completion_ids[sub, :hidden.size(1)], temperature, with_entropy)
         chosen, entropy = out if with_entropy else (out, None)
+        chosen = chosen * batch.completion_mask[sub, :chosen.size(1)]  # a shorter row's pads in its chunk: 0
         rows.append(sub)
         logprobs.append(F.pad(chosen, (0, width - chosen.size(1))))
         if with_entropy:
+            entropy = entropy * batch.completion_mask[sub, :entropy.size(1)]
             entropies.append(F.pad(entropy, (0, width - entropy.size(1))))
 
     def scatter(chunks):  # the chunks' rows back in batch order; rows in no chunk stay 0
@@ -247,21 +255,26 @@ def batch_logprobs(model, batch, rows_per_batch, temperature=1.0, compile=False)
                        for _, sub in micro_batches(batch, rows_per_batch)], batch.completion_ids.size(1))
 
 
-@torch.no_grad()
-def group_rewards(rm, batch, rows_per_batch):
+def completion_rewards(rm, batch, chunk_rows=None):
     """
-    Rewards (P*G,) fp32 of a GroupBatch, each read at its completion's last sampled token: the same numbers as
-    nanochat.rm.rewards_for_ids of every prompt + completion row, with each prompt run once per group.
+    Rewards (P*G,) fp32 of a GroupBatch under a reward model, each read at its completion's last token (the
+    completion mask's length), with gradients when enabled: the same numbers as nanochat.rm.rewards_for_ids of every
+    prompt + completion row, each prompt run once. `chunk_rows` as in completion_states.
     """
     lengths = batch.completion_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError("every completion needs at least one token to be scored")
-    rewards = torch.zeros(lengths.size(0), device=lengths.device)
-    for rows, sub in micro_batches(batch, rows_per_batch):
-        for chunk, hidden in completion_states(rm.backbone, sub, predict=False):
-            last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths[rows][chunk] - 1]
-            rewards[rows.start + chunk] = rm.head(last).squeeze(-1).float()
-    return rewards
+    chunks, rewards = [], []
+    for chunk, last in completion_states(rm.backbone, batch, predict=False, at=lengths - 1, chunk_rows=chunk_rows):
+        chunks.append(chunk)
+        rewards.append(rm.head(last).squeeze(-1).float())
+    return torch.cat(rewards)[torch.argsort(torch.cat(chunks))]  # chunks come in order of length: back to row order
+
+
+@torch.no_grad()
+def group_rewards(rm, batch, rows_per_batch):
+    """Rewards (P*G,) fp32 of a GroupBatch (`completion_rewards`), in micro-batches of whole groups."""
+    return torch.cat([completion_rewards(rm, sub) for _, sub in micro_batches(batch, rows_per_batch)])
 
 
 def policy_update(model, optimizers, batch, ref_logprobs, advantages, config, num_sequences_global,

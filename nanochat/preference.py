@@ -11,8 +11,12 @@ render longer than max_len is cut by nanochat/batching.py's `cut_left`: <|bos|>,
 the end of the reply and the question right before it being what a reward or a log-prob is about. A reply that
 alone is longer than max_len - 1 tokens loses its beginning.
 
-Micro-batches hold n chosen renders, then their n rejected renders, in the same order: both losses read row i
-against row n + i.
+Pair batches (`split_pair`, `pack_pairs`). Both stages run a pair as one prompt and two completions, the GroupBatch of
+nanochat/grpo.py with groups of 2: the prompt's keys and values are computed once and both replies continue from
+them (`completion_states`), so a pair costs its prompt once instead of twice, and completion row 2i is pair i's
+chosen reply, row 2i + 1 its rejected one. Both replies read the same prompt tokens: when the prompt and the
+longer reply exceed max_len, the prompt is cut from the left (keeping <|bos|>) until the longer reply fits, so the
+two are compared in one context; replies that alone exceed max_len - 1 tokens are cut from the left after <|bos|>.
 
 Sampling. Both arms draw a step's pairs with replacement, each prompt with probability proportional to its weight,
 split evenly among its pairs: the density-aware arm's weight is the prompt's density weight, the uniform arm's is 1
@@ -37,6 +41,7 @@ from nanochat.batching import cut_left
 from nanochat.common import (InputError, add_common_flags, fraction, nonnegative_float, nonnegative_int,
                              positive_int, print0, str2bool)
 from nanochat.density import load_density, pair_weights, sample_indices
+from nanochat.grpo import pack_groups
 from nanochat.pairs import read_pairs
 
 
@@ -61,17 +66,35 @@ def render_pairs(tok, rows, max_len=None):
     return [render_reply(tok, row["messages"], row[side], max_len) for side in ("chosen", "rejected") for row in rows]
 
 
-def micro_batches(tok, rows, pairs_per_batch, max_len=None):
+def split_pair(tok, row, max_len=None):
     """
-    Renders of pair rows cut into micro-batches of `pairs_per_batch` pairs, each laid out as its chosen renders then
-    its rejected renders. Pairs are ordered by length first, so a micro-batch pads its rows to similar lengths; a
-    step's summed loss does not depend on how its pairs are grouped.
+    (prompt ids, [chosen reply ids, rejected reply ids]) of a pair row: the render of the conversation up to the
+    reply, then each reply's tokens and its <|assistant_end|>, cut to max_len as the module docstring says.
     """
-    pairs = [(render_reply(tok, row["messages"], row["chosen"], max_len),
-              render_reply(tok, row["messages"], row["rejected"], max_len)) for row in rows]
-    pairs.sort(key=lambda pair: max(len(pair[0][0]), len(pair[1][0])))
-    chunks = [pairs[i:i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
-    return [[chosen for chosen, _ in chunk] + [rejected for _, rejected in chunk] for chunk in chunks]
+    prompt = tok.render_for_completion(row["messages"])
+    replies = [render_reply(tok, row["messages"], row[side])[0][len(prompt):] for side in ("chosen", "rejected")]
+    longest = max(map(len, replies))
+    if max_len and len(prompt) + longest > max_len:
+        if longest < max_len:
+            prompt = cut_left(prompt, max_len - longest)
+        else:  # the replies alone fill the context: <|bos|>, then each one's last max_len - 1 tokens
+            prompt, replies = prompt[:1], [reply[max(0, len(reply) - max_len + 1):] for reply in replies]
+    return prompt, replies
+
+
+def pack_pairs(pairs, device="cpu", pad_id=0):
+    """A GroupBatch of `split_pair` results: pair i's prompt, then its chosen (row 2i) and rejected (2i + 1) reply."""
+    return pack_groups([prompt for prompt, _ in pairs], [r for _, replies in pairs for r in replies], pad_id).to(device)
+
+
+def micro_batches(tok, rows, pairs_per_batch, max_len=None, device="cpu"):
+    """
+    Pair rows as GroupBatches (`pack_pairs`) of `pairs_per_batch` pairs each, pairs of similar length together (less
+    padding); a step's summed loss does not depend on how its pairs are grouped.
+    """
+    pairs = sorted((split_pair(tok, row, max_len) for row in rows),
+                   key=lambda pair: len(pair[0]) + max(map(len, pair[1])))
+    return [pack_pairs(pairs[i:i + pairs_per_batch], device) for i in range(0, len(pairs), pairs_per_batch)]
 
 
 def pair_correct(margins):

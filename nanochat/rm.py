@@ -4,7 +4,9 @@ numbers it reports. Pairs are rendered and batched by nanochat/preference.py, wh
 
 Reward. The head reads the backbone's final normed hidden state at each row's last real token, the
 <|assistant_end|> of the final reply (earlier turns are context only). Rows are right-padded; attention is causal,
-so the pads after a row's end never reach it, and a row's reward does not depend on what else is in its batch. The
+so the pads after a row's end never reach it, and a row's reward does not depend on what else is in its batch.
+Training and the pair evaluation run each pair's prompt once and both replies from its keys/values (pair batches,
+nanochat/preference.py), and the last block runs only the query the head reads (GPT.hidden_states' `at`). The
 head starts at zero: every initial reward is 0 and the initial loss exactly ln 2. It has no bias: the Bradley-Terry
 loss sees only differences of rewards, so a bias would learn nothing but the centering term's offset. The
 backbone's LM head is dropped: a reward never reads the vocabulary.
@@ -34,7 +36,8 @@ from nanochat.checkpoint import CheckpointError, load_payload, load_weights
 from nanochat.common import all_reduce_sum, autocast_ctx, get_rank, get_world_size
 from nanochat.gpt import GPT, GPTConfig, remember_initial_lr
 from nanochat.muon import Muon
-from nanochat.preference import pair_correct, render_reply
+from nanochat.grpo import completion_rewards
+from nanochat.preference import pack_pairs, pair_correct, render_reply, split_pair
 from nanochat.training import optimizer_step
 
 RM_KIND = "rm"
@@ -56,9 +59,7 @@ class RewardModel(nn.Module):
 
     def forward(self, idx, last):
         """Rewards (B,) fp32 of right-padded rows idx (B, T) whose last real tokens sit at positions `last`."""
-        h = self.backbone.hidden_states(idx)
-        h_last = h[torch.arange(idx.size(0), device=idx.device), last]
-        return self.head(h_last).squeeze(-1).float()
+        return self.head(self.backbone.hidden_states(idx, at=last)).squeeze(-1).float()
 
 
 def load_reward_model(path, device="cpu"):
@@ -123,46 +124,46 @@ def score(rm, tok, conversations_and_replies, batch_size=32, max_len=None):
     return rewards_for_ids(rm, rendered, batch_size)
 
 
+def pair_rewards(rm, batch):
+    """(P, 2) rewards of a pair GroupBatch (nanochat/preference.py): each pair's chosen, then rejected reply."""
+    return completion_rewards(rm, batch, chunk_rows=batch.completion_ids.size(0)).view(-1, 2)
+
+
 @torch.no_grad()
 def pair_margins(rm, tok, rows, batch_size=32, max_len=None):
     """
-    Margins r_chosen - r_rejected (N,) of pair rows. A pair's two replies are scored side by side in one batch, as
-    in training, so identical replies get identical rewards to the bit. Under torchrun each rank scores every
-    world_size-th pair and the margins are summed over ranks into place, so every rank returns all of them.
+    Margins r_chosen - r_rejected (N,) of pair rows. A pair's two replies are scored side by side from one prompt
+    pass, as in training, so identical replies get identical rewards to the bit. Under torchrun each rank scores
+    every world_size-th pair and the margins are summed over ranks into place, so every rank returns all of them.
     """
     rank, world_size = get_rank(), get_world_size()
     device = next(rm.parameters()).device
     margins = torch.zeros(len(rows), dtype=torch.float32, device=device)
     local = list(range(rank, len(rows), world_size))
-    rendered = {i: (render_reply(tok, rows[i]["messages"], rows[i]["chosen"], max_len)[0],
-                    render_reply(tok, rows[i]["messages"], rows[i]["rejected"], max_len)[0]) for i in local}
-    local.sort(key=lambda i: -max(map(len, rendered[i])))  # similar lengths together: little padding
+    pairs = {i: split_pair(tok, rows[i], max_len) for i in local}
+    local.sort(key=lambda i: -len(pairs[i][0]) - max(map(len, pairs[i][1])))  # similar lengths together
     pairs_per_batch = max(1, batch_size // 2)
     for start in range(0, len(local), pairs_per_batch):
         batch = local[start:start + pairs_per_batch]
-        idx, last = collate_right([rendered[i][0] for i in batch] + [rendered[i][1] for i in batch], device)
-        with autocast_ctx(device):
-            rewards = rm(idx, last)
-        margins[batch] = rewards[:len(batch)] - rewards[len(batch):]
+        rewards = pair_rewards(rm, pack_pairs([pairs[i] for i in batch], device))
+        margins[batch] = rewards[:, 0] - rewards[:, 1]
     return all_reduce_sum(margins).cpu()
 
 
 def rm_train_step(rm, optimizers, micro_batches, global_pairs, center_coef=0.0, grad_clip=1.0):
     """
-    One optimizer step over this rank's micro-batches [(idx, last)], each holding n chosen rows then their n
-    rejected rows. Every loss is divided by the global number of pairs and gradients are summed over ranks, so N
-    ranks compute the 1-rank gradient of the same global batch. Returns the global batch's loss, accuracy, mean
-    margin and the gradient norm.
+    One optimizer step over this rank's micro-batches of pairs (GroupBatches of nanochat.preference.micro_batches).
+    Every loss is divided by the global number of pairs and gradients are summed over ranks, so N ranks compute the
+    1-rank gradient of the same global batch. Returns the global batch's loss, accuracy, mean margin and the
+    gradient norm.
     """
-    device = micro_batches[0][0].device
+    device = micro_batches[0].prompt_ids.device
     sums = torch.zeros(3, device=device)  # loss, correct, margin
-    for idx, last in micro_batches:
-        with autocast_ctx(device):
-            rewards = rm(idx, last)
-        n = rewards.size(0) // 2
-        losses = bt_losses(rewards[:n], rewards[n:], center_coef)
+    for batch in micro_batches:
+        rewards = pair_rewards(rm, batch)
+        losses = bt_losses(rewards[:, 0], rewards[:, 1], center_coef)
         (losses.sum() / global_pairs).backward()
-        margins = (rewards[:n] - rewards[n:]).detach()
+        margins = (rewards[:, 0] - rewards[:, 1]).detach()
         sums += torch.stack([losses.detach().sum(), pair_correct(margins).sum(), margins.sum()])
     grad_norm = optimizer_step(rm, optimizers, grad_clip)
     loss, accuracy, margin = (all_reduce_sum(sums) / global_pairs).tolist()

@@ -44,8 +44,9 @@ What is measured:
   rm          pairs/s of one reward-model step as scripts/kat_train_rm.py takes it: `nanochat.rm.rm_train_step`
               (rewards of the chosen and rejected rows, Bradley-Terry loss with centering 0.01, backward, grad
               clip 1, optimizer step) of `RewardModel(GPT(config))` on --pairs pairs of --rm_len random chosen
-              and --rm_len random rejected tokens, in micro-batches of --pair_device_batch_size pairs (its chosen
-              rows, then its rejected rows, `collate_right`, built once before timing). `setup_rm_optimizers` at the
+              and --rm_len random rejected tokens that share only their first token (a pair batch's one-token
+              prompt: nanochat.preference.pack_pairs), in micro-batches of --pair_device_batch_size pairs built once
+              before timing. The last block runs only the end token's query. `setup_rm_optimizers` at the
               script's default learning rates with the backbone's matrices on muon (the script's default) and on
               adamw, the two taking turns step by step: --pair_warmup untimed steps, then pairs / seconds over
               --pair_steps timed steps and from the median step.
@@ -53,7 +54,9 @@ What is measured:
               (log-probs of a frozen copy of the model under no_grad, the policy's forward and backward, sigmoid
               loss at beta 0.1, grad clip 1, the script's AdamW step on every parameter) on --pairs pairs of a
               random --dpo_prompt_len-token prompt followed by a random --dpo_reply_len-token chosen or rejected
-              reply; only reply tokens are scored (`collate_targets`). Micro-batches, warmup and timing as rm.
+              reply; only reply tokens are scored, and each prompt runs once for both replies (a pair batch, as
+              the script runs it; TRL runs prompt + chosen and prompt + rejected). Micro-batches, warmup and timing
+              as rm.
   grpo        seconds per GRPO step as scripts/kat_train_grpo.py takes it, in three timed parts. generate:
               `Engine.generate` of --grpo_samples completions of --grpo_new_tokens tokens for each of
               --grpo_prompts random --grpo_prompt_len-token prompts, temperature 1, no stop tokens, so every
@@ -171,7 +174,7 @@ from collections import Counter
 import torch
 
 from nanochat import execution, workflow_data
-from nanochat.batching import collate_right, collate_targets, cut_left
+from nanochat.batching import cut_left
 from nanochat.common import atomic_write_json, parse_flags, seed_everything, str2bool
 from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import dpo_train_step
@@ -180,6 +183,7 @@ from nanochat.executor import LocalExecutor
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
 from nanochat.grpo import (GRPOConfig, batch_logprobs, group_advantages, group_rewards, grpo_step, pack_groups,
                            policy_update)
+from nanochat.preference import pack_pairs
 from nanochat.rm import RewardModel, rm_train_step, setup_rm_optimizers
 from nanochat.synthetic import make_world
 from nanochat.tokenizer import train_tokenizer
@@ -506,7 +510,9 @@ def bench_rm(args, config, device):
     chosen = random_ids(gen, config.vocab_size, args.pairs, args.rm_len)
     rejected = random_ids(gen, config.vocab_size, args.pairs, args.rm_len)
     b = args.pair_device_batch_size
-    micro = [collate_right(chosen[i:i + b] + rejected[i:i + b], device) for i in range(0, args.pairs, b)]
+    # rows that share only their first token (TRL's rows share nothing): a pair batch's prompt of 1 token
+    pairs = [(c[:1], [c[1:], r[1:]]) for c, r in zip(chosen, rejected)]
+    micro = [pack_pairs(pairs[i:i + b], device) for i in range(0, args.pairs, b)]
     steps = {}
     for name in OPTIMIZERS:
         rm = RewardModel(fresh_model(config, args.seed, device)).to(device)
@@ -528,10 +534,9 @@ def bench_dpo(args, config, device):
     gen = torch.Generator().manual_seed(args.seed)
     prompts = random_ids(gen, config.vocab_size, args.pairs, args.dpo_prompt_len)
     replies = random_ids(gen, config.vocab_size, 2 * args.pairs, args.dpo_reply_len)  # chosen ones, rejected ones
-    mask = [0] * args.dpo_prompt_len + [1] * args.dpo_reply_len
-    renders = [(prompts[i % args.pairs] + reply, mask) for i, reply in enumerate(replies)]
     b, n = args.pair_device_batch_size, args.pairs
-    micro = [collate_targets(renders[i:i + b] + renders[n + i:n + i + b], device) for i in range(0, n, b)]
+    pairs = [(prompts[i], [replies[i], replies[n + i]]) for i in range(n)]
+    micro = [pack_pairs(pairs[i:i + b], device) for i in range(0, n, b)]
     policy = fresh_model(config, args.seed, device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     # kat_train_dpo's optimizer and default beta, loss and clipping (none of them changes the step's cost)

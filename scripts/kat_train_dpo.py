@@ -37,7 +37,6 @@ import torch
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (dist_cleanup, dist_init, nonnegative_float, nonnegative_int, parse_flags, positive_float,
                              positive_int, print0, run_script, seed_everything, str2bool)
-from nanochat.batching import collate_targets
 from nanochat.dpo import LOSS_TYPES, dpo_train_step, pair_logprobs, preference_eval, world_eval
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.preference import add_pair_flags, load_pair_data, micro_batches, pair_batch
@@ -103,8 +102,7 @@ def main(argv=None):
         set_lr(optimizers, lr)
         batch = pair_batch(step, weights, args.batch_size_pairs, args.seed)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
-        micro = [collate_targets(renders, device)
-                 for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
+        micro = micro_batches(tok, mine, args.device_batch_size, max_len, device)
         stats = dpo_train_step(policy, reference, optimizers, micro, args.batch_size_pairs, args.beta,
                                args.loss_type, args.grad_clip)
         train_seconds += time.time() - t0

@@ -19,7 +19,8 @@ among its pairs: weight 1 for every prompt (uniform, the default) or, with --den
 learnt in tens of steps, the wrong facts take hundreds, so the steps go where the learning is. The draw
 is a function of (--seed, step), so every rank draws the same global batch and takes its slice, and a resumed run
 draws what the uninterrupted one would have. Each rank runs its slice in
-micro-batches of --device_batch_size pairs (a chosen and a rejected row each), shortest pairs together.
+micro-batches of --device_batch_size pairs (a prompt run once, then its chosen and its rejected reply), shortest
+pairs together.
 
 Optimization. The backbone's matrices with Muon (--matrix_optimizer) at --learning_rate, the embedding and the
 fresh head with AdamW at --embedding_lr and --head_lr; linear warmup over --warmup_steps, constant, then
@@ -40,7 +41,6 @@ import time
 
 import torch
 
-from nanochat.batching import collate_right
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (dist_cleanup, dist_init, fraction, nonnegative_float, parse_flags,
                              positive_int, print0, run_script, seed_everything, str2bool)
@@ -120,8 +120,7 @@ def main(argv=None):
         set_lr(optimizers, lr)
         batch = pair_batch(step, weights, args.batch_size_pairs, args.seed)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
-        micro = [collate_right([ids for ids, _ in renders], device)
-                 for renders in micro_batches(tok, mine, args.device_batch_size, max_len)]
+        micro = micro_batches(tok, mine, args.device_batch_size, max_len, device)
         stats = rm_train_step(train_rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
         train_seconds += time.time() - t0
         pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds

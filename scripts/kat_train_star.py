@@ -73,7 +73,7 @@ from nanochat.diversity import bootstrap_ci
 from nanochat.dpo import dpo_train_step
 from nanochat.gpt import lr_multiplier, remember_initial_lr, set_lr
 from nanochat.lora import adapters_disabled, apply_lora, merge_lora
-from nanochat.preference import render_reply
+from nanochat.preference import pack_pairs, split_pair
 from nanochat.stage import Stage
 from nanochat.training import evaluate_loss, train_step
 
@@ -195,8 +195,10 @@ class AdaptersOff:
     def __init__(self, model):
         self.model = model
 
-    def __getattr__(self, name):  # sequence_logprobs calls hidden_states / logits_from_hidden
+    def __getattr__(self, name):  # DPO's log-probs read config and call hidden_states / logits_from_hidden
         method = getattr(self.model, name)
+        if not callable(method):
+            return method
 
         def call(*args, **kwargs):
             with adapters_disabled(self.model):
@@ -379,14 +381,13 @@ def main(argv=None):
             atomic_write(os.path.join(args.out_dir, f"generations_iter{k}.jsonl"),
                          "".join(json.dumps(r) + "\n" for r in records))
 
-        # training data of this iteration, rendered once: (ids, mask) rows, or chosen/rejected render pairs
+        # training data of this iteration, rendered once: (ids, mask) rows, or pairs (a prompt, chosen and rejected)
         if args.train_strategy == "reinforce":
             examples = star.reinforce_examples(records, args.unique, graded)
             renders = [tok.render_conversation(c, max_tokens=max_len + 1) for c in examples]
         else:
             examples = star.dpo_pairs(records, args.unique, graded)
-            renders = [(render_reply(tok, e["messages"], e["chosen"], max_len),
-                        render_reply(tok, e["messages"], e["rejected"], max_len)) for e in examples]
+            renders = [split_pair(tok, e, max_len) for e in examples]
         print0(f"iteration {k}: {len(examples)} {args.train_strategy} examples from {len(records)} questions "
                f"(sample accuracy {train_metrics['accuracy']:.3f}, pass@k {train_metrics['pass_at_k']:.3f})")
 
@@ -419,9 +420,8 @@ def main(argv=None):
             if args.train_strategy == "reinforce":
                 micro = [collate_targets([renders[i] for i in c], device) for c in chunks]
                 loss, grad_norm = train_step(model, optimizers, micro, args.grad_clip)
-            else:  # a micro-batch is its chosen rows then their rejected rows (dpo_train_step)
-                micro = [collate_targets([renders[i][0] for i in c] + [renders[i][1] for i in c], device)
-                         for c in chunks]
+            else:  # a micro-batch is a pair batch: each prompt once, then its chosen and rejected reply
+                micro = [pack_pairs([renders[i] for i in c], device) for c in chunks]
                 stats = dpo_train_step(model, reference, optimizers, micro, rows_per_step, args.dpo_beta)
                 loss, grad_norm = stats["loss"], stats["grad_norm"]
                 dpo_stats.append({key: v for key, v in stats.items() if key.startswith("rewards/")})

@@ -20,7 +20,7 @@ from conftest import LN2, MULTI_TURN, ROOT, Interrupted, kill_after_checkpoint, 
 from nanochat.batching import collate_targets, cut_left
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dpo import dpo_losses, dpo_train_step, pair_logprobs, preference_eval, sequence_logprobs
-from nanochat.preference import render_pairs
+from nanochat.preference import pack_pairs, render_pairs, split_pair
 from scripts import kat_train_dpo
 
 
@@ -74,10 +74,17 @@ def test_a_multi_turn_pair_scores_the_final_reply_only_with_and_without_truncati
     # 32 tokens: every reply fits whole, every render is cut inside its history
     assert all(len(tok.encode(r[side])) + 1 < 31 < len(tok.render_for_completion(r["messages"]))
                for r in rows for side in ("chosen", "rejected"))
+    def tokens(reply):
+        return len(tok.encode(reply)) + 1  # and the end token
+
+    def context(row, side, max_len):  # both replies read the same prompt tokens, cut to fit the longer reply
+        return max_len and max_len - max(tokens(row["chosen"]), tokens(row["rejected"])) + tokens(row[side])
+
     for max_len in (None, 32):
         got = pair_logprobs(model, tok, rows, max_len=max_len)
         for side in ("chosen", "rejected"):
-            expected = [final_reply_logprob(model, tok, r["messages"], r[side], max_len) for r in rows]
+            expected = [final_reply_logprob(model, tok, r["messages"], r[side], context(r, side, max_len))
+                        for r in rows]
             assert got[side].tolist() == pytest.approx(expected, rel=2e-6, abs=1e-4), (side, max_len)
             assert got[f"{side}_tokens"].tolist() == [len(tok.encode(r[side])) + 1 for r in rows]
 
@@ -111,7 +118,7 @@ def test_fixed_batch_step_equals_hand_computation_and_is_ln2_at_step_0(tok, rows
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     batch = render_pairs(tok, rows[:4])  # chosen 0-3, then rejected 0-3
-    micro = [collate_targets(batch[:2] + batch[4:6]), collate_targets(batch[2:4] + batch[6:])]
+    micro = [pack_pairs([split_pair(tok, r) for r in rows[:2]]), pack_pairs([split_pair(tok, r) for r in rows[2:4]])]
     first = dpo_train_step(policy, reference, [opt], micro, 4, beta=beta, loss_type=loss_type)
     assert first["loss"] == pytest.approx(HAND_LOSS[loss_type](0.0, beta), abs=1e-5)
     if loss_type == "sigmoid":

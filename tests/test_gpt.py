@@ -150,6 +150,58 @@ def test_unpadded_cache_fast_path_equals_the_masked_path(tiny_model):
     assert torch.allclose(outputs[False], full, atol=1e-5)
 
 
+def test_hidden_states_at_one_position_per_row_equal_the_full_forward_and_its_gradients(tiny_model):
+    # catches, in the last block's one-query path: keys after the query left unmasked (row 0 reads position 3 of
+    # 9, the later tokens would leak in), the query rotated at the wrong position, a negative column not wrapped,
+    # a kv cache missing the last layer's keys, or gradients that miss the keys/values of the other positions
+    from nanochat.gpt import KVCache
+    idx = torch.randint(0, 97, (3, 9))
+    at = torch.tensor([3, 8, 0])
+    rows = torch.arange(3)
+    full = tiny_model.hidden_states(idx)
+    assert torch.allclose(tiny_model.hidden_states(idx, at=at), full[rows, at], atol=1e-5)
+    assert torch.allclose(tiny_model.hidden_states(idx, at=-1), full[:, -1], atol=1e-5)
+    assert torch.allclose(tiny_model.hidden_states(idx, at=4), full[:, 4], atol=1e-5)
+    grads = []
+    for h in (lambda: tiny_model.hidden_states(idx)[rows, at], lambda: tiny_model.hidden_states(idx, at=at)):
+        tiny_model.zero_grad()
+        h().pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None]))
+    assert grads[0].shape == grads[1].shape and torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    # a left-padded prefill: the last column's state, and a cache from which decoding goes on as from the full one
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[0, :2], valid[2, :5] = False, False
+    caches = [KVCache(tiny_model.config, 3, 12, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        last = [tiny_model.hidden_states(idx, caches[0], valid)[:, -1],
+                tiny_model.hidden_states(idx, caches[1], valid, at=-1)]
+        assert torch.allclose(last[0], last[1], atol=1e-5)
+        step = torch.randint(0, 97, (3, 1))
+        assert torch.allclose(tiny_model(step, kv_cache=caches[0]), tiny_model(step, kv_cache=caches[1]), atol=1e-5)
+
+
+def test_a_rows_single_query_outputs_do_not_depend_on_the_other_rows_to_the_bit():
+    # catches: a single query's attention through SDPA, whose CPU kernel splits the keys among threads by batch
+    # size: the last bits of a row then change with its batch, and two ranks no longer sample what one does
+    from nanochat.gpt import KVCache
+    model = make_tiny_model(vocab_size=300)
+    idx = torch.randint(0, 300, (8, 20))
+    valid = torch.ones(8, 20, dtype=torch.bool)
+    valid[1, :5], valid[5, :3] = False, False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread runs every kernel the same way whatever the batch
+    try:
+        outputs = []
+        with torch.no_grad():
+            for rows in (slice(0, 8), slice(0, 4)):
+                cache = KVCache(model.config, rows.stop, 24, "cpu")
+                prefill = model.hidden_states(idx[rows], cache, valid[rows], at=-1)
+                outputs.append((prefill[:4], model(idx[rows, :1], kv_cache=cache)[:4]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
 @pytest.mark.parametrize("softcap", [15.0, 0.0])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, reduction):

@@ -161,8 +161,8 @@ def test_micro_batches_cut_padding_but_the_update_equals_one_full_width_pass():
         ref_full = completion_logprobs(reference, batch)
     loss, *_ = grpo_token_losses(logp, logp.detach(), ref_full, advantages, 0.2, 0.1)
     reduce_tokens(loss, batch.completion_mask, "token", n_tokens).backward()
-    for name, p in plain.named_parameters():
-        assert torch.allclose(before[name] - model.state_dict()[name], p.grad, atol=1e-6), name
+    for name, p in plain.named_parameters():  # float32 rounding of log-probs near -9 is ~1e-6: a small relative slack
+        assert torch.allclose(before[name] - model.state_dict()[name], p.grad, atol=1e-5, rtol=1e-5), name
 
 
 def test_upper_clip_epsilon_high_by_hand():

@@ -13,7 +13,7 @@ import torch
 from conftest import MULTI_TURN
 from nanochat.common import InputError
 from nanochat.preference import (kind_shares, load_pair_data, micro_batches, pair_batch, pair_correct,
-                                 parse_kind_weights, render_reply, sampling_weights, split_by_prompt)
+                                 parse_kind_weights, render_reply, sampling_weights, split_by_prompt, split_pair)
 from nanochat.synthetic import pair_id
 
 def test_render_reply_ends_with_the_end_token_and_cuts_from_the_left(tok):
@@ -43,15 +43,45 @@ def test_a_multi_turn_render_scores_only_the_final_reply_and_its_end_token(tok):
     assert sum(cut_mask) == len(reply) + 1 and cut_mask[-len(reply) - 1:] == [1] * (len(reply) + 1)
 
 
-def test_micro_batches_hold_chosen_renders_then_their_rejected_renders_shortest_first(tok, world):
+def test_micro_batches_are_pair_batches_of_whole_replies_after_one_shared_prompt_shortest_first(tok, world):
+    # catches: a reply placed after another pair's prompt, chosen and rejected swapped, a prompt cut that leaves
+    # the two replies different contexts or a reply cut while it fits, pairs out of length order
     rows = world.preference_pairs(7, seed=0)
-    batches = micro_batches(tok, rows, 3, max_len=20)
-    assert [len(batch) for batch in batches] == [6, 6, 2]
-    pairs = [[batch[i], batch[len(batch) // 2 + i]] for batch in batches for i in range(len(batch) // 2)]
-    expected = [[render_reply(tok, r["messages"], r[side], 20) for side in ("chosen", "rejected")] for r in rows]
-    assert sorted(pairs) == sorted(expected)
-    longest = [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in pairs]
-    assert longest == sorted(longest)
+    max_len = 20
+    batches = micro_batches(tok, rows, 3, max_len=max_len)
+    assert [b.prompt_ids.size(0) for b in batches] == [3, 3, 1]
+    pairs = [(b.prompt_ids[i][b.prompt_valid[i]].tolist(),
+              [b.completion_ids[2 * i + j][b.completion_mask[2 * i + j]].tolist() for j in (0, 1)])
+             for b in batches for i in range(b.prompt_ids.size(0))]
+    found = 0
+    for row in rows:
+        full = [render_reply(tok, row["messages"], row[side])[0] for side in ("chosen", "rejected")]
+        prompt_len = len(tok.render_for_completion(row["messages"]))
+        whole = [ids[prompt_len:] for ids in full]  # each reply and its end token
+        if max(map(len, whole)) >= max_len:  # alone too long: <|bos|>, then each reply's end
+            whole = [reply[-(max_len - 1):] for reply in whole]
+        match = [p for p in pairs if p[1] == whole]
+        assert len(match) == 1, row  # chosen first, then rejected, in one pair
+        prompt = match[0][0]
+        found += 1
+        if len(prompt) == 1:
+            assert prompt == [tok.bos_token_id] and max(map(len, whole)) == max_len - 1
+        elif prompt_len + max(map(len, whole)) <= max_len:
+            assert prompt == full[0][:prompt_len]
+        else:  # <|bos|>, then the end of the prompt: as much as the longer reply leaves
+            assert prompt[0] == tok.bos_token_id and prompt[1:] == full[0][prompt_len - len(prompt) + 1:prompt_len]
+            assert len(prompt) + max(map(len, whole)) == max_len
+    assert found == len(rows) == len(pairs)
+    lengths = [len(prompt) + max(map(len, replies)) for prompt, replies in pairs]
+    assert lengths == sorted(lengths) and any(n == max_len for n in lengths), "the cut is exercised"
+
+
+def test_replies_that_alone_fill_the_context_keep_bos_and_their_ends(tok):
+    row = {"messages": MULTI_TURN, "chosen": "Zavu is 41 and lives in Korlin.", "rejected": "Zavu is 41."}
+    prompt, replies = split_pair(tok, row, max_len=6)
+    assert prompt == [tok.bos_token_id]
+    for reply, side in zip(replies, ("chosen", "rejected")):
+        assert reply == render_reply(tok, MULTI_TURN, row[side])[0][-5:]
 
 
 def test_a_tie_counts_zero_as_trl_counts_it():

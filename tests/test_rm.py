@@ -18,9 +18,10 @@ from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_mo
 from nanochat.batching import collate_right
 from nanochat.checkpoint import CheckpointError, save_checkpoint
 from nanochat.density import read_densities
-from nanochat.preference import pair_batch, render_pairs, render_reply, sampling_weights
+from nanochat.preference import (micro_batches, pack_pairs, pair_batch, render_pairs, render_reply, sampling_weights,
+                                 split_pair)
 from nanochat.rm import (RewardModel, bt_losses, flat_metrics, load_reward_model, metrics_table, pair_margins,
-                         preference_metrics, rewards_for_ids, rm_train_step)
+                         pair_rewards, preference_metrics, rewards_for_ids, rm_train_step)
 from scripts import kat_eval_rm, kat_train_rm
 
 
@@ -78,11 +79,35 @@ def test_the_reward_of_a_multi_turn_chat_is_read_at_its_final_end_token(tok):
         assert rm(idx, last)[0] == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_a_pair_batch_scores_each_reply_as_its_whole_render_alone_with_the_same_gradients(tok, rows):
+    # catches, in the shared-prompt pair batch: a reply continuing another pair's prompt, chosen and rejected read
+    # the wrong way round, rewards left in the chunk's length order instead of row order, the reward read one token
+    # before the end (or on a pad), or a prompt pass whose gradients are lost
+    rm = random_rm(seed=2).train()
+    batch = rows[:5]
+    ends = [ids for ids, _ in render_pairs(tok, batch)]  # chosen renders 0-4, then rejected 0-4
+    assert len({len(ids) for ids in ends}) > 3, "replies of different lengths are the point"
+
+    def alone():  # independent expectation: each whole render through the plain model, its last position read
+        rewards = torch.stack([rm.head(rm.backbone.hidden_states(torch.tensor([ids]))[0, -1])[0] for ids in ends])
+        return rewards.view(2, -1).T  # (pairs, [chosen, rejected])
+
+    def grads(rewards):
+        rm.zero_grad()
+        (rewards * torch.tensor([1.0, -0.5])).sum().backward()
+        return torch.cat([p.grad.flatten() for p in rm.parameters() if p.grad is not None])
+
+    expected = alone()
+    got = pair_rewards(rm, pack_pairs([split_pair(tok, r) for r in batch]))
+    assert expected.abs().min() > 1e-3, "zero rewards would hide a wrong index"
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(grads(got), grads(alone()), atol=1e-5, rtol=1e-4)
+
+
 def test_head_starts_at_zero_so_the_first_loss_is_ln2(tok, rows):
     rm = RewardModel(make_tiny_model(vocab_size=300, sequence_len=64)).train()
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-3)
-    idx, last = collate_right([ids for ids, _ in render_pairs(tok, rows[:4])])
-    stats = rm_train_step(rm, [opt], [(idx, last)], 4, center_coef=0.1)
+    stats = rm_train_step(rm, [opt], micro_batches(tok, rows[:4], 4), 4, center_coef=0.1)
     # every margin is 0, a tie, counted 0 as TRL counts it (catches: a tie counted half, so step 0 logged 0.5)
     assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0 and stats["margin"] == 0
     assert rm.backbone.lm_head is None and not any("lm_head" in k for k in rm.state_dict())
@@ -108,8 +133,7 @@ def test_identical_replies_stay_at_chance_however_long_it_trains(tok, rows):
     weights = sampling_weights(same)
     for step in range(8):
         batch = [same[i] for i in pair_batch(step, weights, 8, seed=0)]
-        idx, last = collate_right([ids for ids, _ in render_pairs(tok, batch)])
-        stats = rm_train_step(rm, [opt], [(idx, last)], 8, center_coef=0.0)
+        stats = rm_train_step(rm, [opt], micro_batches(tok, batch, 8), 8, center_coef=0.0)
         assert stats["loss"] == pytest.approx(LN2, abs=1e-7) and stats["accuracy"] == 0
     rm.eval()
     margins = pair_margins(rm, tok, same, batch_size=5)

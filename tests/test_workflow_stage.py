@@ -121,8 +121,11 @@ def test_two_processes_under_torchrun_train_what_one_process_does(policy_root, e
     one, two = weights(policy_root / "one_proc"), weights(policy_root / "two_procs")
     start = weights(policy_root / "policy")
     assert any(not torch.equal(one[k], start[k]) for k in start)
+    # the same samples and rewards (below); the weights to float rounding as Adam scales it: two ranks sum their
+    # halves' gradients in another order, and Adam divides a near-zero gradient by its own size, so last-bit
+    # differences move a weight by up to ~2e-5 (main at 1 thread: 1.0e-5) against ~4.5e-3 of training
     for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-5), k
+        assert torch.allclose(one[k], two[k], atol=1e-4), k
     m1, m2 = (json.load(open(policy_root / d / "meta.json"))["metrics"] for d in ("one_proc", "two_procs"))
     for key in ("reward_start", "reward_final", "invalid_share_final"):
         assert m1[key] == pytest.approx(m2[key]), key
