@@ -55,7 +55,7 @@ case "$PROFILE" in
     gpu) DEPTH="${DEPTH:-20}"; NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"; LANES="${LANES:-1}" ;;
     *) echo "PROFILE must be cpu or gpu, got '$PROFILE'" >&2; exit 2 ;;
 esac
-COMPILE="${COMPILE:-1}"  # torch.compile for base, mid and reward-model training; COMPILE=0 without a C++ compiler
+COMPILE="${COMPILE:-1}"  # torch.compile for base and mid training; COMPILE=0 without a C++ compiler
 SEEDS="${SEEDS:-3}"  # training runs per RLHF arm: the replicates behind the report's across-seed CI
 # LANES: RLHF runs trained side by side, each on OMP_NUM_THREADS / LANES threads. A depth-4 model's small matrices
 # keep two threads half idle: on 2 cores two one-thread GRPO runs make 1.5x the steps per second of one two-thread
@@ -116,8 +116,7 @@ if [ "$PROFILE" = cpu ]; then
     # pairs 8x as often, 300 steps reach what 900 uniform steps did, at a third of the time (run E's SFT and pairs,
     # pairs_test accuracy: 300 uniform steps 0.860, 900 uniform 0.890, 300 with wrong=4 0.888, with wrong=8 0.894;
     # run H's own SFT and pairs: 0.871. Both recipes sit just under the 0.9 target, see README "Run H")
-    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=100
-        --compile=$COMPILE"
+    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=100"
     # 48 new tokens: the longest plain answers with two artifacts run past 32, and a truncated completion enters
     # no loss (at 32, 13-20% of them were truncated)
     GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=48"

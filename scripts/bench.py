@@ -13,7 +13,7 @@ writes only its workloads).
     python -m scripts.bench --only=train,generate --repeats=5
     python -m scripts.bench --only=train,generate,optimizers
     python -m scripts.bench --only=rm,dpo,grpo --peers=False   # ours alone
-    python -m scripts.bench --only=rm,grpo --compile=True      # as kat_train_rm / kat_train_grpo --compile=True
+    python -m scripts.bench --only=grpo --compile=True         # as kat_train_grpo --compile=True
     python -m scripts.bench --only=density --density_n=200000 --brute_max_gib=8
     python -m scripts.bench --only=optimizers --opt_seconds=300 --out=outs/bench_optimizers.json
     python -m scripts.bench --threads=1 --out=outs/bench_1thread.json
@@ -518,9 +518,7 @@ def bench_rm(args, config, device):
         rm = RewardModel(fresh_model(config, args.seed, device)).to(device)
         # kat_train_rm's default learning rates, centering and clipping (none of them changes the step's cost)
         optimizers = setup_rm_optimizers(rm, 0.5 * MATRIX_LR[name], 1e-3, 3e-3, name)
-        # --compile: the training forward compiled as kat_train_rm --compile does it
-        train_rm = torch.compile(rm, dynamic=True) if args.compile else rm
-        steps[name] = functools.partial(rm_train_step, train_rm, optimizers, micro, args.pairs, 0.01, 1.0)
+        steps[name] = functools.partial(rm_train_step, rm, optimizers, micro, args.pairs, 0.01, 1.0)
     results = {"pairs": args.pairs, "tokens_per_row": args.rm_len, "device_batch_pairs": b,
                "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps}
     for name, seconds in time_steps(steps, args.pair_warmup, args.pair_steps, device).items():
@@ -1045,7 +1043,7 @@ def main(argv=None):
     parser.add_argument("--density_block_size", type=int, default=2048,
                         help="blocked kNN tile side (kat_density's --block_size)")
     parser.add_argument("--compile", type=str2bool, default=False,
-                        help="rm and grpo as their scripts run with --compile=True (compiling happens in the "
+                        help="grpo as kat_train_grpo runs with --compile=True (compiling happens in the "
                              "untimed warmup steps)")
     parser.add_argument("--out", type=str, default="outs/bench.json")
     args = parse_flags(parser, argv)

@@ -70,9 +70,6 @@ def main(argv=None):
     parser.add_argument("--center_coef", type=nonnegative_float, default=0.01, help="reward-centering weight (0: off)")
     parser.add_argument("--density_aware", type=str2bool, default=False,
                         help="draw prompts by their density weight instead of uniformly")
-    parser.add_argument("--compile", type=str2bool, default=False,
-                        help="torch.compile the training forward, dynamic shapes (~1.4x faster on CPU at the "
-                             "speedrun's sizes; needs a C++ compiler, ~30 s to compile)")
     parser.add_argument("--out_dir", "--out_path", dest="out_dir", type=str, default="outs/rm",
                         help="output directory (--out_path, the seed how-to's name, may end in /ckpt.pt)")
     add_pair_flags(parser)
@@ -108,8 +105,6 @@ def main(argv=None):
         rm.train()
         return margins
 
-    # only training is compiled: evaluation runs the plain module
-    train_rm = torch.compile(rm, dynamic=True) if args.compile else rm
     train_seconds, stats = 0.0, {}
     for step in range(start_step, num_steps):
         if val and args.eval_every > 0 and step % args.eval_every == 0:
@@ -121,7 +116,7 @@ def main(argv=None):
         batch = pair_batch(step, weights, args.batch_size_pairs, args.seed)
         mine = [train[i] for i in batch[rank * local_pairs:(rank + 1) * local_pairs]]
         micro = micro_batches(tok, mine, args.device_batch_size, max_len, device)
-        stats = rm_train_step(train_rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
+        stats = rm_train_step(rm, optimizers, micro, args.batch_size_pairs, args.center_coef, args.grad_clip)
         train_seconds += time.time() - t0
         pairs_per_s = (step + 1 - start_step) * args.batch_size_pairs / train_seconds
         stage.log(step + 1, stats | {"lr_multiplier": lr, "pairs_per_s": pairs_per_s},
