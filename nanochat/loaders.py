@@ -129,24 +129,34 @@ class SFTLoader(_CursorLoader):
     only the assistant tokens the template trains are learned. Rows are right-padded to the longest row of the
     global batch (inputs with BOS, targets with IGNORE_INDEX), which gives every rank the same shape.
 
+    `step_rows` (training: the conversations of one optimizer step, a multiple of batch_size) are read together
+    and sorted by length before they are cut into global batches: each pads to its own longest row. The step's
+    loss, normalised over all its supervised tokens, is the same however its rows are grouped (float rounding
+    aside); the padding is not: on the workflow SFT data, micro-batches of 16 random rows were 6,114 tokens wide
+    against 2,969 real ones.
+
     Sharding, epochs, the padded last evaluation batch and state_dict/load_state_dict work as in PackedLoader,
     with batch_size conversations per global batch. A conversation whose assistant turns were all cut off by
     max_len still takes its row, with no supervised token; it adds nothing to a loss normalised by the number of
     supervised tokens, and keeping it keeps every batch at batch_size conversations.
     """
 
-    def __init__(self, conversations, tok, batch_size, max_len, rank=0, world_size=1, train=True, seed=0):
+    def __init__(self, conversations, tok, batch_size, max_len, rank=0, world_size=1, train=True, seed=0,
+                 step_rows=None):
         self.local_rows = _check_shards(batch_size, rank, world_size)
         self.conversations, self.tok = conversations, tok
         self.batch_size, self.max_len, self.rank = batch_size, max_len, rank
+        self.step_rows = step_rows or batch_size
+        if self.step_rows % batch_size:
+            raise ValueError(f"step_rows={self.step_rows} is not a multiple of batch_size={batch_size}")
         self.cursor = _EpochCursor(len(conversations), train, seed, "conversations")
 
     def __iter__(self):
         bos = self.tok.bos_token_id
         while True:
             indices = []
-            while len(indices) < self.batch_size:
-                taken = self.cursor.take(self.batch_size - len(indices))
+            while len(indices) < self.step_rows:
+                taken = self.cursor.take(self.step_rows - len(indices))
                 if not taken:
                     break  # end of the single evaluation pass
                 indices += taken
@@ -155,10 +165,13 @@ class SFTLoader(_CursorLoader):
                 return
             rendered = [self.tok.render_conversation(self.conversations[i], max_tokens=self.max_len + 1)
                         for i in indices]
-            width = max(len(ids) for ids, _ in rendered) - 1  # the global batch's, so every rank has one shape
-            start = self.rank * self.local_rows
-            inputs, targets = collate_targets(rendered[start:start + self.local_rows], pad_id=bos, width=width,
-                                              rows=self.local_rows)
-            yield inputs, targets
-            if len(indices) < self.batch_size:
+            if self.step_rows > self.batch_size:  # stable: every rank sorts the same way
+                rendered.sort(key=lambda render: len(render[0]))
+            for b0 in range(0, len(rendered), self.batch_size):
+                batch = rendered[b0:b0 + self.batch_size]
+                width = max(len(ids) for ids, _ in batch) - 1  # the global batch's, so every rank has one shape
+                start = self.rank * self.local_rows
+                yield collate_targets(batch[start:start + self.local_rows], pad_id=bos, width=width,
+                                      rows=self.local_rows)
+            if len(indices) < self.step_rows:
                 return

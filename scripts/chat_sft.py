@@ -31,7 +31,7 @@ def main(argv=None):
 
     def make_loader(conversations, tok, global_rows, rank, world_size, train):
         return SFTLoader(conversations, tok, global_rows, args.max_len, rank, world_size, train=train,
-                         seed=args.seed)
+                         seed=args.seed, step_rows=args.batch_rows if train else None)
 
     finetune(args, "chat_sft", make_loader)
 

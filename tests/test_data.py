@@ -506,3 +506,43 @@ def test_sft_two_ranks_and_resume(tok):
     resumed.load_state_dict(loader.state_dict())
     assert loader.state_dict()["epoch"] == 1
     assert_same_batches(collect(resumed, 6), single[4:])
+
+
+def test_sft_step_rows_group_a_steps_conversations_by_length_and_keep_its_loss(tok):
+    # catches: rows sorted across steps (a step would train on other conversations), ranks sorting differently,
+    # a micro-batch padded to the step's longest row (no saving), or a resume that lands mid-step
+    from conftest import make_tiny_model
+    from nanochat.training import train_step
+    chats = make_chats(14)
+    make = lambda **kw: SFTLoader(chats, tok, batch_size=4, max_len=48, seed=5, **kw)
+    plain, grouped = collect(make(), 6), collect(make(step_rows=8), 6)
+    real = lambda y: (y >= 0).sum().item()
+    for step in range(3):
+        p, g = plain[2 * step:2 * step + 2], grouped[2 * step:2 * step + 2]
+        def rows(batches):  # each row's tokens without the padding after it (pads are <|bos|>)
+            out = []
+            for x, _ in batches:
+                for row in x.tolist():
+                    while row and row[-1] == tok.bos_token_id:
+                        row.pop()
+                    out.append(tuple(row))
+            return sorted(out)
+
+        assert rows(p) == rows(g) and sum(real(y) for _, y in p) == sum(real(y) for _, y in g)
+        widths = [(x != tok.bos_token_id).sum(1).max().item() for x, _ in g]
+        assert widths[0] <= widths[1] and g[0][0].size(1) <= g[1][0].size(1)
+        assert g[0][0].size(1) < max(x.size(1) for x, _ in p)  # the short half pads less
+        losses = []
+        for batches in (p, g):
+            model = make_tiny_model(vocab_size=tok.vocab_size, sequence_len=64).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+            losses.append(train_step(model, [optimizer], batches, 0.0)[0])
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    ranks = [collect(make(rank=r, world_size=2, step_rows=8), 6) for r in range(2)]
+    for (x, y), (x0, y0), (x1, y1) in zip(grouped, *ranks):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    loader = make(step_rows=8)
+    collect(loader, 2)  # one whole step
+    resumed = make(step_rows=8)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same_batches(collect(resumed, 4), grouped[2:])
