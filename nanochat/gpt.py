@@ -227,28 +227,22 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def _forward_at(self, x, k, v, cos, sin, kv_cache, attn_mask, at):
-        """The output (B, 1, C) of one query per row, at position `at` (an int, or a (B,) tensor) of this call's
-        tokens, against every key (all of which still go to kv_cache)."""
+        """The output (B, 1, C) of one query per row, at positions `at` (B,) of this call's tokens, against every
+        key (all of which still go to kv_cache)."""
         B, T, C = x.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
         k = norm(apply_rotary(k, cos, sin)).transpose(1, 2)
         v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        if isinstance(at, int):  # the same column in every row: slices, and the keys after it are cut off
-            x_at, cos_at, sin_at = x[:, at:at + 1], cos[:, at:at + 1], sin[:, at:at + 1]
-            k, v = k[:, :, :t0 + at + 1], v[:, :, :t0 + at + 1]
-            mask = None if attn_mask is None else attn_mask[:, :, at:at + 1, :t0 + at + 1]
+        rows = torch.arange(B, device=x.device)
+        x_at = x[rows, at][:, None]
+        table_rows = rows if cos.size(0) > 1 else 0  # per-row tables (padding), or one shared
+        cos_at, sin_at = cos[table_rows, at][:, None], sin[table_rows, at][:, None]
+        if attn_mask is None:  # causal: the keys up to the query's own slot
+            mask = (torch.arange(k.size(2), device=x.device)[None, :] <= (t0 + at)[:, None])[:, None, None, :]
         else:
-            rows = torch.arange(B, device=x.device)
-            x_at = x[rows, at][:, None]
-            table_rows = rows if cos.size(0) > 1 else 0  # per-row tables (padding), or one shared
-            cos_at, sin_at = cos[table_rows, at][:, None], sin[table_rows, at][:, None]
-            if attn_mask is None:  # causal: the keys up to the query's own slot
-                mask = torch.arange(k.size(2), device=x.device)[None, :] <= (t0 + at)[:, None]
-                mask = mask[:, None, None, :]
-            else:
-                mask = attn_mask[rows, :, at][:, :, None]
+            mask = attn_mask[rows, :, at][:, :, None]
         q = norm(apply_rotary(self.c_q(x_at).view(B, 1, self.n_head, self.head_dim), cos_at, sin_at)).transpose(1, 2)
         return self.c_proj(one_query_attention(q, k, v, mask).transpose(1, 2).reshape(B, 1, C))
 
@@ -288,7 +282,7 @@ class Block(nn.Module):
         if at is None:
             x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
         else:  # one position per row goes on (GPT.hidden_states' `at`)
-            x_at = x[:, at:at + 1] if isinstance(at, int) else x[torch.arange(x.size(0), device=x.device), at][:, None]
+            x_at = x[torch.arange(x.size(0), device=x.device), at][:, None]
             x = x_at + self.attn(norm(x), cos, sin, kv_cache, attn_mask, at)
         return x + self.mlp(norm(x))
 
@@ -360,11 +354,9 @@ class GPT(nn.Module):
     def hidden_states(self, idx, kv_cache=None, valid=None, at=None):
         """
         Final normed hidden states (B, T, n_embd): what the LM head, reward head and density pooling read. With `at`
-        (an int column, or a (B,) tensor of positions), only row i's state at position at[i]: (B, n_embd), the last
-        block run for those queries alone.
+        (a (B,) tensor of positions), only row i's state at position at[i]: (B, n_embd), the last block run for those
+        queries alone.
         """
-        if isinstance(at, int):
-            at = range(idx.size(1))[at]  # -1: the last column; out of range raises
         cos, sin, attn_mask = self._rotary_and_mask(idx, kv_cache, valid)
         x = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):

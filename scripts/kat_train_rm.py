@@ -39,8 +39,6 @@ import argparse
 import os
 import time
 
-import torch
-
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (dist_cleanup, dist_init, fraction, nonnegative_float, parse_flags,
                              positive_int, print0, run_script, seed_everything, str2bool)

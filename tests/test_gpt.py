@@ -152,16 +152,16 @@ def test_unpadded_cache_fast_path_equals_the_masked_path(tiny_model):
 
 def test_hidden_states_at_one_position_per_row_equal_the_full_forward_and_its_gradients(tiny_model):
     # catches, in the last block's one-query path: keys after the query left unmasked (row 0 reads position 3 of
-    # 9, the later tokens would leak in), the query rotated at the wrong position, a negative column not wrapped,
-    # a kv cache missing the last layer's keys, or gradients that miss the keys/values of the other positions
+    # 9, the later tokens would leak in), the query rotated at the wrong position, a kv cache missing the last
+    # layer's keys, or gradients that miss the keys/values of the other positions
     from nanochat.gpt import KVCache
     idx = torch.randint(0, 97, (3, 9))
     at = torch.tensor([3, 8, 0])
     rows = torch.arange(3)
     full = tiny_model.hidden_states(idx)
     assert torch.allclose(tiny_model.hidden_states(idx, at=at), full[rows, at], atol=1e-5)
-    assert torch.allclose(tiny_model.hidden_states(idx, at=-1), full[:, -1], atol=1e-5)
-    assert torch.allclose(tiny_model.hidden_states(idx, at=4), full[:, 4], atol=1e-5)
+    last = torch.full((3,), 8)
+    assert torch.allclose(tiny_model.hidden_states(idx, at=last), full[:, -1], atol=1e-5)
     grads = []
     for h in (lambda: tiny_model.hidden_states(idx)[rows, at], lambda: tiny_model.hidden_states(idx, at=at)):
         tiny_model.zero_grad()
@@ -174,7 +174,7 @@ def test_hidden_states_at_one_position_per_row_equal_the_full_forward_and_its_gr
     caches = [KVCache(tiny_model.config, 3, 12, "cpu") for _ in range(2)]
     with torch.no_grad():
         last = [tiny_model.hidden_states(idx, caches[0], valid)[:, -1],
-                tiny_model.hidden_states(idx, caches[1], valid, at=-1)]
+                tiny_model.hidden_states(idx, caches[1], valid, at=last)]
         assert torch.allclose(last[0], last[1], atol=1e-5)
         step = torch.randint(0, 97, (3, 1))
         assert torch.allclose(tiny_model(step, kv_cache=caches[0]), tiny_model(step, kv_cache=caches[1]), atol=1e-5)
@@ -195,7 +195,7 @@ def test_a_rows_single_query_outputs_do_not_depend_on_the_other_rows_to_the_bit(
         with torch.no_grad():
             for rows in (slice(0, 8), slice(0, 4)):
                 cache = KVCache(model.config, rows.stop, 24, "cpu")
-                prefill = model.hidden_states(idx[rows], cache, valid[rows], at=-1)
+                prefill = model.hidden_states(idx[rows], cache, valid[rows], at=torch.full((rows.stop,), 19))
                 outputs.append((prefill[:4], model(idx[rows, :1], kv_cache=cache)[:4]))
     finally:
         torch.set_num_threads(threads)
