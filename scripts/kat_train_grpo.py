@@ -45,6 +45,9 @@ from nanochat.rm import load_reward_model, rewards_for_ids
 from nanochat.stage import Stage
 
 
+EVAL_CHUNK = 32  # held-out prompts per generate call in the evaluation
+
+
 def group_size(text):
     """--num_generations: one completion has no group to be compared with (its advantage would be 0/0)."""
     value = positive_int(text)
@@ -173,6 +176,10 @@ def main(argv=None):
         print0(eval_log.note(args.test_pairs_path))
     # one fixed held-out sample (seed 0, not --seed), so the runs of every seed and arm are evaluated alike
     eval_prompts = heldout_sample(extract_prompts(eval_rows)[0], args.eval_prompts, seed=0)
+    # shortest first, so that each generate call below prefills prompts of similar length (a batch pads its prompts
+    # to its longest: 128 held-out prompts of 11 to 100 tokens in one call took 3.7-4.2 s on one thread, in sorted
+    # calls of 32 prompts 2.5-2.7 s)
+    eval_prompts.sort(key=lambda p: len(prompt_ids(p["messages"])))
     world = None  # the gold scorer of the world the SFT model learnt (its checkpoint's lineage says which)
     if payload["world"] is not None and any(p["src"] == "synthetic" for p in eval_prompts):
         from nanochat.synthetic import make_world
@@ -197,12 +204,12 @@ def main(argv=None):
         mine = eval_prompts[first:first + per]  # a rank may hold none when there are fewer prompts than ranks
         ids = [prompt_ids(p["messages"]) for p in mine]
         completions = []
-        if ids:
-            completions = engine.generate(ids, num_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
-                                          temperature=args.eval_temperature, top_k=args.top_k,
-                                          stop_tokens=stop_tokens, seed=args.seed,
-                                          global_rows=(first * args.eval_samples,
-                                                       len(eval_prompts) * args.eval_samples)).completions()
+        for start in range(0, len(ids), EVAL_CHUNK):  # each row draws what it would in one call over all prompts
+            completions += engine.generate(ids[start:start + EVAL_CHUNK], num_samples=args.eval_samples,
+                                           max_new_tokens=args.max_new_tokens, temperature=args.eval_temperature,
+                                           top_k=args.top_k, stop_tokens=stop_tokens, seed=args.seed,
+                                           global_rows=((first + start) * args.eval_samples,
+                                                        len(eval_prompts) * args.eval_samples)).completions()
         prompts_of_rows = [(p, i) for p, i in zip(mine, ids) for _ in range(args.eval_samples)]
         sums = {"reward": 0.0, "samples": len(completions), "score": 0.0, "correct": 0.0, "artifacted": 0.0,
                 "gold_samples": 0}

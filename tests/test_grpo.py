@@ -337,6 +337,22 @@ def test_grpo_script_trains_reports_and_resumes_exactly(grpo_stage, capsys, monk
         json.load(open(grpo_stage / "uniform" / "drawn_prompts.json"))
 
 
+def test_grpo_evaluation_in_chunks_samples_what_one_call_does(grpo_stage, monkeypatch):
+    # catches: a chunk of held-out prompts drawing the random numbers of the first rows (its global row offset
+    # without the chunk's start), or chunks that lose or repeat prompts
+    import json
+
+    from scripts import kat_train_grpo
+
+    flags = {"max_steps": 1, "eval_every": 0, "save_every": 0}
+    kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "eval_whole", **flags))
+    monkeypatch.setattr(kat_train_grpo, "EVAL_CHUNK", 1)
+    kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "eval_chunks", **flags))
+    whole, chunks = (json.load(open(grpo_stage / run / "meta.json"))["metrics"] for run in ("eval_whole", "eval_chunks"))
+    keys = [f"{k}_{when}" for k in ("reward", "gold_score", "gold_correct") for when in ("start", "final")]
+    assert {k: chunks[k] for k in keys} == {k: whole[k] for k in keys}
+
+
 def test_grpo_refuses_density_weights_built_from_another_model(grpo_stage, tmp_path):
     # catches: density weights of another SFT model (or a recomputation with other flags) silently used: the one
     # source of weights is kat_density's file for exactly this --sft_ckpt_path
