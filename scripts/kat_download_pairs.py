@@ -40,7 +40,11 @@ from nanochat.pair_sources import (HUB_IDS, SRC_NAMES, SourceError, Stream, hh_m
 from nanochat.pairs import shorter_wins
 from nanochat.report import write_report
 
-SYNTHETIC_PAIRS = 6000  # without --max_per_source: enough for a reward model on CPU, a second to generate
+# without --max_per_source. The reward model learns a fact from the wrong-fact pairs that name it (run I, held-out
+# wrong-fact pairs whose right reply is in the training pairs: 0.75 accuracy, the others 0.56), so more pairs is
+# more facts learnt: pairs_test accuracy 0.881-0.885 at 6,000 (3 runs), 0.896 / 0.901 at 12,000, 0.891 / 0.906 at
+# 24,000 (with ~100 s more evaluation). Five seconds to generate
+SYNTHETIC_PAIRS = 12000
 
 
 def selected_sources(args):
