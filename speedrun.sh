@@ -115,7 +115,7 @@ if [ "$PROFILE" = cpu ]; then
     # the artifact and evasive pairs are learnt in tens of steps, the wrong facts take hundreds: drawing the wrong-fact
     # pairs 8x as often, 300 steps reach what 900 uniform steps did, at a third of the time (run E's SFT and pairs,
     # pairs_test accuracy: 300 uniform steps 0.860, 900 uniform 0.890, 300 with wrong=4 0.888, with wrong=8 0.894;
-    # run H's own SFT and pairs: 0.871. Both recipes sit just under the 0.9 target, see README "Run H")
+    # run H's own SFT and pairs: 0.871; with 12,000 pairs in run J: 0.907, see README "Run J")
     RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=100"
     # 48 new tokens: the longest plain answers with two artifacts run past 32, and a truncated completion enters
     # no loss (at 32, 13-20% of them were truncated)
