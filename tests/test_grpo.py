@@ -348,7 +348,8 @@ def test_grpo_evaluation_in_chunks_samples_what_one_call_does(grpo_stage, monkey
     kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "eval_whole", **flags))
     monkeypatch.setattr(kat_train_grpo, "EVAL_CHUNK", 1)
     kat_train_grpo.main(grpo_flags(grpo_stage, out_dir=grpo_stage / "eval_chunks", **flags))
-    whole, chunks = (json.load(open(grpo_stage / run / "meta.json"))["metrics"] for run in ("eval_whole", "eval_chunks"))
+    whole, chunks = (json.load(open(grpo_stage / run / "meta.json"))["metrics"]
+                     for run in ("eval_whole", "eval_chunks"))
     keys = [f"{k}_{when}" for k in ("reward", "gold_score", "gold_correct") for when in ("start", "final")]
     assert {k: chunks[k] for k in keys} == {k: whole[k] for k in keys}
 
