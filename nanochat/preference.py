@@ -61,11 +61,6 @@ def render_reply(tok, messages, reply, max_len=None):
     return cut_left(ids, max_len), cut_left(mask, max_len)
 
 
-def render_pairs(tok, rows, max_len=None):
-    """Renders of the chosen replies of `rows`, then of their rejected replies: 2 * len(rows) (ids, mask)."""
-    return [render_reply(tok, row["messages"], row[side], max_len) for side in ("chosen", "rejected") for row in rows]
-
-
 def split_pair(tok, row, max_len=None):
     """
     (prompt ids, [chosen reply ids, rejected reply ids]) of a pair row: the render of the conversation up to the

@@ -179,7 +179,9 @@ def main(argv=None):
     # shortest first, so that each generate call below prefills prompts of similar length (a batch pads its prompts
     # to its longest: 128 held-out prompts of 11 to 100 tokens in one call took 3.7-4.2 s on one thread, in sorted
     # calls of 32 prompts 2.5-2.7 s)
-    eval_prompts.sort(key=lambda p: len(prompt_ids(p["messages"])))
+    eval_ids = [prompt_ids(p["messages"]) for p in eval_prompts]
+    order = sorted(range(len(eval_prompts)), key=lambda i: len(eval_ids[i]))
+    eval_prompts, eval_ids = [eval_prompts[i] for i in order], [eval_ids[i] for i in order]
     world = None  # the gold scorer of the world the SFT model learnt (its checkpoint's lineage says which)
     if payload["world"] is not None and any(p["src"] == "synthetic" for p in eval_prompts):
         from nanochat.synthetic import make_world
@@ -202,7 +204,7 @@ def main(argv=None):
         per = -(-len(eval_prompts) // world_size)
         first = min(rank * per, len(eval_prompts))
         mine = eval_prompts[first:first + per]  # a rank may hold none when there are fewer prompts than ranks
-        ids = [prompt_ids(p["messages"]) for p in mine]
+        ids = eval_ids[first:first + per]
         completions = []
         for start in range(0, len(ids), EVAL_CHUNK):  # each row draws what it would in one call over all prompts
             completions += engine.generate(ids[start:start + EVAL_CHUNK], num_samples=args.eval_samples,

@@ -83,6 +83,13 @@ MULTI_TURN = [{"role": "system", "content": "Answer briefly."},
               {"role": "user", "content": "How old is Zavu?"}]
 
 
+def render_pairs(tok, rows, max_len=None):
+    """Whole renders of the chosen replies of `rows`, then of their rejected ones: each reply in full context, the
+    reference that pair batches (a prompt run once, both replies after it) must reproduce."""
+    from nanochat.preference import render_reply
+    return [render_reply(tok, row["messages"], row[side], max_len) for side in ("chosen", "rejected") for row in rows]
+
+
 def make_tiny_model(seed=0, vocab_size=97, sequence_len=64, n_kv_head=2, randomize=True):
     torch.manual_seed(seed)
     config = config_from_depth(2, vocab_size, sequence_len, n_embd=64, n_head=4, n_kv_head=n_kv_head,

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import LN2, MULTI_TURN, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
+from conftest import LN2, MULTI_TURN, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model, render_pairs
 from nanochat.batching import collate_targets, cut_left
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dpo import dpo_losses, dpo_train_step, pair_logprobs, preference_eval, sequence_logprobs
-from nanochat.preference import pack_pairs, render_pairs, split_pair
+from nanochat.preference import pack_pairs, split_pair
 from scripts import kat_train_dpo
 
 

@@ -14,12 +14,11 @@ import sys
 import pytest
 import torch
 
-from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model
+from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model, render_pairs
 from nanochat.batching import collate_right
 from nanochat.checkpoint import CheckpointError, save_checkpoint
 from nanochat.density import read_densities
-from nanochat.preference import (micro_batches, pack_pairs, pair_batch, render_pairs, render_reply, sampling_weights,
-                                 split_pair)
+from nanochat.preference import micro_batches, pack_pairs, pair_batch, render_reply, sampling_weights, split_pair
 from nanochat.rm import (RewardModel, bt_losses, flat_metrics, load_reward_model, metrics_table, pair_margins,
                          pair_rewards, preference_metrics, rewards_for_ids, rm_train_step)
 from scripts import kat_eval_rm, kat_train_rm

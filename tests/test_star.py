@@ -11,7 +11,7 @@ from nanochat import star
 from nanochat.loaders import SFTLoader
 from nanochat.mcqa import make_item, score
 from nanochat.pairs import check_pair
-from nanochat.preference import render_pairs
+from nanochat.preference import split_pair
 
 ITEM = make_item("t/0", "Which colour is the sky?", ["red", "green", "blue", "black"], "C", "physics", "en")
 PREAMBLE = "Answer."  # short prompts keep the tiny model's sequences short
@@ -47,8 +47,11 @@ def test_dpo_pairs_are_exactly_the_correct_times_incorrect_products_of_contested
     # 2 correct x 2 incorrect -> 4; unique drops a whitespace-only repeat on either side first
     q4 = record(item(4), ["Answer: C", "Answer:  C", "Answer: A", "Answer: B", "Answer: B"])
     assert len(star.dpo_pairs([q4])) == 2 * 3 and len(star.dpo_pairs([q4], unique=True)) == 1 * 2
-    # the DPO stage renders them as they are
-    assert len(render_pairs(tok, rows)) == 4
+    # the DPO stage runs them as they are: one prompt (the question), then the chosen and the rejected reply
+    for row in rows:
+        prompt, replies = split_pair(tok, row)
+        assert prompt == tok.render_for_completion(row["messages"])
+        assert [tok.decode(r[:-1]) for r in replies] == [row["chosen"], row["rejected"]]
 
 
 def test_graded_rewards_decide_success_by_the_baseline_not_the_letter(tok):
