@@ -106,7 +106,8 @@ DENSITY_FLAGS="" DIVERSITY_FLAGS=""  # the scripts' defaults, except in the smok
 if [ "$PROFILE" = cpu ]; then
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --vocab_size=1024
     run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --seq_len=256 \
-        --batch_rows=32 --device_batch_size=16 --max_steps=160 --eval_every=40 --save_every=40 --compile="$COMPILE"
+        --batch_rows=32 --device_batch_size=16 --max_steps=160 --eval_every=40 --eval_tokens=32768 --save_every=40 \
+        --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
         --device_batch_size=16 --max_steps=60 --compile="$COMPILE"
     SFT_FLAGS="--max_len=256 --batch_rows=32 --device_batch_size=16 --max_steps=100"
@@ -116,10 +117,10 @@ if [ "$PROFILE" = cpu ]; then
     # pairs 8x as often, 300 steps reach what 900 uniform steps did, at a third of the time (run E's SFT and pairs,
     # pairs_test accuracy: 300 uniform steps 0.860, 900 uniform 0.890, 300 with wrong=4 0.888, with wrong=8 0.894;
     # run H's own SFT and pairs: 0.871; with 12,000 pairs in run J: 0.907, see README "Run J")
-    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=100"
+    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=150"
     # 48 new tokens: the longest plain answers with two artifacts run past 32, and a truncated completion enters
     # no loss (at 32, 13-20% of them were truncated)
-    GRPO_FLAGS="--max_steps=30 --eval_every=15 --save_every=10 --max_new_tokens=48"
+    GRPO_FLAGS="--max_steps=30 --eval_every=0 --save_every=10 --max_new_tokens=48"
     DPO_FLAGS="--max_len=64"
 elif [ "$SMOKE" = 1 ]; then
     # the gpu profile's stages and flags at tiny sizes, the synthetic world in place of FineWeb, SmolTalk, the hub's

@@ -2,7 +2,7 @@
 Generate chat responses in batches and score them with a task adapter (nanochat/tasks).
 
 `generate_responses` renders each conversation up to a fresh <|assistant_start|>, samples through Engine.generate
-in batches of `batch_size` prompts, and decodes each completion up to (not including) <|assistant_end|> or
+in batches of `batch_size` prompts of similar length (a batch pads its prompts to its longest), and decodes each completion up to (not including) <|assistant_end|> or
 <|bos|>. `evaluate_task` scores those responses with the task's own `score`: choice tasks parse the first option
 letter of a free-form answer (no logit tricks, the model must say the letter). A task with a `gold(item,
 response)` verdict (the synthetic world) also reports the mean gold score, the share of responses carrying
@@ -63,8 +63,14 @@ def generate_responses(model, tok, conversations, max_new_tokens=64, batch_size=
             out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
         return out
 
-    per_item = _map_sharded(generate, list(enumerate(prompts)))
-    return [text for samples in per_item for text in samples]
+    # shortest first, so each batch pads little: on 2 cores the diversity report's 7 runs x 400 responses took 24.5 s
+    # in input order, 18.4 s sorted. A batch's random stream is offset by its first item's index in the input
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per_item = _map_sharded(generate, [(i, prompts[i]) for i in order])
+    in_order = [None] * len(prompts)
+    for i, samples in zip(order, per_item):
+        in_order[i] = samples
+    return [text for samples in in_order for text in samples]
 
 
 def _last_user_message(messages):

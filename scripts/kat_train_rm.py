@@ -105,7 +105,8 @@ def main(argv=None):
 
     train_seconds, stats = 0.0, {}
     for step in range(start_step, num_steps):
-        if val and args.eval_every > 0 and step % args.eval_every == 0:
+        # none at step 0: the head starts at zero, so every margin is 0 and the accuracy 0 by construction
+        if val and args.eval_every > 0 and step % args.eval_every == 0 and step > 0:
             m = preference_metrics(evaluate(val), val)
             stage.log_eval(step, {"accuracy": m["accuracy"], "mean_margin": m["mean_margin"]})
         t0 = time.time()
