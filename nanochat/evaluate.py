@@ -2,11 +2,11 @@
 Generate chat responses in batches and score them with a task adapter (nanochat/tasks).
 
 `generate_responses` renders each conversation up to a fresh <|assistant_start|>, samples through Engine.generate
-in batches of `batch_size` prompts of similar length (a batch pads its prompts to its longest), and decodes each completion up to (not including) <|assistant_end|> or
-<|bos|>. `evaluate_task` scores those responses with the task's own `score`: choice tasks parse the first option
-letter of a free-form answer (no logit tricks, the model must say the letter). A task with a `gold(item,
-response)` verdict (the synthetic world) also reports the mean gold score, the share of responses carrying
-planted artifacts and the accuracy of every topic cluster.
+in batches of `batch_size` prompts of similar length (a batch pads its prompts to its longest), and decodes each
+completion up to (not including) <|assistant_end|> or <|bos|>. `evaluate_task` scores those responses with the
+task's own `score`: choice tasks parse the first option letter of a free-form answer (no logit tricks, the model
+must say the letter). A task with a `gold(item, response)` verdict (the synthetic world) also reports the mean gold
+score, the share of responses carrying planted artifacts and the accuracy of every topic cluster.
 
 Under torchrun each rank takes every world_size-th item; the results are gathered back into item order, so every
 rank (rank 0 included) returns the same complete list. A single process is the normal case.

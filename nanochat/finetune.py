@@ -16,7 +16,6 @@ artifacts where density-aware RLHF samples more, while the world and the reward 
 
 import math
 
-
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
                              nonnegative_int, positive_float, positive_int, print0, seed_everything,

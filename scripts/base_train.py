@@ -18,7 +18,6 @@ unfinished, meta.json, report.md and history.png; see nanochat/stage.py).
 
 import argparse
 
-
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
                              nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
                              seed_everything, str2bool)
