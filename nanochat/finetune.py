@@ -16,6 +16,8 @@ artifacts where density-aware RLHF samples more, while the world and the reward 
 
 import math
 
+import torch
+
 from nanochat.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
                              nonnegative_int, positive_float, positive_int, print0, seed_everything,
@@ -24,7 +26,7 @@ from nanochat.data import chat_conversations
 from nanochat.gpt import MATRIX_LR, lr_multiplier, set_lr
 from nanochat.stage import Stage
 from nanochat.synthetic import RARE_CLUSTERS
-from nanochat.training import compile_for_training, eager, evaluate_loss, train_step
+from nanochat.training import evaluate_loss, train_step
 
 
 def add_finetune_flags(parser, ckpt_path, out_dir, num_conversations, stream, artifact_rate):
@@ -155,9 +157,8 @@ def finetune(args, script, make_loader, tokens_per_conversation_hint=None):
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     train_iter = iter(loader)
-    train_model = compile_for_training(model) if args.compile else model
+    train_model = torch.compile(model) if args.compile else model
 
-    @eager()  # its other shapes would compile anew
     def val_loss():
         model.eval()
         batches = [(x.to(device), y.to(device))

@@ -32,27 +32,6 @@ def optimizer_step(model, optimizers, grad_clip):
     return grad_norm
 
 
-def compile_for_training(model):
-    """
-    The module to train through with --compile. On a GPU the whole model is compiled (inductor also fuses the
-    head's softcap and loss). On a CPU each block is compiled in place instead: the blocks are one module class of
-    one shape, so their code is compiled once, where the whole model's graph holds every layer. The depth-4 model's
-    first step on a cold compile cache took 19 s instead of 36 s, and the steps after it ran as fast (the head's
-    fused loss, gpt.HeadCrossEntropy, runs eagerly). Evaluation and sampling then run the model under `eager()`, so
-    their other shapes compile nothing.
-    """
-    if next(model.parameters()).is_cuda:
-        return torch.compile(model)
-    for block in model.blocks:
-        block.compile()
-    return model
-
-
-def eager():
-    """Run compiled code eagerly in this scope (a context manager and decorator): see compile_for_training."""
-    return torch.compiler.set_stance("force_eager")
-
-
 def train_step(model, optimizers, micro_batches, grad_clip=1.0):
     """One optimizer step over this rank's `micro_batches` [(inputs, targets)]. Returns (loss, grad_norm)."""
     device = micro_batches[0][0].device

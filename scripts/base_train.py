@@ -18,6 +18,8 @@ unfinished, meta.json, report.md and history.png; see nanochat/stage.py).
 
 import argparse
 
+import torch
+
 from nanochat.common import (InputError, add_common_flags, dist_cleanup, dist_init, fraction, nonnegative_float,
                              nonnegative_int, parse_flags, positive_float, positive_int, print0, run_script,
                              seed_everything, str2bool)
@@ -27,7 +29,7 @@ from nanochat.gpt import GPT, config_from_depth, lr_multiplier, model_size_summa
 from nanochat.loaders import PackedLoader
 from nanochat.stage import Stage
 from nanochat.tokenizer import Tokenizer
-from nanochat.training import compile_for_training, eager, evaluate_bpb, train_step
+from nanochat.training import evaluate_bpb, train_step
 
 
 def main(argv=None):
@@ -115,11 +117,10 @@ def main(argv=None):
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     train_iter = iter(loader)
-    # only the training forward is compiled: evaluation and sampling use other shapes and run eagerly
-    train_model = compile_for_training(model) if args.compile else model
+    # only the training forward is compiled: evaluation and sampling use other shapes and the plain module
+    train_model = torch.compile(model) if args.compile else model
     val_rows = max(1, args.eval_tokens // args.seq_len)
 
-    @eager()
     def val_bpb():
         model.eval()
         val_loader = PackedLoader(val_docs, tok, args.device_batch_size * world_size, args.seq_len, rank,
@@ -133,7 +134,6 @@ def main(argv=None):
         model.train()
         return bpb
 
-    @eager()
     def samples():
         model.eval()
         openings = [" ".join(d.split()[:6]) for d in val_docs[:4]]

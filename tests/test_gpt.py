@@ -228,23 +228,3 @@ def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, re
     assert torch.allclose(fused, plain, rtol=1e-5)
     for p, g in zip(model.parameters(), fused_grads):  # float32 sums in another order: relative to the largest
         assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
-
-
-
-def test_compile_for_training_compiles_the_models_own_blocks_and_eager_evaluation_compiles_nothing():
-    # catches: compile_for_training returning a module whose parameters are not the model's (training it would not
-    # move the model), and evaluation under eager() compiling its own shapes. What compiled steps compute is checked
-    # where the compile is paid anyway: test_smoke trains base and mid compiled (and a 40-step base run gave the
-    # eager losses to 4 decimals); a compile of its own here would cost the suite ~40 s on a cold cache
-    from torch._dynamo.utils import counters
-
-    from nanochat.training import compile_for_training, eager
-    model = make_tiny_model()
-    params = list(model.parameters())
-    train_model = compile_for_training(model)
-    assert all(a is b for a, b in zip(train_model.parameters(), params, strict=True))
-    graphs = counters["stats"]["unique_graphs"]
-    with eager(), torch.no_grad():
-        expected = make_tiny_model()(torch.arange(15).view(3, 5))
-        assert torch.equal(model(torch.arange(15).view(3, 5)), expected)
-    assert counters["stats"]["unique_graphs"] == graphs
