@@ -105,22 +105,21 @@ launch() {
 DENSITY_FLAGS="" DIVERSITY_FLAGS=""  # the scripts' defaults, except in the smoke run
 if [ "$PROFILE" = cpu ]; then
     run_stage tokenizer outs/tokenizer/tokenizer.json $PY -m scripts.tok_train --vocab_size=1024
-    # 140 base and 40 mid steps (160 and 60 until run M) fit the spine in 22 minutes on 2 cores: every stage after
-    # them was already at its compute floor (README "Run M"). On run K's base, 40 mid steps then SFT answered 0.42
-    # of the world questions against 0.445 after 60 (200 questions, standard error ~0.035); 30 steps: 0.38
     run_stage base outs/base/ckpt.pt launch scripts.base_train -- --depth="$DEPTH" --seq_len=256 \
-        --batch_rows=32 --device_batch_size=16 --max_steps=140 --eval_every=40 --eval_tokens=32768 --save_every=40 \
+        --batch_rows=32 --device_batch_size=16 --max_steps=160 --eval_every=40 --eval_tokens=32768 --save_every=40 \
         --compile="$COMPILE"
     run_stage mid outs/mid/ckpt.pt launch scripts.mid_train -- --max_len=256 --batch_rows=32 \
-        --device_batch_size=16 --max_steps=40 --compile="$COMPILE"
+        --device_batch_size=16 --max_steps=60 --compile="$COMPILE"
     SFT_FLAGS="--max_len=256 --batch_rows=32 --device_batch_size=16 --max_steps=100"
     run_stage pairs .cache/data/pairs_all.jsonl $PY -m scripts.kat_download_pairs --only synthetic
     EVAL_FLAGS="--tasks=world --limit=200"
     # the artifact and evasive pairs are learnt in tens of steps, the wrong facts take hundreds: drawing the wrong-fact
     # pairs 8x as often, 300 steps reach what 900 uniform steps did, at a third of the time (run E's SFT and pairs,
     # pairs_test accuracy: 300 uniform steps 0.860, 900 uniform 0.890, 300 with wrong=4 0.888, with wrong=8 0.894;
-    # run H's own SFT and pairs: 0.871; with 12,000 pairs in run J: 0.907, see README "Run J")
-    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=150"
+    # run H's own SFT and pairs: 0.871; with 12,000 pairs in run J: 0.907, see README "Run J"). Only the top 2 of the
+    # 4 blocks train: 0.909 in 200 s against 0.9005 in 318 s training all of them (run K's SFT model, README "Run M")
+    RM_FLAGS="--max_steps=300 --kind_weights=wrong=8 --max_len=64 --device_batch_size=8 --eval_every=150
+        --train_layers=2"
     # 48 new tokens: the longest plain answers with two artifacts run past 32, and a truncated completion enters
     # no loss (at 32, 13-20% of them were truncated)
     GRPO_FLAGS="--max_steps=30 --eval_every=0 --save_every=10 --max_new_tokens=48"

@@ -74,14 +74,31 @@ def load_reward_model(path, device="cpu"):
     return rm, payload
 
 
+def freeze_lower_blocks(rm, train_layers):
+    """
+    Train only the top `train_layers` blocks and the head (0: every parameter): the token embedding and the blocks
+    below keep the SFT model's weights. Nothing below the lowest trained block needs a gradient, so backward stops
+    there. Returns the number of trained parameters.
+    """
+    n_layer = len(rm.backbone.blocks)
+    if not 0 <= train_layers <= n_layer:
+        raise ValueError(f"train_layers must be 0 (all) to {n_layer} (the model's blocks), got {train_layers}")
+    if train_layers:
+        rm.backbone.wte.requires_grad_(False)
+        for block in rm.backbone.blocks[:n_layer - train_layers]:
+            block.requires_grad_(False)
+    return sum(p.numel() for p in rm.parameters() if p.requires_grad)
+
+
 def setup_rm_optimizers(rm, matrix_lr, embedding_lr, head_lr, matrix_optimizer="muon"):
     """
-    AdamW for the token embedding and the head; Muon (default) or AdamW for the backbone's matrices. Each param
-    group remembers its `initial_lr` for the LR schedule.
+    AdamW for the token embedding and the head; Muon (default) or AdamW for the backbone's matrices; frozen
+    parameters (`freeze_lower_blocks`) in none. Each param group remembers its `initial_lr` for the LR schedule.
     """
     adam_groups = [{"params": [rm.backbone.wte.weight], "lr": embedding_lr},
                    {"params": [rm.head.weight], "lr": head_lr}]
-    matrices = list(rm.backbone.blocks.parameters())
+    adam_groups = [group for group in adam_groups if group["params"][0].requires_grad]
+    matrices = [p for p in rm.backbone.blocks.parameters() if p.requires_grad]
     if matrix_optimizer == "muon":
         optimizers = [torch.optim.AdamW(adam_groups, betas=(0.9, 0.95), weight_decay=0.0),
                       Muon(matrices, lr=matrix_lr, momentum=0.95)]

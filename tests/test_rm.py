@@ -17,10 +17,12 @@ import torch
 from conftest import LN2, ROOT, Interrupted, kill_after_checkpoint, make_tiny_model, render_pairs
 from nanochat.batching import collate_right
 from nanochat.checkpoint import CheckpointError, save_checkpoint
+from nanochat.common import InputError
 from nanochat.density import read_densities
 from nanochat.preference import micro_batches, pack_pairs, pair_batch, render_reply, sampling_weights, split_pair
-from nanochat.rm import (RewardModel, bt_losses, flat_metrics, load_reward_model, metrics_table, pair_margins,
-                         pair_rewards, preference_metrics, rewards_for_ids, rm_train_step)
+from nanochat.rm import (RewardModel, bt_losses, flat_metrics, freeze_lower_blocks, load_reward_model, metrics_table,
+                         pair_margins, pair_rewards, preference_metrics, rewards_for_ids, rm_train_step,
+                         setup_rm_optimizers)
 from scripts import kat_eval_rm, kat_train_rm
 
 
@@ -101,6 +103,31 @@ def test_a_pair_batch_scores_each_reply_as_its_whole_render_alone_with_the_same_
     assert expected.abs().min() > 1e-3, "zero rewards would hide a wrong index"
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(grads(got), grads(alone()), atol=1e-5, rtol=1e-4)
+
+
+def test_train_layers_trains_the_top_blocks_and_head_on_the_full_models_gradients(tok, rows):
+    # catches: the bottom blocks trained instead of the top ones, the embedding left trainable or in an optimizer,
+    # and a freeze that changes what still trains (a detach at the wrong block: the trained part must get exactly
+    # the gradient the whole model gives it)
+    full, part = random_rm(seed=3).train(), random_rm(seed=3).train()
+    top = {f"backbone.blocks.1.{name}" for name, _ in part.backbone.blocks[1].named_parameters()} | {"head.weight"}
+    trained = freeze_lower_blocks(part, 1)
+    assert trained == sum(p.numel() for name, p in part.named_parameters() if name in top)
+    batch = pack_pairs([split_pair(tok, r) for r in rows[:4]])
+    for rm in (full, part):
+        rewards = pair_rewards(rm, batch)
+        bt_losses(rewards[:, 0], rewards[:, 1]).sum().backward()
+    grads = {name: p.grad for name, p in part.named_parameters() if p.grad is not None}
+    assert set(grads) == top
+    whole = dict(full.named_parameters())
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0 and torch.allclose(grad, whole[name].grad, atol=1e-6, rtol=1e-5), name
+    before = {name: p.detach().clone() for name, p in part.named_parameters()}
+    rm_train_step(part, setup_rm_optimizers(part, 0.02, 1e-2, 1e-2), micro_batches(tok, rows[:4], 2), 4)
+    for name, p in part.named_parameters():
+        assert torch.equal(p, before[name]) == (name not in top), name
+    with pytest.raises(ValueError, match="train_layers must be 0"):
+        freeze_lower_blocks(random_rm(), 3)
 
 
 def test_head_starts_at_zero_so_the_first_loss_is_ln2(tok, rows):
@@ -261,6 +288,19 @@ def test_torchrun_two_processes_match_one_process_and_eval_reads_the_checkpoint(
     test_rows = [json.loads(line) for line in open(stage / "pairs_test.jsonl")]
     margins = pair_margins(rm, tok, test_rows, max_len=40)
     assert results["mean_margin"] == pytest.approx(margins.mean().item(), abs=1e-6)
+
+
+def test_train_layers_flag_keeps_the_sft_weights_below_the_trained_blocks(stage):
+    # catches the flag not reaching the model (every weight trained) or the optimizers (nothing trained)
+    kat_train_rm.main(rm_flags(stage, stage / "top" / "ckpt.pt") + ["--train_layers=1"])
+    sft = torch.load(stage / "sft" / "ckpt.pt", weights_only=True)["model"]
+    rm = torch.load(stage / "top" / "ckpt.pt", weights_only=True)["model"]
+    for name, tensor in sft.items():
+        if name.startswith("lm_head"):
+            continue
+        assert torch.equal(rm[f"backbone.{name}"], tensor) == (not name.startswith("blocks.1.")), name
+    with pytest.raises(InputError, match="--train_layers=3: the model in .* has 2 blocks"):
+        kat_train_rm.main(rm_flags(stage, stage / "bad" / "ckpt.pt") + ["--train_layers=3"])
 
 
 def test_loading_a_plain_gpt_as_a_reward_model_fails_clearly(stage):
