@@ -7,7 +7,7 @@ Bradley-Terry loss (nanochat/rm.py).
     python -m scripts.kat_train_rm --max_steps=300 --max_len=64 --batch_size_pairs=64 --device_batch_size=16
     python -m scripts.kat_train_rm --matrix_optimizer=adamw --learning_rate=1e-3
     python -m scripts.kat_train_rm --kind_weights=wrong=8 --max_steps=300   # wrong facts 8x as often
-    python -m scripts.kat_train_rm --kind_weights=wrong=8 --max_steps=300 --train_layers=2   # the cpu speedrun's
+    python -m scripts.kat_train_rm --kind_weights=wrong=16 --learning_rate=0.02 --train_layers=2 --max_steps=300
     torchrun --standalone --nproc_per_node=2 -m scripts.kat_train_rm -- --batch_size_pairs=32
     python -m scripts.kat_train_rm --resume=True                  # continue outs/rm/ after an interruption
 
@@ -27,7 +27,7 @@ Trained part. --train_layers=N trains the top N blocks and the head; the token e
 keep the SFT model's weights, so backward stops at the lowest trained block (0, the default: everything). On the
 cpu speedrun's depth-4 model (run K's SFT model and pairs, 300 steps, 2 cores) the top 2 blocks reached pairs_test
 0.909 (wrong facts 0.777) in 200 s, against 0.9005 (0.752) in 318 s training everything; the top block alone
-0.877 (0.690) in 140 s (README "Run M").
+0.877 (0.690) in 140 s (README "Runs M, N and O").
 
 Optimization. The backbone's matrices with Muon (--matrix_optimizer) at --learning_rate, the embedding and the
 fresh head with AdamW at --embedding_lr and --head_lr; linear warmup over --warmup_steps, constant, then
