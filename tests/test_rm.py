@@ -2,7 +2,9 @@
 The reward model against independent expectations: a reward read alone equals the reward read in a right-padded
 batch (at the final reply's end token of a multi-turn chat), hand-computed Bradley-Terry losses, identical replies
 that cannot be told apart however long it trains, swapped pairs with every margin's sign flipped, accuracy split by
-reply length exposing a reward that prefers short replies, and two torchrun processes that train like one.
+reply length exposing a reward that prefers short replies, two torchrun processes that train like one, and a
+reward model trained on its top blocks only (`--train_layers`) that gets the whole model's gradients there and
+leaves the rest as the SFT model had it.
 """
 
 import json
