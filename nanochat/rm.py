@@ -82,7 +82,7 @@ def freeze_lower_blocks(rm, train_layers):
     """
     n_layer = len(rm.backbone.blocks)
     if not 0 <= train_layers <= n_layer:
-        raise ValueError(f"train_layers must be 0 (all) to {n_layer} (the model's blocks), got {train_layers}")
+        raise ValueError(f"train_layers={train_layers}: the model has {n_layer} blocks (0 trains them all)")
     if train_layers:
         rm.backbone.wte.requires_grad_(False)
         for block in rm.backbone.blocks[:n_layer - train_layers]:

@@ -95,10 +95,10 @@ def main(argv=None):
     tok = load_tokenizer(payload)
     rm = RewardModel(backbone)
     rm.train()
-    if args.train_layers > rm.config.n_layer:
-        raise InputError(f"--train_layers={args.train_layers}: the model in {payload['path']} has "
-                         f"{rm.config.n_layer} blocks")
-    trained = freeze_lower_blocks(rm, args.train_layers)
+    try:
+        trained = freeze_lower_blocks(rm, args.train_layers)
+    except ValueError as e:
+        raise InputError(f"--{e}; the model: {payload['path']}") from None
     if args.train_layers:
         print0(f"training the top {args.train_layers} of {rm.config.n_layer} blocks and the head: {trained:,} of "
                f"{sum(p.numel() for p in rm.parameters()):,} parameters")
