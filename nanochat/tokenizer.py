@@ -28,7 +28,7 @@ import os
 import tiktoken
 import torch
 
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
@@ -63,7 +63,8 @@ def _bytes_to_unicode():
 def _make_encoding(mergeable_ranks, pattern):
     n = len(mergeable_ranks)
     special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding("nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+    return tiktoken.Encoding("nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                             special_tokens=special_tokens)
 
 
 def train_tokenizer(text_iterator, vocab_size):
@@ -76,7 +77,8 @@ def train_tokenizer(text_iterator, vocab_size):
 
     min_size = 256 + len(SPECIAL_TOKENS)
     if not isinstance(vocab_size, int) or vocab_size < min_size:
-        raise ValueError(f"vocab_size must be an int >= {min_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+        raise ValueError(f"vocab_size must be an int >= {min_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
+                         f"got {vocab_size!r}")
     n_ordinary = vocab_size - len(SPECIAL_TOKENS)
 
     hf = HFTokenizer(BPE())
@@ -96,7 +98,8 @@ def train_tokenizer(text_iterator, vocab_size):
 
     vocab = hf.get_vocab()  # token string -> id; merged tokens get increasing ids in merge order
     if len(vocab) != n_ordinary:
-        raise ValueError(f"training text too small: BPE stopped at {len(vocab) + len(SPECIAL_TOKENS)} tokens, asked for vocab_size={vocab_size}")
+        raise ValueError(f"training text too small: BPE stopped at {len(vocab) + len(SPECIAL_TOKENS)} tokens, "
+                         f"asked for vocab_size={vocab_size}")
     char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
     mergeable_ranks = {bytes([b]): b for b in range(256)}
     # HF numbers the 256 single bytes by their chars, not byte value: skip them and keep merge order
@@ -212,7 +215,10 @@ class Tokenizer:
         return tok
 
     def _turns(self, messages):
-        """Validate a conversation; return its (role, content) turns, a system message merged into the first user turn."""
+        """
+        Validate a conversation; return its (role, content) turns, a system message merged into the first user
+        turn.
+        """
         if not isinstance(messages, list) or not messages:
             raise ValueError("a conversation must be a non-empty list of messages")
         for i, message in enumerate(messages):

@@ -138,7 +138,8 @@ def test_fineweb_reads_cached_shards_last_is_val(tmp_path, monkeypatch):
                        tmp_path / f"shard_{i:05d}.parquet")
     train = pretrain_documents("fineweb", "train", data_dir=tmp_path, num_shards=3)
     assert train == [f"shard {i} doc {j}" for i in range(2) for j in range(4)]
-    assert pretrain_documents("fineweb", "val", data_dir=tmp_path, num_shards=3) == [f"shard 2 doc {j}" for j in range(4)]
+    assert (pretrain_documents("fineweb", "val", data_dir=tmp_path, num_shards=3)
+            == [f"shard 2 doc {j}" for j in range(4)])
     assert pretrain_documents("fineweb", "train", data_dir=tmp_path, num_shards=3, num_docs=5) == train[:5]
     # a missing shard while offline fails at once instead of retrying a download for minutes
     with pytest.raises(InputError, match="HF_HUB_OFFLINE is set.*--source=synthetic"):

@@ -43,4 +43,5 @@ def test_every_script_docstring_shows_how_to_run_it():
             continue
         source = open(path, encoding="utf-8").read()
         doc = re.match(r'"""(.*?)"""', source, re.S)
-        assert doc and f"-m scripts.{name}" in doc.group(1), f"{path}: the docstring names no 'python -m scripts.{name}'"
+        assert doc and f"-m scripts.{name}" in doc.group(1), \
+            f"{path}: the docstring names no 'python -m scripts.{name}'"

@@ -126,7 +126,8 @@ def write_se(root, sites):
 def download(tmp_path, *flags):
     out = tmp_path / "data"
     kat_download_pairs.main([*flags, f"--pairs_path={out / 'pairs_all.jsonl'}",
-                             f"--test_pairs_path={out / 'pairs_test.jsonl'}", f"--report_dir={tmp_path / 'outs' / 'pairs'}"])
+                             f"--test_pairs_path={out / 'pairs_test.jsonl'}",
+                             f"--report_dir={tmp_path / 'outs' / 'pairs'}"])
     return read_jsonl(out / "pairs_all.jsonl"), read_jsonl(out / "pairs_test.jsonl")
 
 

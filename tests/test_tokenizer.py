@@ -38,7 +38,8 @@ def make_corpus(n_docs=60, seed=0):
     docs = []
     for _ in range(n_docs):
         picked = rng.sample(SENTENCES, 4)
-        noise = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(8))
+        words = ("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(8))
+        noise = " ".join(words)
         docs.append(" ".join(picked) + f" {noise} {rng.randint(0, 10**6)}\n")
     return docs
 
@@ -158,7 +159,8 @@ def test_token_bytes_sum_to_utf8_length(tok):
 
 
 def expected_render(tok, turns):
-    """Reference layout built by encoding each piece on its own: bos, then <|role_start|> content <|role_end|> per turn."""
+    """Reference layout built by encoding each piece on its own: bos, then <|role_start|> content <|role_end|> per
+    turn."""
     sp = tok.encode_special
     ids, mask = [sp("<|bos|>")], [0]
     for role, content in turns:
@@ -221,14 +223,16 @@ def test_render_for_completion(tok):
         prompt = tok.render_for_completion(messages)
         assert prompt[-1] == start
         assert prompt == full_ids[:len(prompt)]
-    assert len(tok.render_for_completion(CONVERSATION)) == len(full_ids) - len(tok.encode(CONVERSATION[-1]["content"])) - 1
+    last_reply = tok.encode(CONVERSATION[-1]["content"])
+    assert len(tok.render_for_completion(CONVERSATION)) == len(full_ids) - len(last_reply) - 1
 
 
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty"),
     ([{"role": "assistant", "content": "hi"}], "message 0"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}], "message 2"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+      {"role": "assistant", "content": "c"}], "message 2"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "message 1"),
     ([{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}], "message 1"),
     ([{"role": "system", "content": "a"}], "no user message"),
