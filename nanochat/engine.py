@@ -192,6 +192,7 @@ class Engine:
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         active = torch.ones(B, dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)  # the rows in the decode batch (hidden, logits, cache), in order
+        weights = model.decode_weights(B)  # a batch of 4 or fewer rows keeps them all (see MIN_ROWS)
         for step in range(max_new_tokens):
             if decode_hook is not None:
                 temperature, top_p = decode_hook(hidden, logits)
@@ -218,8 +219,7 @@ class Engine:
                     temperature = temperature[index] if torch.is_tensor(temperature) else temperature
                     top_p = top_p[index] if torch.is_tensor(top_p) else top_p
             with autocast_ctx(device):
-                hidden = model.hidden_states(tokens[:, None], kv_cache=cache)[:, -1]
-                logits = model.logits_from_hidden(hidden)
+                hidden, logits = model.decode_step(tokens, cache, weights)
 
     def generate(self, prompts, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
                  min_p=None, seed=None, stop_tokens=(), decode_hook=None, global_rows=None):

@@ -262,6 +262,29 @@ def one_query_attention(q, k, v, mask):
     return scores.softmax(dim=-1) @ v
 
 
+# the fewest rows a decode step's matmuls run on (decode_linear)
+DECODE_ROWS = 12
+
+
+def decode_linear(x, weight):
+    """
+    F.linear(x, weight) for the few rows x (B, in) of a decode step on the CPU, as weight @ x.T. F.linear hands MKL
+    the weight to transpose and pack at every call, which for a few rows is most of the work: weight @ x.T packs x
+    instead and ran a depth-4 model's 25 matmuls of a step in 40-70% of the time at 2 to 128 rows (README, "Tests
+    and benchmarks"). MKL gives weight @ x.T the bits of F.linear from 12 rows on, and F.linear the same bits from
+    4 rows on (one thread), so fewer rows are padded to 12: a row's numbers do not depend on how many rows the
+    batch holds (the engine drops finished rows; ranks hold slices), as with F.linear. A single row takes `weight`
+    transposed, (in, out) (`GPT.decode_weights`): x @ weight was faster still there, and than 12 padded rows.
+    """
+    rows = x.size(0)
+    if rows == 1:
+        return x @ weight
+    if rows < DECODE_ROWS:
+        x = torch.cat([x, x.new_zeros(DECODE_ROWS - rows, x.size(1))])
+    # row-major again, as F.linear's: a reduction over a row (the norms, softmax) then sums in the same order
+    return torch.mm(weight, x.t())[:, :rows].t().contiguous()
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -364,6 +387,53 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += idx.size(1)
         return norm(x) if at is None else norm(x[:, 0])
+
+    def decode_weights(self, rows):
+        """
+        The matrices of `decode_step` for batches of `rows` rows: per block the query, key and value matrices
+        stacked (one matmul instead of three, the same bits), the attention's output and the MLP's two, then the
+        head; each transposed for a single row (decode_linear). Returns (rows, blocks, head), or None where
+        decode_step runs the blocks as modules: on a GPU (decode_linear's layout was measured on the CPU) and where
+        a matrix is wrapped (LoRA). Take them anew for each generation: training changes the weights in between.
+        """
+        blocks = [(b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in self.blocks]
+        if self.lm_head.weight.device.type != "cpu" or any(type(m) is not nn.Linear
+                                                           for m in [self.lm_head, *sum(blocks, ())]):
+            return None
+        layout = (lambda w: w.t().contiguous()) if rows == 1 else (lambda w: w)
+        blocks = [tuple(map(layout, (torch.cat([q.weight, k.weight, v.weight]), o.weight, fc.weight, proj.weight)))
+                  for q, k, v, o, fc, proj in blocks]
+        return rows, blocks, layout(self.lm_head.weight)
+
+    def decode_step(self, tokens, kv_cache, weights=None):
+        """
+        One new token per row, tokens (B,), against kv_cache: (hidden (B, n_embd), logits (B, V)), the numbers of
+        `hidden_states` and `logits_from_hidden` on tokens[:, None]. With `weights` (decode_weights) the blocks run
+        as the few plain ops below instead of modules (at batch 1 on CPU the modules' calls and the three q/k/v
+        matmuls were about a fifth of a step) and the matmuls as decode_linear; tests/test_gpt.py holds the two
+        paths to the same bits.
+        """
+        if weights is None:
+            hidden = self.hidden_states(tokens[:, None], kv_cache=kv_cache)[:, -1]
+            return hidden, self.logits_from_hidden(hidden)
+        rows, blocks, head = weights
+        B, H, Hkv = tokens.size(0), self.config.n_head, self.config.n_kv_head
+        if (B == 1) != (rows == 1):  # a single row reads the matrices transposed
+            raise ValueError(f"decode_weights({rows}) used for a batch of {B} rows")
+        D = self.config.n_embd // H
+        cos, sin, mask = self._rotary_and_mask(tokens[:, None], kv_cache, None)
+        x = norm(self.wte(tokens))
+        for layer, (qkv_weight, attn_proj, fc, mlp_proj) in enumerate(blocks):
+            qkv = decode_linear(norm(x), qkv_weight)
+            qk = norm(apply_rotary(qkv[:, :(H + Hkv) * D].reshape(B, 1, H + Hkv, D), cos, sin)).transpose(1, 2)
+            k, v = kv_cache.update(layer, qk[:, H:], qkv[:, (H + Hkv) * D:].reshape(B, Hkv, 1, D))
+            x = x + decode_linear(one_query_attention(qk[:, :H], k, v, mask).reshape(B, H * D), attn_proj)
+            x = x + decode_linear(F.relu(decode_linear(norm(x), fc)).square(), mlp_proj)
+        kv_cache.pos += 1
+        hidden = norm(x)
+        logits = decode_linear(hidden, head)
+        cap = self.config.softcap
+        return hidden, cap * torch.tanh(logits / cap) if cap else logits
 
     def logits_from_hidden(self, h):
         logits = self.lm_head(h).float()

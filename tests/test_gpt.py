@@ -228,3 +228,36 @@ def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, re
     assert torch.allclose(fused, plain, rtol=1e-5)
     for p, g in zip(model.parameters(), fused_grads):  # float32 sums in another order: relative to the largest
         assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+
+
+def test_decode_step_equals_the_modules_to_the_bit_whatever_the_batch():
+    # catches: decode_step's plain-op copy of a block drifting from the modules (a value head reshaped without its
+    # transpose under GQA, the rotary table of the next slot, a padded row's mask dropped), a column-major matmul
+    # result whose norms then sum in another order, and decode_linear running 4-11 rows unpadded (MKL's kernel for
+    # them gives other bits than for 12+ rows, so a row's numbers would change as the engine drops rows)
+    from nanochat.gpt import KVCache
+    model = make_tiny_model(vocab_size=300)  # GQA: 4 query heads, 2 key/value heads
+    idx = torch.randint(0, 300, (16, 12))
+    valid = torch.ones(16, 12, dtype=torch.bool)
+    valid[1, :5], valid[6, :3] = False, False  # left padding: per-row rotary positions and a key mask
+    step = torch.randint(0, 300, (16,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # MKL gives F.linear's rows the same bits from 4 rows on only in one thread
+    try:
+        with torch.inference_mode():
+            outputs = {}
+            for rows, packed in ((16, False), (16, True), (12, True), (7, True), (4, True), (1, False), (1, True)):
+                cache = KVCache(model.config, rows, 14, "cpu")
+                model.hidden_states(idx[:rows], cache, valid[:rows])
+                first = model.decode_step(step[:rows], cache, model.decode_weights(rows) if packed else None)
+                second = model.decode_step(first[1].argmax(-1), cache, model.decode_weights(rows) if packed else None)
+                outputs[rows, packed] = [*first, *second, cache.k, cache.v]
+    finally:
+        torch.set_num_threads(threads)
+    for (rows, packed), tensors in outputs.items():
+        # a single row is its own case: F.linear's one-row kernel gives other bits than its 4+ rows one, and
+        # decode_step multiplies one row by the transposed matrices, in other bits again
+        reference = outputs[16, False] if rows > 1 else outputs[1, False]
+        for got, expected in zip(tensors, reference):
+            expected = expected[:rows] if got.dim() < 5 else expected[:, :rows]
+            assert torch.equal(got, expected) if rows > 1 else torch.allclose(got, expected, atol=1e-5), (rows, packed)
