@@ -40,8 +40,9 @@ from nanochat.gpt import KVCache
 # drop finished rows once at most this share of the decode batch is still decoding; each drop moves the kept rows'
 # KV cache. Measured on GRPO-like batches (CPU): 0.5 to 1.0 all about halve generation time; 0.75 makes fewer drops
 COMPACT_AT = 0.75
-# but keep at least this many rows (finished ones fill up): MKL multiplies 1-3 rows with other kernels whose last
-# bits differ (so results would depend on batch size), and so few rows cost hardly less than 4
+# but keep at least this many rows (finished ones fill up): a single row's matmuls give other last bits than several
+# rows' (so results would depend on batch size; see gpt.decode_linear, which pads 2-11 rows to 12), and so few rows
+# cost hardly less than 4
 MIN_ROWS = 4
 
 

@@ -18,7 +18,9 @@ bits differ from a two-row one, and a rank holding one prompt would sample diffe
 Incremental decoding: pass a `KVCache` (or `PrefixKV`, to train on completions that share a prompt). Prompts of
 different lengths are left-padded; `valid` marks their real tokens. Padding slots are masked out as keys and each
 row's rotary positions count only its real tokens, so a left-padded row computes the same function as the same
-prompt alone.
+prompt alone. The engine's one-token steps run through `decode_step`, the one second copy of the block: plain ops
+over `decode_weights` and `decode_linear`'s matmuls, to the modules' bits (tests/test_gpt.py), because at a few
+rows per step module calls and the BLAS's packing of every weight were most of a step on the CPU.
 """
 
 from dataclasses import asdict, dataclass
