@@ -270,13 +270,14 @@ DECODE_ROWS = 12
 
 def decode_linear(x, weight):
     """
-    F.linear(x, weight) for the few rows x (B, in) of a decode step on the CPU, as weight @ x.T. F.linear hands MKL
-    the weight to transpose and pack at every call, which for a few rows is most of the work: weight @ x.T packs x
-    instead and ran a depth-4 model's 25 matmuls of a step in 40-70% of the time at 2 to 128 rows (README, "Tests
-    and benchmarks"). MKL gives weight @ x.T the bits of F.linear from 12 rows on, and F.linear the same bits from
-    4 rows on (one thread), so fewer rows are padded to 12: a row's numbers do not depend on how many rows the
-    batch holds (the engine drops finished rows; ranks hold slices), as with F.linear. A single row takes `weight`
-    transposed, (in, out) (`GPT.decode_weights`): x @ weight was faster still there, and than 12 padded rows.
+    F.linear(x, weight) for the few rows x (B, in) of a decode step on the CPU, computed as weight @ x.T: the same
+    product with the operands' roles swapped, which MKL runs much faster for a few rows (likely because it then
+    packs the small x rather than the whole weight). It ran the 17 matmuls of a depth-4 model's step (q/k/v
+    stacked) in 30-65% of F.linear's time at 2 to 128 rows (README, "Tests and benchmarks"). MKL gives weight @ x.T
+    the bits of F.linear from 12 rows on, and F.linear the same bits from 4 rows on (one thread), so fewer rows are
+    padded to 12: a row's numbers do not depend on how many rows the batch holds (the engine drops finished rows;
+    ranks hold slices), as with F.linear. A single row takes `weight` transposed, (in, out)
+    (`GPT.decode_weights`): x @ weight was faster there still, and than 12 padded rows.
     """
     rows = x.size(0)
     if rows == 1:
