@@ -193,7 +193,7 @@ class Engine:
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         active = torch.ones(B, dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)  # the rows in the decode batch (hidden, logits, cache), in order
-        weights = model.decode_weights(B)  # a batch of 4 or fewer rows keeps them all (see MIN_ROWS)
+        weights = model.decode_weights(B)  # a batch of several rows never shrinks to one (MIN_ROWS)
         for step in range(max_new_tokens):
             if decode_hook is not None:
                 temperature, top_p = decode_hook(hidden, logits)

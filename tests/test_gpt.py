@@ -231,10 +231,10 @@ def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, re
 
 
 def test_decode_step_equals_the_modules_to_the_bit_whatever_the_batch():
-    # catches: decode_step's plain-op copy of a block drifting from the modules (a value head reshaped without its
-    # transpose under GQA, the rotary table of the next slot, a padded row's mask dropped), a column-major matmul
-    # result whose norms then sum in another order, and decode_linear running 4-11 rows unpadded (MKL's kernel for
-    # them gives other bits than for 12+ rows, so a row's numbers would change as the engine drops rows)
+    # catches: decode_step's plain-op copy of a block drifting from the modules (keys or values cut from the wrong
+    # columns of the stacked q/k/v product under GQA, a padded row's mask dropped), a column-major matmul result
+    # whose norms then sum in another order, and decode_linear running 2-11 rows unpadded (MKL's kernels for them
+    # give other bits than for 12+ rows, so a row's numbers would change as the engine drops rows)
     from nanochat.gpt import KVCache
     model = make_tiny_model(vocab_size=300)  # GQA: 4 query heads, 2 key/value heads
     idx = torch.randint(0, 300, (16, 12))
@@ -246,7 +246,8 @@ def test_decode_step_equals_the_modules_to_the_bit_whatever_the_batch():
     try:
         with torch.inference_mode():
             outputs = {}
-            for rows, packed in ((16, False), (16, True), (12, True), (7, True), (4, True), (1, False), (1, True)):
+            for rows, packed in ((16, False), (16, True), (12, True), (7, True), (4, True), (2, True), (1, False),
+                                 (1, True)):
                 cache = KVCache(model.config, rows, 14, "cpu")
                 model.hidden_states(idx[:rows], cache, valid[:rows])
                 first = model.decode_step(step[:rows], cache, model.decode_weights(rows) if packed else None)
