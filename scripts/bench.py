@@ -142,6 +142,8 @@ Load rule. Timings are wall clock, so a shared machine makes them noisy. Before 
 the two. A ratio is not quoted (the table says why) when any reading exceeds --threads + 0.5 (other jobs were
 taking cores), or when our measurements' mean load and the peer's differ by more than 0.5 (they ran under different
 load). The 1-minute average lags: on a machine that was idle, let the load settle before trusting the first repeat.
+A quoted ratio is flagged noisy when one repeat's own ratio (ours and the peer's measurements of that repeat, taken
+one after the other) lies more than 10% from it: that run cannot promise that a rerun agrees within 10%.
 
 Memory. Every workload, and every peer, runs in a process forked from a server that has imported torch, nanochat,
 transformers and TRL and run nothing. "peak RSS +" is that process's peak RSS (VmHWM) minus its RSS when it started:
@@ -208,6 +210,7 @@ INSTALL_PEERS = "peers not installed: pip install -e '.[peers]'"
 # issue 17's targets, ours over the peer in the same run (grpo: against both of TRL's settings)
 TARGET_SPEEDUP = {"train": 1.1, "generate": 1.5, "rm": 2.0, "dpo": 2.5, "grpo": 3.0}
 LOAD_TOLERANCE = 0.5  # the load rule: see the docstring
+NOISE_TOLERANCE = 0.10  # the noise flag: a repeat's own ratio this far from the quoted one (see the docstring)
 MATMUL_N = 2048  # the peak's matmul: 17 GFLOP, large enough for the BLAS's best blocking, a second or less
 
 def sync(device):
@@ -775,18 +778,29 @@ def load_verdict(ours_loads, peer_loads, threads):
 
 def compare(ours, peer, ours_loads, peer_loads, threads, higher_is_better):
     """
-    Our and the peer's values (one per measurement) -> their spreads and speedup = how many times faster ours is,
-    from the medians: ours / peer for a rate, peer / ours for seconds. None with the reason when the load rule
-    refuses it, or without a peer.
+    Our and the peer's values (one per measurement, in the order the repeats ran) -> their spreads and speedup = how
+    many times faster ours is, from the medians: ours / peer for a rate, peer / ours for seconds. None with the reason
+    when the load rule refuses it, or without a peer. `repeat_speedups` are each repeat's own ratio, and `noisy`
+    says so when one lies more than NOISE_TOLERANCE from the quoted ratio.
     """
     result = {"ours": spread(ours), "higher_is_better": higher_is_better,
               "ours_load": [list(pair) for pair in ours_loads]}
     if peer is None:
-        return {**result, "peer": None, "speedup": None, "not_quoted": INSTALL_PEERS}
+        return {**result, "peer": None, "speedup": None, "not_quoted": INSTALL_PEERS, "noisy": None}
     result |= {"peer": spread(peer), "peer_load": [list(pair) for pair in peer_loads]}
     ratio = statistics.median(ours) / statistics.median(peer)
+    speedup = ratio if higher_is_better else 1 / ratio
+    # each repeat's own ratio, of the two measurements taken one after the other (measure() interleaves the sides)
+    repeats = [o / p if higher_is_better else p / o for o, p in zip(ours, peer)]
+    result["repeat_speedups"] = repeats
     reason = load_verdict(ours_loads, peer_loads, threads)
-    return {**result, "speedup": None if reason else (ratio if higher_is_better else 1 / ratio), "not_quoted": reason}
+    if reason:
+        return {**result, "speedup": None, "not_quoted": reason, "noisy": None}
+    noisy = None
+    if min(repeats) < (1 - NOISE_TOLERANCE) * speedup or max(repeats) > (1 + NOISE_TOLERANCE) * speedup:
+        noisy = (f"noisy: repeats {min(repeats):.2f}-{max(repeats):.2f}x, more than {NOISE_TOLERANCE:.0%} from the "
+                 "median ratio; a rerun may differ as much")
+    return {**result, "speedup": speedup, "not_quoted": None, "noisy": noisy}
 
 
 def matmul_peak():
@@ -901,7 +915,9 @@ def comparison_rows(r, unit, digits, peer_memory, target=""):
         side = label.split(" ", 1)[1] if label.startswith("grpo trl") else peer_memory
         if c["peer"] is not None:
             memory += " / " + mib(r["memory"][side]["peak_extra_bytes"])
-        ratio = f"{c['speedup']:.2f}x" if c["speedup"] is not None else c["not_quoted"]
+        ratio = c["not_quoted"]
+        if c["speedup"] is not None:
+            ratio = f"{c['speedup']:.2f}x" + (f" ({c['noisy']})" if c["noisy"] else "")
         rows.append((label, fmt(c["ours"], unit, digits), fmt(c["peer"], unit, digits) if c["peer"] else "",
                      ratio + (f" ({target})" if target else ""), f"{min(loads):.2f}-{max(loads):.2f}", memory))
     return rows

@@ -134,6 +134,19 @@ def test_load_rule_quotes_the_ratio_of_medians_the_right_way_round():
     assert outlier["speedup"] == 2 and outlier["ours"]["min"] == 1.0
 
 
+def test_noise_flag_reads_each_repeats_own_pair_of_measurements():
+    # catches unpaired noise: the sides' spreads here are wide (the machine sped up between repeats) but each repeat
+    # ran ours and the peer back to back and both gave 2x, so nothing is noisy; a flag from min/max of the sides
+    # (10/15 to 30/5) would cry wolf. And catches a flag that never fires: a repeat at 1.5x against 2x is noisy
+    steady = bench.compare([10.0, 20.0, 30.0], [5.0, 10.0, 15.0], QUIET, QUIET, threads=2, higher_is_better=True)
+    assert steady["repeat_speedups"] == [2.0, 2.0, 2.0] and steady["noisy"] is None
+    shaky = bench.compare([3.0, 4.0, 4.5], [2.0, 2.0, 2.0], QUIET, QUIET, threads=2, higher_is_better=True)
+    assert shaky["speedup"] == 2 and shaky["noisy"].startswith("noisy: repeats 1.50-2.25x")
+    # seconds: the peer's over ours, repeat by repeat
+    seconds = bench.compare([1.0, 2.0], [2.0, 4.4], QUIET, QUIET, threads=2, higher_is_better=False)
+    assert seconds["repeat_speedups"] == [2.0, 2.2] and seconds["noisy"] is None
+
+
 def test_load_rule_refuses_measurements_under_different_load():
     # catches quoting a ratio when ours ran on a quiet machine and the peer on a busy one (or the other way round)
     busy = [(1.8, 1.9), (1.9, 1.9)]
