@@ -434,12 +434,13 @@ class GPT(nn.Module):
             x = x + decode_linear(F.relu(decode_linear(norm(x), fc)).square(), mlp_proj)
         kv_cache.pos += 1
         hidden = norm(x)
-        logits = decode_linear(hidden, head)
-        cap = self.config.softcap
-        return hidden, cap * torch.tanh(logits / cap) if cap else logits
+        return hidden, self.softcap(decode_linear(hidden, head))
 
     def logits_from_hidden(self, h):
-        logits = self.lm_head(h).float()
+        return self.softcap(self.lm_head(h).float())
+
+    def softcap(self, logits):
+        """The head's raw outputs squashed into (-softcap, softcap) (none when softcap is 0)."""
         cap = self.config.softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 

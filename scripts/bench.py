@@ -788,8 +788,8 @@ def compare(ours, peer, ours_loads, peer_loads, threads, higher_is_better):
     if peer is None:
         return {**result, "peer": None, "speedup": None, "not_quoted": INSTALL_PEERS, "noisy": None}
     result |= {"peer": spread(peer), "peer_load": [list(pair) for pair in peer_loads]}
-    ratio = statistics.median(ours) / statistics.median(peer)
-    speedup = ratio if higher_is_better else 1 / ratio
+    ours_median, peer_median = statistics.median(ours), statistics.median(peer)
+    speedup = ours_median / peer_median if higher_is_better else peer_median / ours_median
     # each repeat's own ratio, of the two measurements taken one after the other (measure() interleaves the sides)
     repeats = [o / p if higher_is_better else p / o for o, p in zip(ours, peer)]
     result["repeat_speedups"] = repeats
