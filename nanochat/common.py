@@ -123,6 +123,11 @@ def dist_init(device_override=None):
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+        # torch._dynamo (imported by the first optimizer step) keeps references to a process group that exists when
+        # it is first imported (10 in torch 2.13): the group then outlives destroy_process_group, and its gloo
+        # threads ran on into interpreter shutdown, where a rank now and then aborted ("terminate called without
+        # an active exception"). Imported before the group exists, it holds none; tests/test_ddp.py checks.
+        from torch import _dynamo  # noqa: F401
         dist.init_process_group(backend=backend)
     return get_rank(), get_world_size(), device
 

@@ -1,9 +1,11 @@
 """
 One training step of a tiny GPT over a fixed global batch, for tests/test_ddp.py. Each rank takes its rows of
-the global batch; rank 0 saves the parameters after the step.
+the global batch; rank 0 saves the parameters after the step. Each rank then prints how many gloo threads it still
+runs: none, when dist_cleanup really destroyed the process group (none left to race interpreter shutdown).
     torchrun --standalone --nproc_per_node=2 tests/ddp_step_worker.py OUT.pt
 """
 
+import os
 import sys
 
 import torch
@@ -35,3 +37,6 @@ for opt in optimizers:
 if is_master():
     torch.save(model.state_dict(), sys.argv[1])
 dist_cleanup()
+if os.path.isdir("/proc/self/task"):  # Linux: each thread's name is in /proc
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    print(f"rank {rank}: {sum('gloo' in name for name in names)} gloo threads after dist_cleanup", flush=True)
