@@ -62,7 +62,8 @@ def main(argv=None):
     parser.add_argument("--warmdown_ratio", type=fraction, default=0.3, help="share of steps with a linear decay")
     parser.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="0 disables clipping")
     parser.add_argument("--compile", type=str2bool, default=False,
-                        help="torch.compile the training forward (about 1.6x faster on CPU; needs a C++ compiler)")
+                        help="torch.compile the training forward (steps ~1.1x faster at depth 4 on 2 CPU cores, "
+                             "after ~25 s of compiling; needs a C++ compiler)")
     # evaluation, checkpoints
     parser.add_argument("--eval_every", type=nonnegative_int, default=50, help="validation every N steps (0: at "
                         "the end only)")

@@ -155,7 +155,11 @@ FLOP/s. The train row's achieved FLOP/s = the median tokens/s x (6 x matmul para
 context) per token: forward and backward through every weight matrix (the token embedding is a lookup and does not
 count; GPT-2's tied one counts once, as its LM head), plus attention's scores and weighted sum at full (not causal)
 length. Beside it, the machine's measured fp32 peak: the best of 5 torch.mm of two 2048 x 2048 matrices at --threads
-threads, in a worker of its own, and the achieved share of it.
+threads, in a worker of its own, and the achieved share of it. The rm, dpo and grpo rows' FLOP/s are ours alone: the
+FLOPs that one more (untimed) step runs, counted at the dispatcher (nanochat/flops.py, the same conventions: every
+matrix product, attention at full length), over the median step's seconds (rm: its adamw step; grpo: the training
+part, reference pass included). The peers' trainers run other work (every row whole, TRL's GRPO its generation
+inside its step), so a count of theirs would not say how near the same work runs to the peak.
 """
 
 import argparse
@@ -182,6 +186,7 @@ from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import dpo_train_step
 from nanochat.engine import Engine
 from nanochat.executor import LocalExecutor
+from nanochat.flops import count_flops
 from nanochat.gpt import GPT, MATRIX_LR, config_from_depth, set_lr
 from nanochat.grpo import (GRPOConfig, batch_logprobs, group_advantages, group_rewards, grpo_step, pack_groups,
                            policy_update)
@@ -206,6 +211,7 @@ DENSITY_DIM, DENSITY_K = 256, 10
 SAME_DISTANCE = 1e-6  # blocked and brute force round a cosine differently, by a few fp32 ulps
 
 PEER_WORKLOADS = ("train", "generate", "rm", "dpo", "grpo")  # measured beside HF transformers or TRL (bench_peers)
+TRAINING_WORKLOADS = ("train", "rm", "dpo", "grpo")  # their FLOP/s is reported beside the matmul peak
 INSTALL_PEERS = "peers not installed: pip install -e '.[peers]'"
 # issue 17's targets, ours over the peer in the same run (grpo: against both of TRL's settings)
 TARGET_SPEEDUP = {"train": 1.1, "generate": 1.5, "rm": 2.0, "dpo": 2.5, "grpo": 3.0}
@@ -524,7 +530,9 @@ def bench_rm(args, config, device):
         steps[name] = functools.partial(rm_train_step, rm, optimizers, micro, args.pairs, 0.01, 1.0)
     results = {"pairs": args.pairs, "tokens_per_row": args.rm_len, "device_batch_pairs": b,
                "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps}
-    for name, seconds in time_steps(steps, args.pair_warmup, args.pair_steps, device).items():
+    timings = time_steps(steps, args.pair_warmup, args.pair_steps, device)
+    results["flops_per_step"] = count_flops(steps["adamw"])[0]  # one more step, untimed
+    for name, seconds in timings.items():
         results[name] = throughput(seconds, args.pairs, "pairs")
         print(f"rm {name:5s}: {results[name]['pairs_per_s']:,.1f} pairs/s (median step "
               f"{results[name]['pairs_per_s_median_step']:,.1f})", flush=True)
@@ -546,7 +554,7 @@ def bench_dpo(args, config, device):
     seconds = time_steps({"dpo": step}, args.pair_warmup, args.pair_steps, device)["dpo"]
     results = {"pairs": n, "prompt_len": args.dpo_prompt_len, "reply_len": args.dpo_reply_len,
                "device_batch_pairs": b, "warmup_steps": args.pair_warmup, "timed_steps": args.pair_steps,
-               **throughput(seconds, n, "pairs")}
+               **throughput(seconds, n, "pairs"), "flops_per_step": count_flops(step)[0]}  # one more step, untimed
     print(f"dpo: {results['pairs_per_s']:,.1f} pairs/s (median step {results['pairs_per_s_median_step']:,.1f})",
           flush=True)
     return results
@@ -589,13 +597,15 @@ def bench_grpo(args, config, device):
         if step:
             for part, seconds in zip(GRPO_PARTS, (generate_s, score_s, train_s)):
                 step_seconds[part].append(seconds)
+    train_flops = count_flops(train)[0]  # the last step's training part once more, untimed
     step_seconds["total"] = [sum(parts) for parts in zip(*(step_seconds[part] for part in GRPO_PARTS))]
     median = {part: statistics.median(seconds) for part, seconds in step_seconds.items()}
     print(f"grpo: {median['total']:.2f} s/step (generate {median['generate']:.2f}, score {median['score']:.2f}, "
           f"train {median['train']:.2f})", flush=True)
     return {"prompts": args.grpo_prompts, "samples": args.grpo_samples, "prompt_len": args.grpo_prompt_len,
             "new_tokens": args.grpo_new_tokens, "device_batch_size": batch_rows, "warmup_steps": 1,
-            "timed_steps": args.grpo_steps, "median_seconds": median, "step_seconds": step_seconds}
+            "timed_steps": args.grpo_steps, "median_seconds": median, "step_seconds": step_seconds,
+            "train_flops_per_step": train_flops}
 
 
 # -----------------------------------------------------------------------------
@@ -923,6 +933,12 @@ def comparison_rows(r, unit, digits, peer_memory, target=""):
     return rows
 
 
+def flops_row(label, r):
+    f = r["flops"]
+    return (label, f"ours {f['achieved'] / 1e9:,.1f} G ({f['achieved'] / f['matmul_peak']:.0%}), "
+                   f"{f['flops_per_step'] / 1e9:,.1f} GFLOP a step", "", "", "", "")
+
+
 def table(results):
     rows = [("workload", "ours: median [min-max]", "peer: median [min-max]", "ours vs peer", "load 1-min",
              "peak RSS +")]
@@ -949,13 +965,16 @@ def table(results):
                          "winner" if name == r["winner"] else "", "", "", mib(r["memory"]["peak_extra_bytes"])))
     if "rm" in results:
         rows += comparison_rows(results["rm"], "pairs/s", 1, "trl", f"target >= {TARGET_SPEEDUP['rm']}x")
+        rows.append(flops_row("rm FLOP/s (adamw)", results["rm"]))
     if "dpo" in results:
         rows += comparison_rows(results["dpo"], "pairs/s", 1, "trl", f"target >= {TARGET_SPEEDUP['dpo']}x")
+        rows.append(flops_row("dpo FLOP/s", results["dpo"]))
     if "grpo" in results:
         r = results["grpo"]
         rows += comparison_rows(r, "s/step", 2, None, f"target >= {TARGET_SPEEDUP['grpo']}x")
         rows += [(f"grpo   {part} (median run)", f"{r['median_seconds'][part]:.2f} s", "", "", "", "")
                  for part in GRPO_PARTS]
+        rows.append(flops_row("grpo   train FLOP/s", r))
     if "autodeco" in results:
         r = results["autodeco"]
         for batch, b in r["batches"].items():
@@ -1095,9 +1114,10 @@ def main(argv=None):
             results[name] = run_alone(name, context, args, bench_workflow, (args, device))
         else:
             results[name] = run_alone(name, context, args, bench_density, (args, density_n))
+    if any(name in results for name in TRAINING_WORKLOADS):
+        peak = run_alone("matmul peak", context, args, matmul_peak, ())
     if "train" in results:
         r = results["train"]
-        peak = run_alone("matmul peak", context, args, matmul_peak, ())
         flops = {"ours": train_flops_per_step(r["matmul_params"], args, config)}
         achieved = {name.split()[1]: c["ours"]["median"] / (args.train_batch * args.seq_len) * flops["ours"]
                     for name, c in r["comparisons"].items()}
@@ -1108,6 +1128,15 @@ def main(argv=None):
         r["flops"] = {"formula": "tokens * (6 * matmul params + 12 * layers * width * context)",
                       "flops_per_step": flops, "achieved": achieved, "matmul_peak": peak["flops"],
                       "matmul_n": MATMUL_N}
+    for name in ("rm", "dpo", "grpo"):
+        if name in results:  # ours alone: the peers' trainers run other work (whole rows, generation inside)
+            r = results[name]
+            flops = r["train_flops_per_step"] if name == "grpo" else r["flops_per_step"]
+            seconds = (r["median_seconds"]["train"] if name == "grpo" else
+                       r["pairs"] / r["comparisons"]["rm adamw" if name == "rm" else "dpo"]["ours"]["median"])
+            r["flops"] = {"counted": "nanochat.flops.count_flops of one step" + (
+                "'s training part" if name == "grpo" else " (adamw)" if name == "rm" else ""),
+                "flops_per_step": flops, "achieved": flops / seconds, "matmul_peak": peak["flops"]}
     results["environment"]["load_average_end"] = os.getloadavg()
 
     env = results["environment"]

@@ -66,6 +66,14 @@ def test_tiny_run_writes_every_workload(tmp_path):
         assert memory["peak_rss_bytes"] >= memory["rss_start_bytes"] > 0
     flops = results["train"]["flops"]
     assert 0 < flops["achieved"]["adamw"] and flops["matmul_peak"] > 0
+    # the rm, dpo and grpo-training FLOP/s: counted FLOPs over the rate of the step that was counted (rm's adamw
+    # one, not muon's; grpo's training part, not the whole step)
+    for name, label in (("rm", "rm adamw"), ("dpo", "dpo")):
+        r = results[name]
+        step_seconds = r["pairs"] / r["comparisons"][label]["ours"]["median"]
+        assert r["flops"]["achieved"] == pytest.approx(r["flops_per_step"] / step_seconds) and r["flops_per_step"] > 0
+    grpo = results["grpo"]
+    assert grpo["flops"]["achieved"] == pytest.approx(grpo["train_flops_per_step"] / grpo["median_seconds"]["train"])
     for name in bench.OPTIMIZERS:
         assert results["train"][name]["tokens_per_s"] > 0
         assert results["optimizers"][name]["steps"] >= 1
