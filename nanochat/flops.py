@@ -38,8 +38,9 @@ FORMULAS = {
     aten.baddbmm.default: lambda _, a, b, *__, **___: _matmul(a, b),
     aten.baddbmm_.default: lambda _, a, b, *__, **___: _matmul(a, b),
 }
-# the fused attention kernels (the CPU's, and CUDA's flash, memory-efficient and cuDNN ones, whose formulas are the
-# same but untested here: no GPU): the query first in the forward, second (after the output's gradient) backward
+# the fused attention kernels: the CPU's, and CUDA's flash, memory-efficient and cuDNN ones (untested here, no GPU;
+# the same (B, H, T, D) arguments as torch.utils.flop_counter reads from them): the query first in the forward,
+# second (after the output's gradient) in the backward
 for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
     FORMULAS[getattr(aten, f"_scaled_dot_product_{kernel}").default] = lambda q, k, *_, **__: _attention(q, k, 4)
     FORMULAS[getattr(aten, f"_scaled_dot_product_{kernel}_backward").default] = \
