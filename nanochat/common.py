@@ -8,6 +8,7 @@ Flags: `--key=value` and `--key value` both work, booleans take true/false/1/0, 
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import random
@@ -76,6 +77,30 @@ def autodetect_device(override=None):
     return "cpu"
 
 
+# glibc's mallopt parameters (<malloc.h>)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory():
+    """
+    Have glibc's malloc keep the memory a step frees for the next step instead of returning it to the kernel. By
+    default it serves large blocks (a training step's activations and logits: 8-34 MiB at the reference size) by
+    mmap, or hands the top of its heap back once freed, so every step takes them anew through page faults that the
+    kernel zero-fills. After this, the heap grows to a step's peak once and is reused: measured with scripts.bench
+    (2 cores, --peers=False, two alternating runs each), the train step 3,250 / 3,558 -> 3,934 / 3,863 tok/s, the
+    reward-model step 26.2 / 26.0 -> 29.6 / 28.2 pairs/s, DPO 16.0 / 16.4 -> 18.9 / 18.0 pairs/s; peak RSS within
+    a few percent. The memory stays with the process until it exits, which a training run holds at its peak
+    anyway. Returns whether it applied: glibc only (elsewhere a no-op). dist_init calls it for CPU runs.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to load by name, or one without mallopt
+        return False
+    # blocks up to 32 MiB from the heap (the most glibc's own sliding threshold reaches; setting the trim threshold
+    # alone would freeze that at 128 KiB), and no trimming below 2 GiB of free heap (the most an int holds)
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def autocast_ctx(device):
     """bf16 autocast on CUDA; fp32 everywhere else (CPU bf16 matmuls are slower than fp32 here)."""
     device_type = torch.device(device).type
@@ -112,8 +137,11 @@ def dist_init(device_override=None):
     """
     Set up the process group when launched by torchrun (RANK/WORLD_SIZE in the environment): nccl on CUDA, gloo
     on CPU. Returns (rank, world_size, device). A plain `python -m` run is world size 1 with no process group.
+    A CPU run also keeps the memory its steps free (`keep_freed_memory`).
     """
     device = autodetect_device(device_override)
+    if device == "cpu":
+        keep_freed_memory()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_distributed():
         return 0, 1, device
     if not is_distributed():

@@ -134,7 +134,9 @@ details (no-cache speed, grpo parts) are those of our median measurement. What t
               its fastest setting here. Not identical: TRL decodes every completion to text and re-tokenizes it for
               the reward model, and computes its loss and metrics its own way (loss type, entropy, clip ratios); one
               untimed step, then the median of --grpo_steps.
-  Both sides use a word-level tokenizer built in memory (bench_peers.word_tokenizer: token i is the word "t{i}"),
+  Our processes keep the memory a step frees for the next one, as our stages do (nanochat.common.keep_freed_memory:
+  glibc's malloc then returns no freed block to the kernel); the peers' run at glibc's defaults, as their users run
+  them. Both sides use a word-level tokenizer built in memory (bench_peers.word_tokenizer: token i is the word "t{i}"),
   fp32, the CPU, report_to="none", no saving, no eval, no logging, dataloader_num_workers=0; nothing is downloaded.
 
 Load rule. Timings are wall clock, so a shared machine makes them noisy. Before and after every measurement the
@@ -181,7 +183,7 @@ import torch
 
 from nanochat import execution, workflow_data
 from nanochat.batching import cut_left
-from nanochat.common import atomic_write_json, parse_flags, seed_everything, str2bool
+from nanochat.common import atomic_write_json, keep_freed_memory, parse_flags, seed_everything, str2bool
 from nanochat.density import densities, density_weights, knn
 from nanochat.dpo import dpo_train_step
 from nanochat.engine import Engine
@@ -712,8 +714,10 @@ def bench_density(args, compare_n):
 # transformers and TRL and run nothing. A process's peak RSS is then its workload's alone: in one long process,
 # memory freed by one workload stays resident (the allocator keeps it) and hides the next one's.
 
-def worker(conn, threads):
+def worker(conn, threads, ours):
     torch.set_num_threads(threads)
+    if ours:  # as our stages run (dist_init on the CPU)
+        keep_freed_memory()
     start = reset_peak_rss()
     while (job := conn.recv()) is not None:
         fn, fn_args = job
@@ -725,13 +729,17 @@ def worker(conn, threads):
 
 
 class Worker:
-    """One process that runs measurements on request, one at a time, and at the end reports its peak RSS."""
+    """
+    One process that runs measurements on request, one at a time, and at the end reports its peak RSS. `ours`: it
+    keeps the memory a step frees, as our stages do (nanochat.common.keep_freed_memory); a peer's keeps glibc's
+    defaults.
+    """
 
-    def __init__(self, context, name, threads):
+    def __init__(self, context, name, threads, ours=True):
         self.name = name
         self.conn, child = context.Pipe()
         # not a daemon: the density workload starts processes of its own
-        self.process = context.Process(target=worker, args=(child, threads), name=f"bench {name}")
+        self.process = context.Process(target=worker, args=(child, threads, ours), name=f"bench {name}")
         self.process.start()
 
     def run(self, fn, *fn_args):
@@ -845,7 +853,7 @@ def run_peer_workload(name, context, args, config, device, peers):
                   "generate": {"hf": (bench_peers.generate, (args, PROMPT_LEN))},
                   "rm": {"trl": (bench_peers.rm, (args,))}, "dpo": {"trl": (bench_peers.dpo, (args,))},
                   "grpo": {f"trl {s}": (bench_peers.grpo, (args, s)) for s in bench_peers.GRPO_SETTINGS}}[name]
-    workers = {side: Worker(context, f"{name} {side}", args.threads) for side in sides}
+    workers = {side: Worker(context, f"{name} {side}", args.threads, ours=side == "ours") for side in sides}
     try:
         runs = measure({side: (workers[side], *job) for side, job in sides.items()}, args.repeats)
     finally:
