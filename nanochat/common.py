@@ -85,19 +85,18 @@ def keep_freed_memory():
     """
     Have glibc's malloc keep the memory a step frees for the next step instead of returning it to the kernel. By
     default it serves large blocks (a training step's activations and logits: 8-34 MiB at the reference size) by
-    mmap, or hands the top of its heap back once freed, so every step takes them anew through page faults that the
-    kernel zero-fills. After this, the heap grows to a step's peak once and is reused: measured with scripts.bench
-    (2 cores, --peers=False, two alternating runs each), the train step 3,250 / 3,558 -> 3,934 / 3,863 tok/s, the
-    reward-model step 26.2 / 26.0 -> 29.6 / 28.2 pairs/s, DPO 16.0 / 16.4 -> 18.9 / 18.0 pairs/s; peak RSS within
-    a few percent. The memory stays with the process until it exits, which a training run holds at its peak
-    anyway. Returns whether it applied: glibc only (elsewhere a no-op). dist_init calls it for CPU runs.
+    mmap, or hands the top of its heap back once they are freed, so each step took them anew through page faults
+    (20,000-40,000 a reward-model step at the reference size, none after this, at the same peak RSS; README, "The
+    allocator", has the timings). The memory stays with the process until it exits, which a training run holds at
+    its peak anyway. Returns whether it applied: glibc only (elsewhere a no-op). dist_init calls it for CPU runs.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # no C library to load by name, or one without mallopt
         return False
     # blocks up to 32 MiB from the heap (the most glibc's own sliding threshold reaches; setting the trim threshold
-    # alone would freeze that at 128 KiB), and no trimming below 2 GiB of free heap (the most an int holds)
+    # alone would freeze that at 128 KiB; larger ones stay mmapped, so a repeated one cannot fragment the heap),
+    # and no trimming below 2 GiB of free heap (the most an int holds)
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 

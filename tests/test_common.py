@@ -36,7 +36,6 @@ def test_device_override_and_cpu_default():
     assert autodetect_device() in ("cuda", "mps", "cpu")
 
 
-
 # MiB that freeing a 24 MiB block gives back to the kernel, in a fresh process. glibc's defaults mmap a block this
 # large (the first of its size) and unmap it when freed. ctypes' malloc rather than a tensor: nothing else is
 # allocated after the block, so it sits at the top of the heap, where a trim would return it.
