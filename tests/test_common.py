@@ -37,12 +37,13 @@ def test_device_override_and_cpu_default():
 
 
 # MiB that freeing a 24 MiB block gives back to the kernel, in a fresh process. glibc's defaults mmap a block this
-# large (the first of its size) and unmap it when freed. ctypes' malloc rather than a tensor: nothing else is
-# allocated after the block, so it sits at the top of the heap, where a trim would return it.
+# large (the first of its size: the default run imports nothing, whose freed blocks could have raised glibc's sliding
+# threshold) and unmap it when freed. ctypes' malloc rather than a tensor: nothing else is allocated after the
+# block, so it sits at the top of the heap, where a trim would return it.
 RETURNED_ON_FREE = """
 import ctypes, os, sys
-from nanochat.common import keep_freed_memory
 if sys.argv[1] == "keep":
+    from nanochat.common import keep_freed_memory
     assert keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
