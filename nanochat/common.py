@@ -1,6 +1,6 @@
 """
-Shared plumbing: devices and dtypes, torchrun-aware distributed set-up, seeding, atomic writes, and the flag
-conventions every script follows.
+Shared plumbing: devices and dtypes, torchrun-aware distributed set-up (with the CPU allocator's setting), seeding,
+atomic writes, and the flag conventions every script follows.
 
 Flags: `--key=value` and `--key value` both work, booleans take true/false/1/0, and a bare `--` (as in
 `torchrun -m scripts.x -- --max_steps=10`) is ignored.

@@ -27,17 +27,17 @@ def _attention(q, k, factor):
     return factor * math.prod(q.shape) * k.shape[-2]
 
 
-FORMULAS = {
-    aten.mm.default: lambda a, b, *_: _matmul(a, b),
-    aten.mm.out: lambda a, b, *_, **__: _matmul(a, b),
-    aten.addmm.default: lambda _, a, b, *__, **___: _matmul(a, b),
-    aten.addmm_.default: lambda _, a, b, *__, **___: _matmul(a, b),
-    aten.addmm.out: lambda _, a, b, *__, **___: _matmul(a, b),
-    aten.bmm.default: lambda a, b, *_: _matmul(a, b),
-    aten.bmm.out: lambda a, b, *_, **__: _matmul(a, b),
-    aten.baddbmm.default: lambda _, a, b, *__, **___: _matmul(a, b),
-    aten.baddbmm_.default: lambda _, a, b, *__, **___: _matmul(a, b),
-}
+def _product(a, b, *_, **__):  # mm and bmm: (a, b)
+    return _matmul(a, b)
+
+
+def _accumulated_product(_, a, b, *__, **___):  # addmm and baddbmm: (input, a, b)
+    return _matmul(a, b)
+
+
+FORMULAS = {op: _product for op in (aten.mm.default, aten.mm.out, aten.bmm.default, aten.bmm.out)}
+FORMULAS |= {op: _accumulated_product for op in (aten.addmm.default, aten.addmm_.default, aten.addmm.out,
+                                                 aten.baddbmm.default, aten.baddbmm_.default)}
 # the fused attention kernels: the CPU's, and CUDA's flash, memory-efficient and cuDNN ones (untested here, no GPU;
 # the same (B, H, T, D) arguments as torch.utils.flop_counter reads from them): the query first in the forward,
 # second (after the output's gradient) in the backward
