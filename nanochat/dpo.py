@@ -57,7 +57,7 @@ def sequence_logprobs(model, inputs, targets):
 
 def pair_logps(model, batch):
     """(P, 2) summed log-probs of each pair's chosen and rejected reply in a pair GroupBatch, one forward."""
-    return completion_logprobs(model, batch, chunk_rows=batch.completion_ids.size(0)).sum(1).view(-1, 2)
+    return completion_logprobs(model, batch).sum(1).view(-1, 2)
 
 
 def dpo_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):

@@ -159,7 +159,33 @@ def used_lengths(mask):
     return (mask.long() * columns).amax(dim=1)
 
 
-def completion_states(model, batch, predict, at=None, chunk_rows=None):
+# what one more chunk costs, in completion tokens: a chunk's fixed work (the dispatch of its ops, matmuls of few rows
+# running below the machine's peak). Measured at depth 4 on 2 CPU cores (forward and backward of 32 rows of 64
+# tokens in chunks of 1 to 32 rows, vocab 1,024 and 4,096): a chunk cost as much as 75 more tokens
+CHUNK_OVERHEAD = 64
+
+
+def length_chunks(lengths, overhead):
+    """
+    Sizes of the consecutive chunks that rows of `lengths` (a list in descending order) are cut into, at the least
+    total cost: each chunk costs its rows times its longest length (the tokens it runs, padding included) plus
+    `overhead`. Rows of one length share a chunk; a long row gets a chunk of its own only where padding the rows
+    after it would cost more than the overhead saved.
+    """
+    best, start = [0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        for first in range(end):  # the last chunk is rows first..end-1, as long as row `first`
+            cost = best[first] + (end - first) * lengths[first] + overhead
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+    sizes, end = [], len(lengths)
+    while end:
+        sizes.append(end - start[end])
+        end = start[end]
+    return sizes[::-1]
+
+
+def completion_states(model, batch, predict, at=None):
     """
     The final hidden states of a GroupBatch's completions, each prompt run through `model` once: yields
     (rows, hidden (n, w, n_embd)) for chunks of rows of similar length that together cover every row whose
@@ -167,13 +193,13 @@ def completion_states(model, batch, predict, at=None, chunk_rows=None):
     hidden[:, t] predicts completion token t (the prompt's last state, then the completion's own up to w - 1);
     otherwise hidden[:, t] has read completion token t. Without `predict`, `at` (B,) asks for one state per row,
     the one that has read completion token at[i]: hidden is then (n, n_embd) (GPT.hidden_states' `at`).
-    `chunk_rows`: rows per chunk (default G).
 
-    Why chunks: completions are as long as the longest in their batch, and sampled lengths are skewed (most answers
-    end after a few tokens, some run to max_new_tokens), so a batch of rows padded to its longest is mostly
-    padding. Each chunk of G rows (G = completions per prompt), taken in order of length, attends to its rows'
-    prompt keys/values (`PrefixKV.rows`) and runs only to its own longest row. The numbers are those of a full
-    forward of every prompt + completion row.
+    Why chunks: completions are as long as the longest in their chunk, and sampled lengths are skewed (most answers
+    end after a few tokens, some run to max_new_tokens), so one chunk of every row would be mostly padding, and a
+    chunk per row pays a chunk's fixed work many times. The rows, taken in order of length, are cut into the chunks
+    of `length_chunks` at CHUNK_OVERHEAD; each attends to its rows' prompt keys/values (`PrefixKV.rows`) and runs only
+    to its own longest row. The numbers are those of a full forward of
+    every prompt + completion row.
     """
     P, G = batch.prompt_ids.size(0), batch.completion_ids.size(0) // batch.prompt_ids.size(0)
     device = batch.prompt_ids.device
@@ -184,7 +210,7 @@ def completion_states(model, batch, predict, at=None, chunk_rows=None):
         return
     with autocast_ctx(device):
         prompt_last = model.hidden_states(batch.prompt_ids, kv_cache=cache, valid=batch.prompt_valid)[:, -1:]
-    for rows in order.split(chunk_rows or G):
+    for rows in order.split(length_chunks(lengths[order].tolist(), CHUNK_OVERHEAD)):
         width = int(lengths[rows[0]])
         prompt_of = torch.div(rows, G, rounding_mode="floor")
         tokens = batch.completion_ids[rows, :width - 1 if predict else width]
@@ -199,17 +225,17 @@ def completion_states(model, batch, predict, at=None, chunk_rows=None):
         yield rows, torch.cat(parts, dim=1)
 
 
-def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False, chunk_rows=None):
+def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compile=False):
     """
     Log-probabilities (P*G, Tc) of a GroupBatch's completion tokens under `model` at `temperature`, and with
     `with_entropy` the entropy (nats, detached) at each of those positions: the same numbers as a full forward of
     every prompt + completion row (`completion_states`), 0 past each row's last masked-in token and on rows whose
-    mask is all 0. `compile` fuses the vocabulary-sized tail; `chunk_rows` as in completion_states.
+    mask is all 0. `compile` fuses the vocabulary-sized tail.
     """
     tail = compiled_token_logprobs() if compile else token_logprobs
     B, width = batch.completion_ids.shape
     rows, logprobs, entropies = [], [], []
-    for sub, hidden in completion_states(model, batch, predict=True, chunk_rows=chunk_rows):
+    for sub, hidden in completion_states(model, batch, predict=True):
         out = tail(model, hidden, batch.completion_ids[sub, :hidden.size(1)], temperature, with_entropy)
         chosen, entropy = out if with_entropy else (out, None)
         chosen = chosen * batch.completion_mask[sub, :chosen.size(1)]  # a shorter row's pads in its chunk: 0
@@ -255,17 +281,17 @@ def batch_logprobs(model, batch, rows_per_batch, temperature=1.0, compile=False)
                        for _, sub in micro_batches(batch, rows_per_batch)], batch.completion_ids.size(1))
 
 
-def completion_rewards(rm, batch, chunk_rows=None):
+def completion_rewards(rm, batch):
     """
     Rewards (P*G,) fp32 of a GroupBatch under a reward model, each read at its completion's last token (the
     completion mask's length), with gradients when enabled: the same numbers as nanochat.rm.rewards_for_ids of every
-    prompt + completion row, each prompt run once. `chunk_rows` as in completion_states.
+    prompt + completion row, each prompt run once.
     """
     lengths = batch.completion_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError("every completion needs at least one token to be scored")
     chunks, rewards = [], []
-    for chunk, last in completion_states(rm.backbone, batch, predict=False, at=lengths - 1, chunk_rows=chunk_rows):
+    for chunk, last in completion_states(rm.backbone, batch, predict=False, at=lengths - 1):
         chunks.append(chunk)
         rewards.append(rm.head(last).squeeze(-1).float())
     return torch.cat(rewards)[torch.argsort(torch.cat(chunks))]  # chunks come in order of length: back to row order

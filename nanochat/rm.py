@@ -143,7 +143,7 @@ def score(rm, tok, conversations_and_replies, batch_size=32, max_len=None):
 
 def pair_rewards(rm, batch):
     """(P, 2) rewards of a pair GroupBatch (nanochat/preference.py): each pair's chosen, then rejected reply."""
-    return completion_rewards(rm, batch, chunk_rows=batch.completion_ids.size(0)).view(-1, 2)
+    return completion_rewards(rm, batch).view(-1, 2)
 
 
 @torch.no_grad()

@@ -1,12 +1,16 @@
+import itertools
 import math
+import random
+
 import pytest
 import torch
 
 from conftest import make_tiny_model
+from nanochat import grpo
 from nanochat.engine import Engine
 from nanochat.grpo import (GRPOConfig, batch_logprobs, completion_logprobs, completion_states, group_advantages,
-                           group_rewards, grpo_step, grpo_token_losses, micro_batches, pack_groups, policy_update,
-                           reduce_tokens)
+                           group_rewards, grpo_step, grpo_token_losses, length_chunks, micro_batches, pack_groups,
+                           policy_update, reduce_tokens)
 from nanochat.rm import RewardModel, rewards_for_ids
 
 
@@ -68,7 +72,11 @@ PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
 COMPLETIONS = [[10, 11], [12, 13, 14, 15], [16], [17, 18, 19], [20, 21, 22, 23], [24]]
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_full_forwards_of_every_row():
+# overhead 0: a chunk per length, so rows of one group land in different chunks and are put back in place; the
+# default: one chunk of every row at these lengths
+@pytest.mark.parametrize("overhead", [0, grpo.CHUNK_OVERHEAD])
+def test_shared_prompt_logprobs_and_gradients_equal_full_forwards_of_every_row(overhead, monkeypatch):
+    monkeypatch.setattr(grpo, "CHUNK_OVERHEAD", overhead)
     batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
     mask = batch.completion_mask
     assert mask.sum(1).tolist() == [len(c) for c in COMPLETIONS]
@@ -85,7 +93,9 @@ def test_shared_prompt_logprobs_and_gradients_equal_full_forwards_of_every_row()
     assert torch.allclose(batch_logprobs(model, batch, rows_per_batch=2) * mask, expected, atol=1e-5)
 
 
-def test_group_rewards_equal_rewards_of_every_full_row():
+@pytest.mark.parametrize("overhead", [0, grpo.CHUNK_OVERHEAD])
+def test_group_rewards_equal_rewards_of_every_full_row(overhead, monkeypatch):
+    monkeypatch.setattr(grpo, "CHUNK_OVERHEAD", overhead)
     rm = RewardModel(make_tiny_model(seed=1))
     with torch.no_grad():
         rm.head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
@@ -100,13 +110,38 @@ def test_group_rewards_equal_rewards_of_every_full_row():
 
 def test_completion_chunks_run_only_to_their_own_longest_row():
     # catches: chunks padded to the batch's longest completion (the skewed lengths GRPO samples would make most of
-    # the work padding), rows taken in batch order instead of by length, and masked-out rows still being run
+    # the work padding), rows taken in batch order instead of by length, and masked-out rows still being run.
+    # Lengths 1, (12, masked out), 100, 2: one chunk would run 3 x 100 tokens, the long row alone 100 + 2 x 2
     prompts = [[1, 2], [3, 4, 5]]
-    completions = [[6], list(range(10, 22)), [7, 8], [9, 9, 9]]
+    completions = [[6], list(range(10, 22)), [7] * 100, [9, 9]]
     batch = pack_groups(prompts, completions, pad_id=0)
     batch = batch._replace(completion_mask=batch.completion_mask & (torch.arange(4) != 1)[:, None])
     chunks = [(rows.tolist(), hidden.size(1)) for rows, hidden in completion_states(make_tiny_model(), batch, True)]
-    assert chunks == [([3, 2], 3), ([0], 1)]
+    assert chunks == [([2], 100), ([3, 0], 2)]
+
+
+def test_length_chunks_by_hand_and_against_every_partition():
+    # by hand: equal lengths share a chunk whatever the overhead; 100, 2, 1 at overhead 64 costs 100 + 64 + 2 * 2
+    # + 64 split after the long row, 3 * 100 + 64 whole, 2 * 100 + 64 + 1 + 64 split before the last
+    assert length_chunks([5, 5, 5, 5], 64) == [4]
+    assert length_chunks([100, 2, 1], 64) == [1, 2]
+    assert length_chunks([3, 3, 2, 1], 0) == [2, 1, 1]
+    assert length_chunks([], 64) == []
+
+    # catches: a chunk costed at its shortest row, a greedy cut, sizes returned last chunk first
+    def cost(lengths, sizes, overhead):
+        starts = [0, *itertools.accumulate(sizes)][:-1]
+        return sum(n * lengths[i] + overhead for i, n in zip(starts, sizes))
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted((rng.choice([1, 2, 3, 5, 8, 20, 64]) for _ in range(rng.randint(1, 8))), reverse=True)
+        overhead = rng.choice([0, 3, 10, 64])
+        sizes = length_chunks(lengths, overhead)
+        assert sum(sizes) == len(lengths) and min(sizes) >= 1
+        every = [[b - a for a, b in zip((0, *cuts), (*cuts, len(lengths)))]
+                 for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k)]
+        assert cost(lengths, sizes, overhead) == min(cost(lengths, p, overhead) for p in every)
 
 
 def test_pack_groups_rejects_completions_that_do_not_form_groups():
