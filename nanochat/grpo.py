@@ -198,8 +198,7 @@ def completion_states(model, batch, predict, at=None):
     end after a few tokens, some run to max_new_tokens), so one chunk of every row would be mostly padding, and a
     chunk per row pays a chunk's fixed work many times. The rows, taken in order of length, are cut into the chunks
     of `length_chunks` at CHUNK_OVERHEAD; each attends to its rows' prompt keys/values (`PrefixKV.rows`) and runs only
-    to its own longest row. The numbers are those of a full forward of
-    every prompt + completion row.
+    to its own longest row. The numbers are those of a full forward of every prompt + completion row.
     """
     P, G = batch.prompt_ids.size(0), batch.completion_ids.size(0) // batch.prompt_ids.size(0)
     device = batch.prompt_ids.device
