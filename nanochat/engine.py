@@ -112,9 +112,13 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     if not torch.is_tensor(temperature) and temperature <= 0:
         tokens = logits.argmax(dim=-1)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-    temperature = _per_row(temperature, B, logits.device, "temperature")
-    greedy = temperature <= 0
-    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    if torch.is_tensor(temperature):
+        temperature = _per_row(temperature, B, logits.device, "temperature")
+        greedy = temperature <= 0
+        scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    else:  # one positive temperature: no row is greedy, and at 1 the logits are already what dividing would give
+        greedy = None
+        scaled = logits if temperature == 1.0 else logits / max(temperature, 1e-6)
     if top_k is not None and top_k < V:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -136,7 +140,7 @@ def sample_next(logits, temperature, top_k=None, top_p=None, min_p=None, generat
     u = u[first:first + B] if rows is None else u[first + rows]
     u = u * cdf[:, -1:] * (1 - 1e-6)
     sampled = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=V - 1)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    tokens = sampled if greedy is None else torch.where(greedy, logits.argmax(dim=-1), sampled)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
