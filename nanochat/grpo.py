@@ -161,7 +161,8 @@ def used_lengths(mask):
 
 # what one more chunk costs, in completion tokens: a chunk's fixed work (the dispatch of its ops, matmuls of few rows
 # running below the machine's peak). Measured at depth 4 on 2 CPU cores (forward and backward of 32 rows of 64
-# tokens in chunks of 1 to 32 rows, vocab 1,024 and 4,096): a chunk cost as much as 75 more tokens
+# tokens in chunks of 1 to 32 rows, vocab 1,024 and 4,096): a chunk cost as much as 75 more tokens. Set a little
+# lower, toward less padding: overheads of 64 and 128 timed alike on skewed lengths, 32 and 256 slower
 CHUNK_OVERHEAD = 64
 
 
