@@ -193,6 +193,66 @@ class HeadCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None
 
 
+class HeadLogprobs(torch.autograd.Function):
+    """
+    Per row of h (N, n_embd): the log-probability of its token (N,) under softmax(softcap(h W^T) / temperature),
+    and with `with_entropy` that distribution's entropy (nats, no gradient; else an empty tensor). Made chunk by chunk
+    of rows like HeadCrossEntropy, for the same reason: GRPO's and DPO's log-prob tail wrote a fresh N x V tensor at
+    each of a dozen elementwise steps, forward and backward. The gradient is known up to one number per row: d
+    chosen / d logits = (onehot(token) - softmax) * (1 - tanh^2) / temperature. Forward makes its negative,
+    (softmax - onehot) * (1 - tanh^2), while each chunk is in cache (one N x V tensor in all); backward scales it by
+    minus the rows' incoming gradients over the temperature inside its two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, tokens, cap, temperature, with_entropy):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        chosen = h.new_empty(h.size(0))
+        entropy = h.new_empty(h.size(0) if with_entropy else 0)
+        ctx.neg_dlogits = []  # chunk by chunk: blocks of a few MiB that malloc reuses, where one N x V block is mmapped
+        for i in range(0, h.size(0), LOSS_CHUNK):
+            rows, tc = slice(i, i + LOSS_CHUNK), tokens[i:i + LOSS_CHUNK, None]
+            logits = F.linear(h[rows], weight)
+            if cap:
+                t = logits.div_(cap).tanh_()
+                logits = t * cap
+            if temperature != 1.0:
+                logits.div_(temperature)
+            shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))  # softmax's own steps, keeping each one
+            p = shifted.exp()
+            total = p.sum(dim=-1, keepdim=True)
+            chosen[rows] = (shifted.gather(1, tc) - total.log()).squeeze(1)  # with or without gradients, the same bits
+            if not (with_entropy or needs_grad):
+                continue
+            p.div_(total)
+            if with_entropy:  # -sum p log p = log total - sum p * shifted, the sum as a batched dot product
+                entropy[rows] = total.log().squeeze(1) - torch.bmm(p[:, None], shifted[:, :, None]).view(-1)
+            if needs_grad:
+                p.scatter_add_(1, tc, torch.full_like(tc, -1.0, dtype=p.dtype))
+                if cap:
+                    p.addcmul_(p, t.square_(), value=-1.0)
+                ctx.neg_dlogits.append(p)
+        ctx.save_for_backward(h, weight)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return chosen, entropy
+
+    @staticmethod
+    def backward(ctx, grad_chosen, grad_entropy):
+        h, weight = ctx.saved_tensors
+        scale = grad_chosen[:, None] / -ctx.temperature
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for i, g in zip(range(0, h.size(0), LOSS_CHUNK), ctx.neg_dlogits):
+            rows = slice(i, i + LOSS_CHUNK)
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[rows]).mul_(scale[rows])
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h[rows] * scale[rows])
+        del ctx.neg_dlogits
+        return grad_h, grad_w, None, None, None, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -438,6 +498,26 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, h):
         return self.softcap(self.lm_head(h).float())
+
+    def token_logprobs(self, h, tokens, temperature=1.0, with_entropy=False):
+        """
+        Log-probabilities (B, T) fp32 of `tokens` (B, T) under softmax(logits / temperature) of the hidden states h
+        (B, T, n_embd) that predict them, and with `with_entropy` also that distribution's entropy (B, T), detached.
+        """
+        if (h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)  # as forward's fused loss
+                and type(self.lm_head) is nn.Linear and not torch.compiler.is_compiling()):
+            chosen, entropy = HeadLogprobs.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, tokens.reshape(-1),
+                                                 self.config.softcap, temperature, with_entropy)
+            chosen, entropy = chosen.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else None
+        else:
+            logits = self.logits_from_hidden(h).float()
+            if temperature != 1.0:  # skips a vocabulary-sized pass (and its backward) at the default temperature
+                logits = logits / temperature
+            logp = F.log_softmax(logits, dim=-1)
+            chosen = logp.gather(-1, tokens[..., None]).squeeze(-1)
+            with torch.no_grad():
+                entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+        return (chosen, entropy) if with_entropy else chosen
 
     def softcap(self, logits):
         """The head's raw outputs squashed into (-softcap, softcap) (none when softcap is 0)."""

@@ -126,31 +126,14 @@ def pack_groups(prompts, completions, pad_id):
     return GroupBatch(prompt_ids, prompt_valid, completion_ids, completion_mask)
 
 
-def token_logprobs(model, hidden, tokens, temperature=1.0, with_entropy=False):
-    """
-    Log-probabilities of `tokens` (B, T) under softmax(logits / temperature) from the hidden states that predict
-    them, and optionally that distribution's entropy.
-    """
-    logits = model.logits_from_hidden(hidden).float()
-    if temperature != 1.0:  # skips a vocabulary-sized pass (and its backward) at the default temperature
-        logits = logits / temperature
-    logp = F.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, tokens[:, :, None]).squeeze(-1)
-    if not with_entropy:
-        return chosen
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
-
-
 @functools.cache
 def compiled_token_logprobs():
     """
-    token_logprobs through torch.compile (dynamic shapes): the vocabulary-sized elementwise work (soft-cap,
-    log-softmax, entropy) is about a third of a small model's GRPO training time on a CPU, and compiling fuses it.
-    Built on first request, so importing this module does not pay for torch's compiler.
+    GPT.token_logprobs through torch.compile (dynamic shapes), where inductor fuses the plain vocabulary-sized tail
+    (soft-cap, log-softmax, entropy). Built on first request, so importing this module does not pay for torch's
+    compiler.
     """
-    return torch.compile(token_logprobs, dynamic=True)
+    return torch.compile(lambda model, *args: model.token_logprobs(*args), dynamic=True)
 
 
 def used_lengths(mask):
@@ -232,11 +215,11 @@ def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compi
     every prompt + completion row (`completion_states`), 0 past each row's last masked-in token and on rows whose
     mask is all 0. `compile` fuses the vocabulary-sized tail.
     """
-    tail = compiled_token_logprobs() if compile else token_logprobs
+    tail = functools.partial(compiled_token_logprobs(), model) if compile else model.token_logprobs
     B, width = batch.completion_ids.shape
     rows, logprobs, entropies = [], [], []
     for sub, hidden in completion_states(model, batch, predict=True):
-        out = tail(model, hidden, batch.completion_ids[sub, :hidden.size(1)], temperature, with_entropy)
+        out = tail(hidden, batch.completion_ids[sub, :hidden.size(1)], temperature, with_entropy)
         chosen, entropy = out if with_entropy else (out, None)
         chosen = chosen * batch.completion_mask[sub, :chosen.size(1)]  # a shorter row's pads in its chunk: 0
         rows.append(sub)

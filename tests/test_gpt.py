@@ -230,6 +230,36 @@ def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, re
         assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
 
 
+@pytest.mark.parametrize("softcap,temperature", [(15.0, 1.0), (15.0, 0.7), (0.0, 1.3)])
+def test_fused_token_logprobs_equal_plain_log_softmax(monkeypatch, softcap, temperature):
+    # catches: HeadLogprobs dropping the softcap's 1 - tanh^2 or the temperature from its gradient, scaling each
+    # row's gradient by another row's incoming gradient (or by their sum), a wrong sign, an entropy of the wrong
+    # distribution, and rows lost or shifted at a chunk boundary (3 x 9 rows in chunks of 4)
+    from nanochat import gpt
+    monkeypatch.setattr(gpt, "LOSS_CHUNK", 4)
+    calls = []  # the fused path must really run, or this compares the plain path with itself
+    fused_apply = gpt.HeadLogprobs.apply
+    monkeypatch.setattr(gpt.HeadLogprobs, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    model = make_tiny_model()
+    model.config.softcap = softcap
+    idx, tokens = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    upstream = torch.randn(3, 9)  # a different gradient at every position, as GRPO's per-token losses give
+    chosen, entropy = model.token_logprobs(model.hidden_states(idx), tokens, temperature, with_entropy=True)
+    assert calls == [1] and not entropy.requires_grad
+    (chosen * upstream).sum().backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logp = F.log_softmax(model.logits_from_hidden(model.hidden_states(idx)) / temperature, dim=-1)  # unfused
+    plain = logp.gather(-1, tokens[..., None]).squeeze(-1)
+    (plain * upstream).sum().backward()
+    assert torch.allclose(chosen, plain, atol=1e-5)
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1).detach(), atol=1e-5)
+    for p, g in zip(model.parameters(), fused_grads):  # float32 sums in another order: relative to the largest
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+    with torch.no_grad():  # a frozen reference's log-probs: the policy's bits, so DPO's first loss is ln 2 exactly
+        assert torch.equal(model.token_logprobs(model.hidden_states(idx), tokens, temperature), chosen.detach())
+
+
 def test_decode_step_equals_the_modules_to_the_bit_whatever_the_batch():
     # catches: decode_step's plain-op copy of a block drifting from the modules (keys or values cut from the wrong
     # columns of the stacked q/k/v product under GQA, a padded row's mask dropped), a column-major matmul result
