@@ -213,7 +213,7 @@ def completion_logprobs(model, batch, temperature=1.0, with_entropy=False, compi
     Log-probabilities (P*G, Tc) of a GroupBatch's completion tokens under `model` at `temperature`, and with
     `with_entropy` the entropy (nats, detached) at each of those positions: the same numbers as a full forward of
     every prompt + completion row (`completion_states`), 0 past each row's last masked-in token and on rows whose
-    mask is all 0. `compile` fuses the vocabulary-sized tail.
+    mask is all 0. `compile` runs the vocabulary-sized tail through torch.compile (GPT.token_logprobs' plain one).
     """
     tail = functools.partial(compiled_token_logprobs(), model) if compile else model.token_logprobs
     B, width = batch.completion_ids.shape

@@ -115,9 +115,9 @@ def main(argv=None):
     parser.add_argument("--device_batch_size", type=positive_int, default=32,
                         help="rows per forward/backward, in whole groups (at least one prompt's G rows)")
     parser.add_argument("--compile", type=str2bool, default=False,
-                        help="torch.compile the log-prob tail of the policy and reference passes where it runs "
-                             "unfused (bf16 autocast on a GPU, a LoRA head); in fp32 it is fused by hand and compiling "
-                             "gains nothing (needs a C++ compiler, ~20 s to compile)")
+                        help="run the log-prob tail of the policy and reference passes as the plain ops through "
+                             "torch.compile instead of the hand-fused tail (GPT.token_logprobs): no gain on 2 CPU "
+                             "cores, not measured on a GPU (needs a C++ compiler, ~20 s to compile)")
     parser.add_argument("--save_every", type=nonnegative_int, default=25, help="resume state every N steps (0: never)")
     parser.add_argument("--eval_every", type=nonnegative_int, default=25,
                         help="evaluation every N steps (0: at the start and the end only)")
