@@ -223,6 +223,23 @@ def test_logprobs_at_a_temperature_are_those_of_the_tempered_distribution():
     assert not torch.allclose(completion_logprobs(model, batch) * batch.completion_mask, expected, atol=1e-2)
 
 
+def test_compiled_tail_gives_the_eager_log_probs_entropies_and_gradients():
+    # catches: --compile's wrapper dropping or misplacing an argument (a temperature-1 tail gave other log-probs
+    # here), and a compiled plain tail whose gradients differ from the hand-fused one's
+    batch = pack_groups(PROMPTS, COMPLETIONS, pad_id=0)
+    model = make_tiny_model()
+    outputs = []
+    for compile in (False, True):
+        model.zero_grad()
+        logp, entropy = completion_logprobs(model, batch, temperature=0.7, with_entropy=True, compile=compile)
+        (logp * torch.arange(logp.numel()).view_as(logp)).sum().backward()
+        outputs.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_entropy, eager_grads), (compiled, compiled_entropy, compiled_grads) = outputs
+    assert torch.allclose(compiled, eager, atol=1e-5) and torch.allclose(compiled_entropy, eager_entropy, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_later_passes_take_the_ratio_against_the_sampling_policy():
     # catches: num_iterations > 1 using the current policy as pi_old (the ratio is then always 1 and never clipped)
     advantages = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.5, -2.0])
