@@ -223,6 +223,7 @@ def test_logprobs_at_a_temperature_are_those_of_the_tempered_distribution():
     assert not torch.allclose(completion_logprobs(model, batch) * batch.completion_mask, expected, atol=1e-2)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own compiler internals (torch.jit)
 def test_compiled_tail_gives_the_eager_log_probs_entropies_and_gradients():
     # catches: --compile's wrapper dropping or misplacing an argument (a temperature-1 tail gave other log-probs
     # here), and a compiled plain tail whose gradients differ from the hand-fused one's
