@@ -151,6 +151,18 @@ class PrefixKV:
 LOSS_CHUNK = 512
 
 
+def capped_logits(h, weight, cap):
+    """
+    A chunk's logits through the head and the softcap, and the tanh they came from (None without a cap): the fused
+    functions' gradients take its 1 - tanh^2.
+    """
+    logits = F.linear(h, weight)
+    if not cap:
+        return logits, None
+    t = logits.div_(cap).tanh_()
+    return t * cap, t
+
+
 class HeadCrossEntropy(torch.autograd.Function):
     """
     Summed cross-entropy of the softcapped LM head over rows h (N, n_embd) with targets (N,), IGNORE_INDEX skipped,
@@ -168,10 +180,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         loss = h.new_zeros(())
         for i in range(0, h.size(0), LOSS_CHUNK):
             hc, tc = h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK]
-            logits = F.linear(hc, weight)
-            if cap:
-                t = logits.div_(cap).tanh_()
-                logits = t * cap
+            logits, t = capped_logits(hc, weight, cap)
             lse = logits.logsumexp(dim=-1)
             keep = (tc != IGNORE_INDEX)[:, None]
             tc = tc.clamp(min=0)[:, None]  # IGNORE_INDEX is no token: any index will do, the row is zeroed
@@ -212,16 +221,14 @@ class HeadLogprobs(torch.autograd.Function):
         ctx.neg_dlogits = []  # chunk by chunk: blocks of a few MiB that malloc reuses, where one N x V block is mmapped
         for i in range(0, h.size(0), LOSS_CHUNK):
             rows, tc = slice(i, i + LOSS_CHUNK), tokens[i:i + LOSS_CHUNK, None]
-            logits = F.linear(h[rows], weight)
-            if cap:
-                t = logits.div_(cap).tanh_()
-                logits = t * cap
+            logits, t = capped_logits(h[rows], weight, cap)
             if temperature != 1.0:
                 logits.div_(temperature)
             shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))  # softmax's own steps, keeping each one
-            p = shifted.exp()
+            picked = shifted.gather(1, tc)
+            p = shifted.exp() if with_entropy else shifted.exp_()  # only the entropy reads `shifted` again
             total = p.sum(dim=-1, keepdim=True)
-            chosen[rows] = (shifted.gather(1, tc) - total.log()).squeeze(1)  # with or without gradients, the same bits
+            chosen[rows] = (picked - total.log()).squeeze(1)  # with or without gradients, the same bits
             if not (with_entropy or needs_grad):
                 continue
             p.div_(total)

@@ -202,6 +202,16 @@ def test_a_rows_single_query_outputs_do_not_depend_on_the_other_rows_to_the_bit(
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
 
 
+def count_applies(monkeypatch, function):
+    """
+    A list that each call of an autograd Function's apply adds to: a fused path must really run, or its test compares
+    the plain path with itself.
+    """
+    calls, apply = [], function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
 @pytest.mark.parametrize("softcap", [15.0, 0.0])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, reduction):
@@ -209,9 +219,7 @@ def test_fused_training_loss_equals_plain_cross_entropy(monkeypatch, softcap, re
     # losing rows at a chunk boundary (3 x 9 rows in chunks of 4 leave a partial last chunk)
     from nanochat import gpt
     monkeypatch.setattr(gpt, "LOSS_CHUNK", 4)
-    calls = []  # the fused path must really run, or this compares the plain loss with itself
-    fused_apply = gpt.HeadCrossEntropy.apply
-    monkeypatch.setattr(gpt.HeadCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    calls = count_applies(monkeypatch, gpt.HeadCrossEntropy)
     model = make_tiny_model()
     model.config.softcap = softcap
     idx = torch.randint(0, 97, (3, 9))
@@ -237,9 +245,7 @@ def test_fused_token_logprobs_equal_plain_log_softmax(monkeypatch, softcap, temp
     # distribution, and rows lost or shifted at a chunk boundary (3 x 9 rows in chunks of 4)
     from nanochat import gpt
     monkeypatch.setattr(gpt, "LOSS_CHUNK", 4)
-    calls = []  # the fused path must really run, or this compares the plain path with itself
-    fused_apply = gpt.HeadLogprobs.apply
-    monkeypatch.setattr(gpt.HeadLogprobs, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    calls = count_applies(monkeypatch, gpt.HeadLogprobs)
     model = make_tiny_model()
     model.config.softcap = softcap
     idx, tokens = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
