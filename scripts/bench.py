@@ -129,11 +129,11 @@ details (no-cache speed, grpo parts) are those of our median measurement. What t
               completions of exactly --grpo_new_tokens tokens (min_new_tokens) sampled at temperature 1 (top-p 1, no
               top-k: as ours), scored by a random GPT2ForSequenceClassification of the same size (ours: a random
               RewardModel), a reference model for KL beta 0.04 (its default is 0: no reference) and learning rate
-              1e-4. Two settings: "default", its default micro-batch of 8 rows with gradient accumulation over the
-              step's 128 rows (it still generates them in one batch), and "one_pass", all rows in one micro-batch,
-              its fastest setting here. Not identical: TRL decodes every completion to text and re-tokenizes it for
-              the reward model, and computes its loss and metrics its own way (loss type, entropy, clip ratios); one
-              untimed step, then the median of --grpo_steps.
+              1e-4, at its default micro-batch of 8 rows with gradient accumulation over the step's 128 rows (it
+              still generates them in one batch): among its fastest settings, 2 to 16 rows timing alike and one
+              micro-batch of every row the slowest (bench_peers.GRPO_MICRO_BATCH). Not identical: TRL decodes
+              every completion to text and re-tokenizes it for the reward model, and computes its loss and metrics
+              its own way (loss type, entropy, clip ratios); one untimed step, then the median of --grpo_steps.
   Our processes keep the memory a step frees for the next one, as our stages do (nanochat.common.keep_freed_memory:
   glibc's malloc then returns no freed block to the kernel); the peers' run at glibc's defaults, as their users run
   them. Both sides use a word-level tokenizer built in memory (bench_peers.word_tokenizer: token i is the word "t{i}"),
@@ -852,13 +852,13 @@ def run_peer_workload(name, context, args, config, device, peers):
         sides |= {"train": {"hf": (bench_peers.train, (args,))},
                   "generate": {"hf": (bench_peers.generate, (args, PROMPT_LEN))},
                   "rm": {"trl": (bench_peers.rm, (args,))}, "dpo": {"trl": (bench_peers.dpo, (args,))},
-                  "grpo": {f"trl {s}": (bench_peers.grpo, (args, s)) for s in bench_peers.GRPO_SETTINGS}}[name]
+                  "grpo": {"trl": (bench_peers.grpo, (args,))}}[name]
     workers = {side: Worker(context, f"{name} {side}", args.threads, ours=side == "ours") for side in sides}
     try:
         runs = measure({side: (workers[side], *job) for side, job in sides.items()}, args.repeats)
     finally:
         memory = {side: w.close() for side, w in workers.items()}
-    peer_sides = [side for side in sides if side != "ours"]
+    peer = next((side for side in sides if side != "ours"), None)
 
     def values(side, get):
         return [get(r["result"]) for r in runs[side]]
@@ -869,7 +869,6 @@ def run_peer_workload(name, context, args, config, device, peers):
         return label, compare(values("ours", ours_get), peer, [r["load"] for r in runs["ours"]], peer_loads,
                               args.threads, higher_is_better)
 
-    peer = peer_sides[0] if peer_sides else None
     if name in ("train", "rm"):
         unit = "tokens" if name == "train" else "pairs"
         comparisons = dict(pair(f"{name} {opt}", lambda r, opt=opt: r[opt][f"{unit}_per_s_median_step"], peer,
@@ -883,9 +882,9 @@ def run_peer_workload(name, context, args, config, device, peers):
         comparisons = dict([pair("dpo", lambda r: r["pairs_per_s_median_step"], peer,
                                  lambda r: r["pairs_per_s_median_step"])])
         detail = median_run(runs["ours"], lambda r: r["pairs_per_s_median_step"])
-    else:  # grpo: one comparison per TRL setting
-        comparisons = dict(pair(f"grpo {side or ''}".strip(), lambda r: r["median_seconds"]["total"], side,
-                                lambda r: r["median_seconds"], higher_is_better=False) for side in peer_sides or [None])
+    else:
+        comparisons = dict([pair("grpo", lambda r: r["median_seconds"]["total"], peer, lambda r: r["median_seconds"],
+                                 higher_is_better=False)])
         detail = median_run(runs["ours"], lambda r: r["median_seconds"]["total"])
     return {**detail, "repeats": args.repeats, "peers": INSTALL_PEERS if not peers else bench_peers.__name__,
             "comparisons": comparisons, "memory": memory,
@@ -924,15 +923,14 @@ def fmt(s, unit, digits):
     return f"{s['median']:,.{digits}f} [{s['min']:,.{digits}f}-{s['max']:,.{digits}f}] {unit}"
 
 
-def comparison_rows(r, unit, digits, peer_memory, target=""):
+def comparison_rows(r, unit, digits, peer, target=""):
     """workload | ours | peer | ours vs peer | load | peak RSS (ours / peer) rows of a peer workload."""
     rows = []
     for label, c in r["comparisons"].items():
         loads = [x for pair in c["ours_load"] + c.get("peer_load", []) for x in pair]
         memory = mib(r["memory"]["ours"]["peak_extra_bytes"])
-        side = label.split(" ", 1)[1] if label.startswith("grpo trl") else peer_memory
         if c["peer"] is not None:
-            memory += " / " + mib(r["memory"][side]["peak_extra_bytes"])
+            memory += " / " + mib(r["memory"][peer]["peak_extra_bytes"])
         ratio = c["not_quoted"]
         if c["speedup"] is not None:
             ratio = f"{c['speedup']:.2f}x" + (f" ({c['noisy']})" if c["noisy"] else "")
@@ -979,7 +977,7 @@ def table(results):
         rows.append(flops_row("dpo FLOP/s", results["dpo"]))
     if "grpo" in results:
         r = results["grpo"]
-        rows += comparison_rows(r, "s/step", 2, None, f"target >= {TARGET_SPEEDUP['grpo']}x")
+        rows += comparison_rows(r, "s/step", 2, "trl", f"target >= {TARGET_SPEEDUP['grpo']}x")
         rows += [(f"grpo   {part} (median run)", f"{r['median_seconds'][part]:.2f} s", "", "", "", "")
                  for part in GRPO_PARTS]
         rows.append(flops_row("grpo   train FLOP/s", r))
