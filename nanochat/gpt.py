@@ -511,8 +511,7 @@ class GPT(nn.Module):
         Log-probabilities (B, T) fp32 of `tokens` (B, T) under softmax(logits / temperature) of the hidden states h
         (B, T, n_embd) that predict them, and with `with_entropy` also that distribution's entropy (B, T), detached.
         """
-        if (h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)  # as forward's fused loss
-                and type(self.lm_head) is nn.Linear and not torch.compiler.is_compiling()):
+        if h.dtype == torch.float32 and self.fused_head(h):
             chosen, entropy = HeadLogprobs.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, tokens.reshape(-1),
                                                  self.config.softcap, temperature, with_entropy)
             chosen, entropy = chosen.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else None
@@ -526,6 +525,14 @@ class GPT(nn.Module):
                 entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
         return (chosen, entropy) if with_entropy else chosen
 
+    def fused_head(self, h):
+        """
+        Whether the head's chunked autograd functions (HeadCrossEntropy, HeadLogprobs) may take h: no autocast (the
+        CPU), a plain head (LoRA may wrap it), and not while compiling (inductor fuses the plain tail itself).
+        """
+        return (not torch.is_autocast_enabled(h.device.type) and type(self.lm_head) is nn.Linear
+                and not torch.compiler.is_compiling())
+
     def softcap(self, logits):
         """The head's raw outputs squashed into (-softcap, softcap) (none when softcap is 0)."""
         cap = self.config.softcap
@@ -534,11 +541,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, valid=None):
         """Logits (B, T, V) when `targets` is None, else the cross-entropy (targets IGNORE_INDEX are skipped)."""
         h = self.hidden_states(idx, kv_cache, valid)
-        # training in float32 (no autocast: the CPU) through a plain head (LoRA may wrap it): the fused loss, the same
-        # loss and gradients up to float rounding. Not when compiled: inductor fuses the plain tail itself
-        if (targets is not None and loss_reduction in ("sum", "mean") and h.requires_grad
-                and not torch.is_autocast_enabled(h.device.type) and type(self.lm_head) is nn.Linear
-                and not torch.compiler.is_compiling()):
+        # training: the fused loss, the same loss and gradients up to float rounding
+        if targets is not None and loss_reduction in ("sum", "mean") and h.requires_grad and self.fused_head(h):
             targets = targets.reshape(-1)
             loss = HeadCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets,
                                           self.config.softcap)
